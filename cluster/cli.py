@@ -1,0 +1,128 @@
+"""The ``negatron`` command line.
+
+User errors (bad config, bad data, missing model) print one line ``negatron: error: ...`` and
+exit 2; nothing is written. Set NEGATRON_DEBUG=1 for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from negatron.trainers.stdlib_data import build_stdlib_dataset
+
+    t0 = time.perf_counter()
+    counts = build_stdlib_dataset(args.out, seed=args.seed)
+    print(f"built the stdlib code-search dataset in {args.out} ({time.perf_counter() - t0:.1f}s)")
+    print(f"  train: {counts['train']['pairs']} pairs")
+    for split in ("dev", "test"):
+        c = counts[split]
+        print(f"  {split}: {c['queries']} queries, {c['corpus']} corpus docs ({c['distractors']} distractors)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from negatron.trainers.encoder import Encoder
+    from negatron.trainers.evaluate import evaluate_encoder, format_table
+    from negatron.trainers.schema import check_eval_dir
+
+    data = check_eval_dir(args.data)  # before loading any model
+    _torch_threads(args.threads)
+    encoder = Encoder.from_pretrained(args.model, max_length=args.max_length)
+    metrics = evaluate_encoder(encoder, data, batch_size=args.batch_size, top_k=100)
+    metrics["model"] = args.model
+    metrics["data"] = str(args.data)
+    print(format_table({Path(args.model).name if args.model != "default" else "default": metrics}))
+    print(f"{metrics['num_queries']} queries, {metrics['num_docs']} docs; encoding "
+          f"{metrics['encode_corpus_s'] + metrics['encode_queries_s']:.1f}s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from negatron.trainers.encoder import Encoder
+    from negatron.trainers.evaluate import evaluate_encoder, format_table
+    from negatron.trainers.stdlib_data import build_stdlib_dataset
+
+    out = Path(args.out)
+    data_dir = out / "data"
+    if not (data_dir / "train.parquet").is_file():
+        print(f"[1/2] building the stdlib dataset in {data_dir}")
+        build_stdlib_dataset(data_dir)
+    else:
+        print(f"[1/2] dataset already in {data_dir}")
+    _torch_threads(args.threads)
+    print("[2/2] evaluating the packaged all-MiniLM-L6-v2 zero-shot on the test split")
+    enc = Encoder.from_pretrained("default", max_length=args.max_length)
+    m = evaluate_encoder(enc, str(data_dir / "test"))
+    (out / "zero_shot.json").write_text(json.dumps(m, indent=2) + "\n")
+    print(format_table({"zero-shot": m}))
+    return 0
+
+
+def _torch_threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="negatron", description="Distributed contrastive representation learning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="build datasets")
+    dsub = d.add_subparsers(dest="dataset", required=True)
+    ds = dsub.add_parser("stdlib", help="code-search pairs from the installed Python standard library")
+    ds.add_argument("--out", required=True, help="output folder")
+    ds.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    ds.set_defaults(func=_cmd_data)
+
+    e = sub.add_parser("eval", help="retrieval metrics of a bi-encoder on an eval folder")
+    e.add_argument("--model", required=True, help="Hugging Face folder, Negatron checkpoint or run folder, or 'default'")
+    e.add_argument("--data", required=True, help="folder with queries/corpus/qrels.parquet")
+    e.add_argument("--out", help="write metrics JSON here")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    e.add_argument("--threads", type=int, default=None, help="torch threads")
+    e.set_defaults(func=_cmd_eval)
+
+    q = sub.add_parser("quickstart", help="the main job on the built-in default")
+    q.add_argument("--out", default="runs/quickstart", help="working folder (default runs/quickstart)")
+    q.add_argument("--max-length", type=int, default=128)
+    q.add_argument("--threads", type=int, default=None)
+    q.set_defaults(func=_cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from negatron.trainers.encoder import ModelLoadError
+    from negatron.trainers.schema import SchemaError
+
+    try:
+        return args.func(args)
+    except (ConfigError, SchemaError, ModelLoadError, FileNotFoundError) as e:
+        if os.environ.get("NEGATRON_DEBUG"):
+            raise
+        print(f"negatron: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("negatron: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

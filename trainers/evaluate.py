@@ -1,0 +1,67 @@
+"""Retrieval evaluation: embed corpus and queries, exact faiss inner-product search, metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from .metrics import METRIC_KEYS, evaluate_run
+from .schema import EvalData, check_eval_dir
+
+
+def exact_search(corpus_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k: (scores Q×k, indices Q×k). Embeddings are float32 rows."""
+    if corpus_emb.ndim != 2 or query_emb.ndim != 2 or corpus_emb.shape[1] != query_emb.shape[1]:
+        raise ValueError(f"embedding shapes do not match: corpus {corpus_emb.shape}, queries {query_emb.shape}")
+    index = faiss.IndexFlatIP(corpus_emb.shape[1])
+    index.add(np.ascontiguousarray(corpus_emb, dtype=np.float32))
+    k = min(k, corpus_emb.shape[0])
+    return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), k)
+
+
+def evaluate_encoder(encoder, data: EvalData | str, batch_size: int = 64, top_k: int = 100,
+                     max_queries: int = 0, query_max_length: int | None = None,
+                     progress: bool = True) -> dict[str, float]:
+    """Recall@1/10/100, MRR@10, nDCG@10 of ``encoder`` on an eval folder (or loaded EvalData).
+
+    Returns the METRIC_KEYS plus ``num_queries``, ``num_docs`` and timings in seconds.
+    """
+    if isinstance(data, str):
+        data = check_eval_dir(data)
+    qrels = data.relevant()
+    qids = [str(q) for q in data.queries.column("query_id").to_pylist()]
+    qtexts = data.queries.column("text").to_pylist()
+    keep = [i for i, q in enumerate(qids) if q in qrels]
+    if max_queries:
+        keep = keep[:max_queries]
+    qids = [qids[i] for i in keep]
+    qtexts = [qtexts[i] for i in keep]
+    doc_ids = [str(d) for d in data.corpus.column("doc_id").to_pylist()]
+    docs = data.corpus.column("text").to_pylist()
+
+    t0 = time.perf_counter()
+    doc_emb = encoder.encode(docs, batch_size=batch_size, progress="corpus" if progress else None)
+    t1 = time.perf_counter()
+    q_emb = encoder.encode(qtexts, batch_size=batch_size, max_length=query_max_length,
+                           progress="queries" if progress else None)
+    t2 = time.perf_counter()
+    _, idx = exact_search(doc_emb, q_emb, top_k)
+    t3 = time.perf_counter()
+    run = {q: [doc_ids[j] for j in row if j >= 0] for q, row in zip(qids, idx)}
+    metrics = evaluate_run(run, {q: qrels[q] for q in qids})
+    metrics.update({"num_docs": len(docs), "encode_corpus_s": round(t1 - t0, 3),
+                    "encode_queries_s": round(t2 - t1, 3), "search_s": round(t3 - t2, 4)})
+    return metrics
+
+
+def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str] = METRIC_KEYS) -> str:
+    """A small text table: one row per named metrics dict."""
+    name_w = max(8, *(len(n) for n in rows))
+    head = f"{'model':<{name_w}}  " + "  ".join(f"{k:>10}" for k in keys)
+    lines = [head, "-" * len(head)]
+    for name, m in rows.items():
+        lines.append(f"{name:<{name_w}}  " + "  ".join(f"{m.get(k, float('nan')):>10.4f}" for k in keys))
+    return "\n".join(lines)

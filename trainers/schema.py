@@ -1,0 +1,159 @@
+"""Schema checks for user Parquet, run on the driver before any work starts.
+
+Every error names the file, the column and the problem, e.g.
+``data/train.parquet: column 'positive_id': 3 null values (first at row 17)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+
+class SchemaError(ValueError):
+    """A user Parquet file does not have the expected columns or values."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # "string" | "id" | "number" | "string_list"
+    required: bool = True
+    unique: bool = False
+
+
+PAIRS = [
+    Column("query", "string"),
+    Column("positive", "string"),
+    Column("query_id", "id"),
+    Column("positive_id", "id"),
+    Column("negatives", "string_list", required=False),
+    Column("negative_ids", "string_list", required=False),
+]
+QUERIES = [Column("query_id", "id", unique=True), Column("text", "string")]
+CORPUS = [Column("doc_id", "id", unique=True), Column("text", "string")]
+QRELS = [Column("query_id", "id"), Column("doc_id", "id"), Column("score", "number")]
+
+
+def _read(path: Path, columns: list[Column]) -> pa.Table:
+    if not path.exists():
+        raise SchemaError(f"{path}: file not found")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for a non-Parquet file
+        raise SchemaError(f"{path}: not a readable Parquet file ({e})") from None
+    names = set(schema.names)
+    missing = [c.name for c in columns if c.required and c.name not in names]
+    if missing:
+        raise SchemaError(
+            f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; "
+            f"expected {', '.join(c.name for c in columns if c.required)} (found {', '.join(schema.names) or 'none'})"
+        )
+    wanted = [c.name for c in columns if c.name in names]
+    return pq.read_table(path, columns=wanted)
+
+
+def _type_ok(t: pa.DataType, kind: str) -> bool:
+    if kind == "string":
+        return pa.types.is_string(t) or pa.types.is_large_string(t)
+    if kind == "id":
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+    if kind == "number":
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
+    if kind == "string_list":
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+            pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type))
+    raise AssertionError(kind)
+
+
+_EXPECTED = {"string": "string", "id": "string or integer", "number": "integer or float",
+             "string_list": "list<string>"}
+
+
+def check_table(path: str | Path, columns: list[Column]) -> pa.Table:
+    """Read ``path`` and validate it against ``columns``; return the table.
+
+    Raises:
+        SchemaError: naming the file, the column and the problem.
+    """
+    path = Path(path)
+    table = _read(path, columns)
+    if table.num_rows == 0:
+        raise SchemaError(f"{path}: the table is empty (0 rows)")
+    for col in columns:
+        if col.name not in table.column_names:
+            continue
+        arr = table.column(col.name)
+        if not _type_ok(arr.type, col.kind):
+            raise SchemaError(
+                f"{path}: column {col.name!r} has type {arr.type}, expected {_EXPECTED[col.kind]}")
+        nulls = arr.null_count
+        if nulls and col.kind != "string_list":
+            first = pc.index(pc.is_null(arr), True).as_py()
+            raise SchemaError(f"{path}: column {col.name!r} has {nulls} null value(s) (first at row {first})")
+        if col.kind == "string":
+            empty = pc.sum(pc.equal(pc.utf8_length(arr), 0)).as_py() or 0
+            if empty:
+                first = pc.index(pc.equal(pc.utf8_length(arr), 0), True).as_py()
+                raise SchemaError(f"{path}: column {col.name!r} has {empty} empty string(s) (first at row {first})")
+        if col.unique:
+            n_unique = pc.count_distinct(arr).as_py()
+            if n_unique != len(arr):
+                counts = pc.value_counts(arr)
+                dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
+                raise SchemaError(
+                    f"{path}: column {col.name!r} has {len(arr) - n_unique} duplicate id(s), e.g. {dup!r}")
+    return table
+
+
+def check_pairs(path: str | Path) -> pa.Table:
+    """Validate a training pairs file (query, positive, query_id, positive_id [, negatives])."""
+    table = check_table(path, PAIRS)
+    if "negative_ids" in table.column_names and "negatives" not in table.column_names:
+        raise SchemaError(f"{path}: column 'negative_ids' given without 'negatives'")
+    if "negative_ids" in table.column_names:
+        a = pc.list_value_length(table.column("negatives"))
+        b = pc.list_value_length(table.column("negative_ids"))
+        if not pc.all(pc.equal(pc.fill_null(a, 0), pc.fill_null(b, 0))).as_py():
+            raise SchemaError(f"{path}: columns 'negatives' and 'negative_ids' have different lengths in some rows")
+    return table
+
+
+@dataclass
+class EvalData:
+    queries: pa.Table
+    corpus: pa.Table
+    qrels: pa.Table
+
+    def relevant(self) -> dict[str, dict[str, float]]:
+        """query_id -> {doc_id: score>0}"""
+        out: dict[str, dict[str, float]] = {}
+        for q, d, s in zip(*(self.qrels.column(c).to_pylist() for c in ("query_id", "doc_id", "score"))):
+            if s > 0:
+                out.setdefault(str(q), {})[str(d)] = float(s)
+        return out
+
+
+def check_eval_dir(folder: str | Path) -> EvalData:
+    """Validate an eval folder holding queries.parquet, corpus.parquet and qrels.parquet.
+
+    Beyond per-file checks, every qrels query_id/doc_id must exist in queries/corpus.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SchemaError(f"{folder}: eval folder not found (expected queries.parquet, corpus.parquet, qrels.parquet)")
+    queries = check_table(folder / "queries.parquet", QUERIES)
+    corpus = check_table(folder / "corpus.parquet", CORPUS)
+    qrels = check_table(folder / "qrels.parquet", QRELS)
+    qids = set(map(str, queries.column("query_id").to_pylist()))
+    dids = set(map(str, corpus.column("doc_id").to_pylist()))
+    for col, known, other in (("query_id", qids, "queries.parquet"), ("doc_id", dids, "corpus.parquet")):
+        unknown = [v for v in map(str, qrels.column(col).to_pylist()) if v not in known]
+        if unknown:
+            raise SchemaError(
+                f"{folder / 'qrels.parquet'}: column {col!r} has {len(unknown)} id(s) not in {other}, e.g. {unknown[0]!r}")
+    return EvalData(queries, corpus, qrels)
