@@ -1,0 +1,36 @@
+"""Test helpers: tiny models and tiny data, built locally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def make_tiny_encoder(seed: int = 0, hidden: int = 32, layers: int = 2, **kwargs):
+    import torch
+    from transformers import AutoTokenizer, BertConfig
+
+    from negatron.trainers.encoder import Encoder, resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("default"), local_files_only=True)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    kwargs.setdefault("max_length", 64)
+    return Encoder.from_config(cfg, tok, **kwargs)
+
+
+def write_pairs(path: Path, n: int = 64, with_negatives: bool = False) -> Path:
+    cols = {
+        "query": [f"what does function number {i} compute for {i % 7}" for i in range(n)],
+        "positive": [f"def f{i}(x):\n    return x * {i} + {i % 5}" for i in range(n)],
+        "query_id": [f"q{i}" for i in range(n)],
+        "positive_id": [f"d{i}" for i in range(n)],
+    }
+    if with_negatives:
+        cols["negatives"] = [[f"def g{i}(y):\n    return y - {i}"] for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+    return path

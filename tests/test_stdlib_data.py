@@ -1,0 +1,53 @@
+import hashlib
+
+import pyarrow.parquet as pq
+
+from negatron.trainers.schema import check_eval_dir, check_pairs
+from negatron.trainers.stdlib_data import build_stdlib_dataset, first_sentence
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.parquet"))}
+
+
+def test_deterministic_bytes(stdlib_data, tmp_path):
+    build_stdlib_dataset(tmp_path)
+    assert _digest(tmp_path) == _digest(stdlib_data)
+    assert len(_digest(tmp_path)) == 7
+
+
+def test_splits_disjoint_and_valid(stdlib_data):
+    train = check_pairs(stdlib_data / "train.parquet")
+    dev = check_eval_dir(stdlib_data / "dev")
+    test = check_eval_dir(stdlib_data / "test")
+    assert train.num_rows > 1500
+    assert dev.queries.num_rows > 200 and test.queries.num_rows > 700
+    tr_q = set(train.column("query_id").to_pylist())
+    tr_d = set(train.column("positive_id").to_pylist())
+    sets = {"train": (tr_q, tr_d)}
+    for name, ev in (("dev", dev), ("test", test)):
+        sets[name] = (set(ev.queries.column("query_id").to_pylist()), set(ev.corpus.column("doc_id").to_pylist()))
+        # distractors make the corpus larger than the set of judged docs
+        assert ev.corpus.num_rows > ev.qrels.num_rows
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not sets[a][0] & sets[b][0], (a, b)
+            assert not sets[a][1] & sets[b][1], (a, b)
+    assert len(train.column("positive_id").to_pylist()) == len(tr_d)  # no duplicate positives
+
+
+def test_pairs_look_right(stdlib_data):
+    t = pq.read_table(stdlib_data / "train.parquet").to_pylist()
+    for row in t[:200]:
+        assert len(row["query"].split()) >= 5
+        assert row["positive"].lstrip().startswith(("def ", "async def "))
+        assert row["query"] not in row["positive"]  # docstring removed
+        assert row["query_id"] == "q:" + row["positive_id"]
+
+
+def test_first_sentence():
+    assert first_sentence("Return the thing. More text.") == "Return the thing."
+    assert first_sentence("Multi\n  line summary here.\n\nDetails.") == "Multi line summary here."
+    assert first_sentence("No full stop") == "No full stop"
