@@ -29,6 +29,7 @@ class DataConfig(_Section):
     dev: Optional[str] = Field(None, description="Eval folder (queries/corpus/qrels.parquet) used during training.")
     test: Optional[str] = Field(None, description="Eval folder used by the quickstart's before/after table.")
     max_dev_queries: int = Field(0, ge=0, description="Evaluate on at most this many dev queries (0 = all).")
+    num_negatives: int = Field(1, ge=0, le=64, description="Hard negatives per row taken from a 'negatives' column (0 = ignore it).")
 
 
 class ModelConfig(_Section):
@@ -48,8 +49,8 @@ class TrainerConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Per-worker batch size.")
     max_steps: int = Field(100, ge=1)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed (-1 = unlimited).")
-    checkpoint_every: int = Field(50, ge=1)
-    eval_every: int = Field(50, ge=0, description="Dev evaluation every N steps (0 = only at the end).")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint (and evaluate on data.dev) every N steps and at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the latest is always kept).")
     log_every_s: float = Field(5.0, gt=0)
     seed: int = 0
     placement: Literal["pack", "spread"] = "pack"

@@ -1,0 +1,98 @@
+"""A sharded, stateless pair stream over a pyarrow table.
+
+The epochs are laid end to end: epoch e is a seeded permutation of all rows; global step s takes
+rows [s·G, (s+1)·G) of that endless sequence (G = world·B), and rank r takes its r-th B-slice.
+So every pair is seen exactly once per epoch across all workers, the global batch is the same
+whatever the worker count (1×2B and 2×B see the same rows), and a resumed run continues at the
+saved position: step s is a pure function of (seed, s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def stable_id(value) -> int:
+    """A 63-bit integer id for any string/int id (stable across processes and machines)."""
+    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+class PairStream:
+    """Args:
+        table: pairs (query, positive, query_id, positive_id [, negatives, negative_ids]).
+        batch_size: B per worker.
+        rank, world: this worker and the worker count.
+        seed: permutation seed.
+        num_negatives: H hard negatives per row (0 = ignore the negatives column).
+    """
+
+    def __init__(self, table: pa.Table, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 num_negatives: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world size {world}")
+        self.n = table.num_rows
+        self.b, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.queries = table.column("query").to_pylist()
+        self.positives = table.column("positive").to_pylist()
+        self.pos_ids = np.array([stable_id(v) for v in table.column("positive_id").to_pylist()], dtype=np.int64)
+        self.h = num_negatives if "negatives" in table.column_names else 0
+        if self.h:
+            self.negatives = [list(v or []) for v in table.column("negatives").to_pylist()]
+            if "negative_ids" in table.column_names:
+                self.neg_ids = [[stable_id(x) for x in (v or [])] for v in table.column("negative_ids").to_pylist()]
+            else:
+                self.neg_ids = [[stable_id("text:" + t) for t in v] for v in self.negatives]
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.b * self.world
+
+    def steps_per_epoch(self) -> float:
+        return self.n / self.global_batch
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            if len(self._perm_cache) > 2:
+                self._perm_cache.clear()
+            self._perm_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm_cache[epoch]
+
+    def global_rows(self, step: int) -> np.ndarray:
+        """Row indices of the whole global batch of ``step`` (G)."""
+        start = step * self.global_batch
+        pos = np.arange(start, start + self.global_batch)
+        epochs, offsets = pos // self.n, pos % self.n
+        return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / self.n
+
+    def batch(self, step: int) -> dict:
+        """This rank's slice of global batch ``step``: texts, ids (tensor B) and hard negatives."""
+        rows = self.global_rows(step)[self.rank * self.b:(self.rank + 1) * self.b]
+        out = {
+            "rows": rows,
+            "query": [self.queries[i] for i in rows],
+            "positive": [self.positives[i] for i in rows],
+            "pos_ids": torch.from_numpy(self.pos_ids[rows]),
+        }
+        if self.h:
+            texts, ids, valid = [], [], []
+            for i in rows:
+                negs, nids = self.negatives[i][: self.h], self.neg_ids[i][: self.h]
+                pad = self.h - len(negs)
+                texts += negs + [""] * pad
+                ids += nids + [-1] * pad
+                valid += [True] * len(negs) + [False] * pad
+            out["negatives"] = texts  # B·H (padded with "" where a row has fewer)
+            out["neg_ids"] = torch.tensor(ids, dtype=torch.long)
+            out["neg_valid"] = torch.tensor(valid, dtype=torch.bool)
+        return out

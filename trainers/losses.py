@@ -1,0 +1,136 @@
+"""Contrastive losses: pure functions of embeddings and ids (no model calls, no global state).
+
+Shapes: B local queries, N workers, G = N·B global rows, H hard negatives per row, K bank slots,
+D embedding dim. ``rank``/``world`` are passed in (as open_clip does), never read from globals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG_INF = float("-inf")
+
+
+class Temperature(nn.Module):
+    """τ, fixed or learnable. Learnable τ is parametrised as log(1/τ) and clamped to τ ≥ min_τ."""
+
+    def __init__(self, init: float, learnable: bool = False, min_temperature: float = 0.01):
+        super().__init__()
+        if init <= 0:
+            raise ValueError(f"temperature must be > 0, got {init}")
+        self.max_log_scale = math.log(1.0 / min_temperature)
+        log_scale = torch.tensor(math.log(1.0 / init))
+        if learnable:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    def scale(self) -> torch.Tensor:
+        """1/τ, a 0-d tensor (with grad when learnable)."""
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+    def value(self) -> float:
+        return float(1.0 / self.scale().detach())
+
+
+def same_id_mask(query_pos_ids: torch.Tensor, cand_ids: torch.Tensor,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    """B×C bools: True where cand_ids[j] == query_pos_ids[i] (a false negative), except ``keep``.
+
+    query_pos_ids: B, cand_ids: C, keep: B×C bool (the labelled positive).
+    """
+    same = query_pos_ids[:, None] == cand_ids[None, :]  # B×C
+    if keep is not None:
+        same &= ~keep  # B×C
+    return same
+
+
+def _masked_ce(logits: torch.Tensor, masked: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Scale first, then mask: -inf·scale would give NaN gradients for a learnable τ.
+    return F.cross_entropy((logits * scale).masked_fill(masked, NEG_INF), labels)
+
+
+def _label_keep(b: int, g: int, labels: torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros(b, g, dtype=torch.bool, device=labels.device)  # B×G
+    keep[torch.arange(b, device=labels.device), labels] = True
+    return keep
+
+
+def info_nce(
+    q: torch.Tensor,
+    pos_global: torch.Tensor,
+    pos_ids_global: torch.Tensor,
+    scale: torch.Tensor,
+    rank: int = 0,
+    neg_global: torch.Tensor | None = None,
+    neg_ids_global: torch.Tensor | None = None,
+    neg_valid_global: torch.Tensor | None = None,
+    bank_keys: torch.Tensor | None = None,
+    bank_ids: torch.Tensor | None = None,
+    bank_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE of the local queries against global in-batch candidates (+ hard negatives + bank).
+
+    Args:
+        q: B×D local query embeddings (with grad).
+        pos_global: G×D positives of all ranks in rank order (with grad: see gather_with_grad).
+        pos_ids_global: G item ids of those positives.
+        scale: 1/τ (0-d tensor).
+        rank: this rank; query i's positive is row rank·B + i of ``pos_global``.
+        neg_global, neg_ids_global, neg_valid_global: (G·H)×D hard negatives, their ids, validity.
+        bank_keys, bank_ids, bank_valid: K×D keys (no grad), K ids, K validity from the bank.
+
+    Returns:
+        The mean loss over the B local queries (0-d). Candidates sharing the query's positive id
+        are never negatives.
+    """
+    b = q.shape[0]
+    labels = torch.arange(b, device=q.device) + rank * b  # B, column of each positive
+    my_ids = pos_ids_global[labels]  # B
+    logits = [q @ pos_global.T]  # B×G
+    masks = [same_id_mask(my_ids, pos_ids_global, _label_keep(b, pos_global.shape[0], labels))]  # B×G
+    if neg_global is not None and neg_global.shape[0] > 0:
+        logits.append(q @ neg_global.T)  # B×(G·H)
+        m = same_id_mask(my_ids, neg_ids_global)  # B×(G·H)
+        if neg_valid_global is not None:
+            m = m | ~neg_valid_global[None, :]  # B×(G·H)
+        masks.append(m)
+    if bank_keys is not None and bank_keys.shape[0] > 0:
+        logits.append(q @ bank_keys.detach().T)  # B×K
+        m = same_id_mask(my_ids, bank_ids)  # B×K
+        if bank_valid is not None:
+            m = m | ~bank_valid[None, :]  # B×K
+        masks.append(m)
+    # B×(G + G·H + K)
+    return _masked_ce(torch.cat(logits, dim=1), torch.cat(masks, dim=1), scale, labels)
+
+
+def symmetric_term(pos_local: torch.Tensor, q_global: torch.Tensor, pos_ids_global: torch.Tensor,
+                   scale: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    """The reverse direction: each local positive against all global queries (mean over B).
+
+    A query whose positive has the same id as this positive is not a negative.
+    """
+    b = pos_local.shape[0]
+    labels = torch.arange(b, device=pos_local.device) + rank * b  # B
+    logits = pos_local @ q_global.T  # B×G
+    masked = same_id_mask(pos_ids_global[labels], pos_ids_global, _label_keep(b, q_global.shape[0], labels))  # B×G
+    return _masked_ce(logits, masked, scale, labels)
+
+
+def contrastive_loss(q: torch.Tensor, pos_global: torch.Tensor, pos_ids_global: torch.Tensor,
+                     scale: torch.Tensor, rank: int = 0, symmetric: bool = False,
+                     q_global: torch.Tensor | None = None, **negatives) -> torch.Tensor:
+    """InfoNCE (q→candidates), averaged with the reverse direction when ``symmetric``."""
+    loss = info_nce(q, pos_global, pos_ids_global, scale, rank=rank, **negatives)
+    if symmetric:
+        if q_global is None:
+            raise ValueError("symmetric loss needs q_global (the gathered queries)")
+        b = q.shape[0]
+        pos_local = pos_global[rank * b:(rank + 1) * b]  # B×D
+        loss = 0.5 * (loss + symmetric_term(pos_local, q_global, pos_ids_global, scale, rank))
+    return loss

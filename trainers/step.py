@@ -1,0 +1,129 @@
+"""One contrastive training step: encode, gather across workers, score, update the bank.
+
+``ContrastiveModel`` owns the encoder, the optional momentum (EMA) key encoder, τ and the memory
+bank. ``loss`` runs the model calls and hands embeddings to the pure loss functions; ``after_step``
+does the momentum update and enqueues the step's gathered keys. The same code runs in one
+process and under N workers; tests check both give the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import distributed as D
+from .augment import TextAugmenter
+from .bank import MemoryBank
+from .encoder import Encoder
+from .losses import Temperature, contrastive_loss
+
+
+class ContrastiveModel(nn.Module):
+    """Args:
+        encoder: the bi-encoder being trained.
+        temperature, learnable_temperature, min_temperature: τ settings.
+        bank_size, bank_momentum, bank_max_age: memory bank (size 0 = none).
+        symmetric: add the positive→query direction.
+        cross_worker: score against all workers' candidates (else only local ones).
+        query_max_length: query-side truncation (0 = encoder default).
+    """
+
+    def __init__(self, encoder: Encoder, temperature: float = 0.05, learnable_temperature: bool = False,
+                 min_temperature: float = 0.01, bank_size: int = 0, bank_momentum: float = 0.0,
+                 bank_max_age: int = 0, symmetric: bool = False, cross_worker: bool = True,
+                 query_max_length: int = 0):
+        super().__init__()
+        self.encoder = encoder
+        self.temperature = Temperature(temperature, learnable_temperature, min_temperature)
+        self.bank = MemoryBank(bank_size, encoder.dim, bank_max_age) if bank_size else None
+        self.momentum = bank_momentum
+        self.key_encoder = None
+        if self.bank is not None and bank_momentum > 0:
+            self.key_encoder = copy.deepcopy(encoder)
+            for p in self.key_encoder.parameters():
+                p.requires_grad_(False)
+        self.symmetric = symmetric
+        self.cross_worker = cross_worker
+        self.query_max_length = query_max_length or None
+
+    @classmethod
+    def from_config(cls, encoder: Encoder, cfg) -> "ContrastiveModel":
+        return cls(encoder, temperature=cfg.loss.temperature,
+                   learnable_temperature=cfg.loss.learnable_temperature,
+                   min_temperature=cfg.loss.min_temperature, bank_size=cfg.bank.size,
+                   bank_momentum=cfg.bank.momentum, bank_max_age=cfg.bank.max_age,
+                   symmetric=cfg.loss.symmetric, cross_worker=cfg.loss.cross_worker_negatives,
+                   query_max_length=cfg.model.query_max_length)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.encoder.parameters())
+        if isinstance(self.temperature.log_scale, nn.Parameter):
+            params.append(self.temperature.log_scale)
+        return params
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        return D.gather_with_grad(x) if self.cross_worker else x
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """Loss of this worker's slice; returns (loss, state for ``after_step``).
+
+        batch: "query", "positive" (B texts each), "pos_ids" (B), optional "negatives" (B·H texts),
+        "neg_ids" (B·H), "neg_valid" (B·H).
+        """
+        rank = D.rank() if self.cross_worker else 0
+        q = self.encoder.encode_batch(batch["query"], self.query_max_length)  # B×D
+        p = self.encoder.encode_batch(batch["positive"])  # B×D
+        device = q.device
+        pos_ids = batch["pos_ids"].to(device)  # B
+        p_all = self._gather(p)  # G×D, grad flows to every rank's slice
+        ids_all = D.gather_no_grad(pos_ids) if self.cross_worker else pos_ids  # G
+        negatives = {}
+        if batch.get("negatives"):
+            n = self.encoder.encode_batch(batch["negatives"])  # (B·H)×D
+            negatives["neg_global"] = self._gather(n)  # (G·H)×D
+            nid, nvalid = batch["neg_ids"].to(device), batch["neg_valid"].to(device)
+            negatives["neg_ids_global"] = D.gather_no_grad(nid) if self.cross_worker else nid
+            negatives["neg_valid_global"] = D.gather_no_grad(nvalid) if self.cross_worker else nvalid
+        if self.bank is not None:
+            negatives["bank_keys"] = self.bank.keys
+            negatives["bank_ids"] = self.bank.ids
+            negatives["bank_valid"] = self.bank.valid(step)
+        q_all = self._gather(q) if self.symmetric else None  # G×D
+        scale = self.temperature.scale()
+        loss = contrastive_loss(q, p_all, ids_all, scale, rank=rank, symmetric=self.symmetric,
+                                q_global=q_all, **negatives)
+        return loss, {"positives": batch["positive"], "p_all": p_all.detach(), "ids_all": ids_all}
+
+    @torch.no_grad()
+    def after_step(self, state: dict, step: int) -> None:
+        """Momentum update, then enqueue this step's keys of all workers (rank order)."""
+        if self.bank is None:
+            return
+        if self.key_encoder is not None:
+            m = self.momentum
+            for pk, pq in zip(self.key_encoder.parameters(), self.encoder.parameters()):
+                pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)  # EMA: θk ← m·θk + (1−m)·θq
+            was = self.key_encoder.training
+            self.key_encoder.eval()
+            k = self.key_encoder.encode_batch(state["positives"])  # B×D
+            self.key_encoder.train(was)
+            keys = D.gather_no_grad(k) if self.cross_worker else k  # G×D
+        else:
+            keys = state["p_all"]  # G×D, live encoder, detached
+        self.bank.enqueue(keys, state["ids_all"], step)
+
+
+def augment_batch(batch: dict, aug: TextAugmenter, apply_to: str, dropout_views: bool, seed: int,
+                  step: int, rank: int) -> dict:
+    """Apply the configured text augmentations to a batch (a new dict)."""
+    out = dict(batch)
+    if dropout_views:
+        out["query"] = list(batch["positive"])
+    if aug.active:
+        if apply_to in ("query", "both"):
+            out["query"] = aug(out["query"], seed, step, rank, stream=0)
+        if apply_to in ("positive", "both"):
+            out["positive"] = aug(out["positive"], seed, step, rank, stream=1)
+    return out
