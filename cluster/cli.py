@@ -50,6 +50,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from negatron.trainers.train import run_training
+
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    res = run_training(cfg, address=args.address)
+    print(f"\nrun folder: {res.run_dir}")
+    print(f"final model: {res.final_dir}" + (f"  best model: {res.best_dir}" if res.best_dir else ""))
+    print(json.dumps(res.metrics, indent=2))
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from negatron.trainers.encoder import Encoder
     from negatron.trainers.evaluate import evaluate_encoder, format_table
@@ -98,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="torch threads")
     e.set_defaults(func=_cmd_eval)
 
+    t = sub.add_parser("train", help="contrastive training on Ray Train")
+    t.add_argument("--config", help="YAML config file (defaults when omitted)")
+    t.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    t.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. loss.temperature=0.05")
+    t.set_defaults(func=_cmd_train)
+
     q = sub.add_parser("quickstart", help="the main job on the built-in default")
     q.add_argument("--out", default="runs/quickstart", help="working folder (default runs/quickstart)")
     q.add_argument("--max-length", type=int, default=128)
@@ -110,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from negatron.trainers.encoder import ModelLoadError
+    from negatron.trainers.checkpoint import CheckpointError
     from negatron.trainers.schema import SchemaError
+    from negatron.trainers.train import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, SchemaError, ModelLoadError, FileNotFoundError) as e:
+    except (ConfigError, SchemaError, ModelLoadError, CheckpointError, TrainingError, FileNotFoundError) as e:
         if os.environ.get("NEGATRON_DEBUG"):
             raise
         print(f"negatron: error: {e}", file=sys.stderr)

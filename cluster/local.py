@@ -1,0 +1,30 @@
+"""Getting a Ray to run on: the embedded local default, or an existing cluster by address."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(address: str | None = None, num_cpus: float | None = None, quiet: bool = True) -> None:
+    """Start (or attach to) Ray once per process.
+
+    With no address, an embedded local Ray is started in-process (``address="local"``), so a
+    cluster someone else runs on this machine is never joined by accident. ``address`` (or
+    RAY_ADDRESS set by ``ray job submit``) attaches to an existing cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("NEGATRON_RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside a Ray job: use the job's cluster
+        ray.init(runtime_env=env, log_to_driver=True)
+        return
+    cpus = num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env,
+             log_to_driver=True, logging_level="WARNING" if quiet else "INFO")

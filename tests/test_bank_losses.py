@@ -1,0 +1,120 @@
+import io
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from negatron.trainers.augment import TextAugmenter
+from negatron.trainers.bank import MemoryBank
+from negatron.trainers.data import PairStream, stable_id
+from negatron.trainers.losses import Temperature, info_nce, same_id_mask
+
+
+def test_bank_wraparound_and_pointer():
+    bank = MemoryBank(size=5, dim=2)
+    keys = torch.arange(6, dtype=torch.float32).repeat(2, 1).T  # 6×2, rows i,i
+    bank.enqueue(keys[:3], torch.tensor([0, 1, 2]), step=0)
+    assert int(bank.ptr) == 3 and bank.fill() == 3
+    bank.enqueue(keys[3:6], torch.tensor([3, 4, 5]), step=1)  # wraps: slot 0 gets id 5
+    assert int(bank.ptr) == 1
+    assert bank.ids.tolist() == [5, 1, 2, 3, 4]
+    assert bank.steps.tolist() == [1, 0, 0, 1, 1]
+    assert bank.keys[0].tolist() == [5.0, 5.0]
+    # more keys than slots: only the last K are kept, in order
+    big = torch.arange(12, dtype=torch.float32)[:, None].repeat(1, 2)
+    bank.enqueue(big, torch.arange(12), step=2)
+    assert sorted(bank.ids.tolist()) == [7, 8, 9, 10, 11]
+    # FIFO order from the pointer
+    order = [(int(bank.ptr) + i) % 5 for i in range(5)]
+    assert [int(bank.ids[i]) for i in order] == [7, 8, 9, 10, 11]
+
+
+def test_bank_max_age_and_validation():
+    bank = MemoryBank(size=4, dim=1, max_age=2)
+    bank.enqueue(torch.ones(2, 1), torch.tensor([1, 2]), step=0)
+    bank.enqueue(torch.ones(1, 1), torch.tensor([3]), step=3)
+    assert bank.valid(3).tolist() == [False, False, True, False]  # age 3 > 2; slot 3 empty
+    assert bank.valid(2).tolist() == [True, True, True, False]
+    with pytest.raises(ValueError, match="size"):
+        MemoryBank(0, 4)
+    with pytest.raises(ValueError, match="keys must be"):
+        bank.enqueue(torch.ones(2, 3), torch.tensor([1, 2]), step=1)
+
+
+def test_bank_checkpoint_round_trip_bit_for_bit(tmp_path):
+    bank = MemoryBank(size=7, dim=3, max_age=5)
+    g = torch.Generator().manual_seed(0)
+    for s in range(4):
+        bank.enqueue(torch.randn(3, 3, generator=g), torch.randint(0, 100, (3,), generator=g), step=s)
+    save_file(bank.state_dict(), str(tmp_path / "bank.safetensors"))
+    back = MemoryBank(size=7, dim=3, max_age=5)
+    back.load_state_dict(load_file(str(tmp_path / "bank.safetensors")))
+    for name, t in bank.state_dict().items():
+        assert torch.equal(t, back.state_dict()[name]), name
+    assert back.checksum() == bank.checksum()
+
+
+def test_id_masking_removes_exactly_matching_entries():
+    q = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    pos = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    ids = torch.tensor([10, 11])
+    bank_keys = torch.nn.functional.normalize(torch.randn(4, 4), dim=-1)
+    bank_ids = torch.tensor([10, 99, 11, 98])
+    mask = same_id_mask(ids, bank_ids)
+    assert mask.tolist() == [[True, False, False, False], [False, False, True, False]]
+    scale = torch.tensor(10.0)
+    got = info_nce(q, pos, ids, scale, bank_keys=bank_keys, bank_ids=bank_ids)
+    # reference: query 0 sees pos0, pos1, bank[1], bank[2], bank[3]; query 1 sees pos0, pos1, bank[0,1,3]
+    ref = 0.0
+    for i, keep in enumerate([[1, 2, 3], [0, 1, 3]]):
+        cands = torch.cat([pos, bank_keys[keep]])
+        ref += torch.nn.functional.cross_entropy((q[i:i + 1] @ cands.T) * scale, torch.tensor([i]))
+    assert float(got) == pytest.approx(float(ref / 2), abs=1e-6)
+    # the labelled positive itself is never masked even though its id matches
+    dup = info_nce(q, pos, torch.tensor([7, 7]), scale)
+    ref0 = torch.nn.functional.cross_entropy((q[0:1] @ pos[0:1].T) * scale, torch.tensor([0]))
+    assert float(dup) == pytest.approx(float(ref0), abs=1e-6)  # each query only sees its own positive
+
+
+def test_learnable_temperature_clamped_and_has_finite_grad():
+    t = Temperature(0.05, learnable=True, min_temperature=0.02)
+    with torch.no_grad():
+        t.log_scale.fill_(10.0)
+    assert t.value() == pytest.approx(0.02)
+    t2 = Temperature(0.1, learnable=True)
+    q = torch.randn(3, 4, requires_grad=True)
+    loss = info_nce(q, torch.randn(3, 4), torch.tensor([1, 1, 2]), t2.scale())
+    loss.backward()
+    assert torch.isfinite(t2.log_scale.grad)
+    with pytest.raises(ValueError):
+        Temperature(0.0)
+
+
+def test_augmentations_deterministic_and_bounded():
+    aug = TextAugmenter(mask_prob=0.3, delete_prob=0.2, crop=True, crop_min_ratio=0.5)
+    texts = ["the quick brown fox jumps over the lazy dog again and again"] * 4
+    a = aug(texts, seed=1, step=5, rank=0)
+    assert a == aug(texts, seed=1, step=5, rank=0)
+    assert a != aug(texts, seed=1, step=6, rank=0)
+    for t in a:
+        assert 1 <= len(t.split()) <= len(texts[0].split())
+    assert TextAugmenter()(texts, 0, 0, 0) == texts
+    with pytest.raises(ValueError):
+        TextAugmenter(mask_prob=1.0)
+
+
+def test_pair_stream_epoch_coverage_and_worker_equivalence(tmp_path):
+    from tests.helpers import write_pairs
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(write_pairs(tmp_path / "p.parquet", n=30))
+    one = PairStream(table, batch_size=6, rank=0, world=1, seed=3)
+    two = [PairStream(table, batch_size=3, rank=r, world=2, seed=3) for r in range(2)]
+    seen = []
+    for step in range(5):  # 5 × 6 = 30 rows = exactly one epoch
+        rows_one = one.batch(step)["rows"].tolist()
+        rows_two = two[0].batch(step)["rows"].tolist() + two[1].batch(step)["rows"].tolist()
+        assert rows_one == rows_two
+        seen += rows_one
+    assert sorted(seen) == list(range(30))
+    assert one.batch(7)["pos_ids"].tolist() == [stable_id(f"d{i}") for i in one.batch(7)["rows"]]

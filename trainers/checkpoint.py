@@ -1,0 +1,119 @@
+"""Self-describing checkpoints.
+
+A checkpoint folder is a Hugging Face / sentence-transformers model folder (safetensors weights,
+tokenizer, config) plus:
+
+- ``negatron.json``: format version, run config, step, metrics and the metric history;
+- ``train_state/``: ``bank.safetensors`` (keys, ids, write steps, pointer), ``key_encoder.safetensors``
+  (momentum encoder), ``extra.safetensors`` (τ), ``optimizer.pt`` (optimizer + LR scheduler,
+  loaded with ``weights_only=True``).
+
+Nothing is ever loaded with plain pickle. A missing or corrupt file raises CheckpointError naming it.
+Random state needs no file: dropout and augmentation seeds are a function of (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+STATE_DIR = "train_state"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or not a Negatron checkpoint."""
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "negatron.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a Negatron checkpoint)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+    if not isinstance(meta, dict) or "step" not in meta or "config" not in meta:
+        raise CheckpointError(f"{path}: not a Negatron checkpoint description (no step/config)")
+    if meta.get("format", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {meta['format']} is newer than this Negatron ({FORMAT_VERSION})")
+    return meta
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def save_checkpoint(folder: str | Path, model, optimizer, scheduler, step: int, config: dict,
+                    metrics: dict, history: list[dict]) -> Path:
+    """Write the full checkpoint of a ContrastiveModel into ``folder``."""
+    folder = Path(folder)
+    model.encoder.save(folder)
+    state = folder / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    if model.bank is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.bank.state_dict().items()},
+                  str(state / "bank.safetensors"))
+    if model.key_encoder is not None:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.key_encoder.state_dict().items()}
+        save_file(_dedupe_shared(sd), str(state / "key_encoder.safetensors"))
+    save_file({"log_scale": model.temperature.log_scale.detach().cpu().reshape(1)}, str(state / "extra.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
+               state / "optimizer.pt")
+    meta = {"format": FORMAT_VERSION, "step": step, "config": config, "metrics": metrics, "history": history}
+    (folder / "negatron.json").write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): clone them apart."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def load_training_state(folder: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore bank, momentum encoder, τ, optimizer and scheduler into live objects; return meta.
+
+    The encoder weights are loaded by the caller (``Encoder.from_pretrained(folder)``).
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    state = folder / STATE_DIR
+    if model.bank is not None:
+        sd = _load_safetensors(state / "bank.safetensors")
+        if sd.get("keys") is None or tuple(sd["keys"].shape) != tuple(model.bank.keys.shape):
+            got = tuple(sd["keys"].shape) if "keys" in sd else None
+            raise CheckpointError(f"{state / 'bank.safetensors'}: bank shape {got} does not match the config "
+                                  f"({tuple(model.bank.keys.shape)}); resume with the same bank.size")
+        model.bank.load_state_dict(sd)
+    if model.key_encoder is not None:
+        model.key_encoder.load_state_dict(_load_safetensors(state / "key_encoder.safetensors"))
+    extra = _load_safetensors(state / "extra.safetensors")
+    with torch.no_grad():
+        model.temperature.log_scale.copy_(extra["log_scale"].reshape(()))
+    opt_path = state / "optimizer.pt"
+    if not opt_path.is_file():
+        raise CheckpointError(f"{opt_path}: missing")
+    try:
+        opt = torch.load(opt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(f"{opt_path}: cannot load optimizer state safely ({type(e).__name__}: {e})") from None
+    optimizer.load_state_dict(opt["optimizer"])
+    if scheduler is not None and opt.get("scheduler") is not None:
+        scheduler.load_state_dict(opt["scheduler"])
+    return meta

@@ -1,0 +1,176 @@
+"""The per-worker training loop (module-level, takes a plain dict, as Ray Train examples do).
+
+``train_loop_per_worker`` is what ``TorchTrainer`` runs on each worker. The loop itself,
+``run_worker``, takes its rank, world size and a ``report`` function as arguments so it also runs
+in a single plain process (benchmarks) and in tests.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Callable, Optional
+
+import pyarrow.parquet as pq
+import torch
+
+from negatron.cluster.config import Config
+
+from . import distributed as D
+from .augment import TextAugmenter
+from .checkpoint import load_training_state, save_checkpoint
+from .data import PairStream
+from .encoder import Encoder
+from .step import ContrastiveModel, augment_batch
+
+ReportFn = Callable[[dict, Optional[str]], None]
+
+
+def build_encoder(cfg: Config, path: str | None = None) -> Encoder:
+    return Encoder.from_pretrained(path or cfg.model.path, pooling=cfg.model.pooling,
+                                   projection_dim=cfg.model.projection_dim, normalize=cfg.model.normalize,
+                                   max_length=cfg.model.max_length)
+
+
+def make_optimizer(model: ContrastiveModel, cfg: Config):
+    decay, no_decay = [], []
+    for name, p in model.encoder.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if isinstance(model.temperature.log_scale, torch.nn.Parameter):
+        groups.append({"params": [model.temperature.log_scale], "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    warm, total = cfg.optim.warmup_steps, cfg.trainer.max_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.optim.schedule == "linear":
+            return max(0.0, (total - step) / max(1, total - warm))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31)
+
+
+def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir: str | None = None,
+               device: torch.device | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train; call ``report(metrics, checkpoint_dir_or_None)`` at every checkpoint step (all ranks).
+
+    Returns the final metrics dict.
+    """
+    device = device or torch.device("cpu")
+    torch.set_num_threads(cfg.trainer.torch_threads)
+    table = pq.read_table(cfg.data.train)
+    stream = PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
+                        num_negatives=cfg.data.num_negatives)
+    encoder = build_encoder(cfg, resume_dir)
+    model = ContrastiveModel.from_config(encoder, cfg).to(device)
+    model.train()
+    opt, sched = make_optimizer(model, cfg)
+    aug = TextAugmenter(mask_prob=cfg.augment.mask_prob, delete_prob=cfg.augment.delete_prob,
+                        crop=cfg.augment.crop, crop_min_ratio=cfg.augment.crop_min_ratio,
+                        mask_token=encoder.tokenizer.mask_token or "[MASK]")
+    start, history, last_metrics = 0, [], {}
+    if resume_dir:
+        meta = load_training_state(resume_dir, model, opt, sched)
+        start, history, last_metrics = meta["step"], meta.get("history", []), meta.get("metrics", {})
+        if rank == 0:
+            bank = f", bank {model.bank.fill()}/{model.bank.size} sum {model.bank.checksum()}" if model.bank else ""
+            log(f"[negatron] resumed from step {start}{bank}")
+    dev = None
+    if rank == 0 and cfg.data.dev:
+        from .schema import check_eval_dir
+
+        dev = check_eval_dir(cfg.data.dev)
+
+    params = model.trainable_parameters()
+    t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
+    best = max((h.get("dev_mrr@10", -1.0) for h in history if "dev_mrr@10" in h), default=-1.0)
+    for step in range(start, cfg.trainer.max_steps):
+        torch.manual_seed(_step_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
+        batch = augment_batch(stream.batch(step), aug, cfg.augment.apply_to, cfg.augment.dropout_views,
+                              cfg.trainer.seed, step, rank)
+        opt.zero_grad(set_to_none=True)
+        loss, state = model.loss(batch, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower optim.lr or raise loss.temperature")
+        loss.backward()
+        D.all_reduce_gradients(params)
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        model.after_step(state, step)
+        last_loss = float(loss.detach())
+        loss_sum += last_loss
+        loss_n += 1
+        n_since += stream.global_batch
+        done = step + 1
+        now = time.perf_counter()
+        if rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == cfg.trainer.max_steps):
+            entry = {"step": done, "epoch": round(stream.epoch_of(done), 3), "loss": loss_sum / loss_n,
+                     "temperature": model.temperature.value(), "samples_per_s": n_since / (now - t_log),
+                     "lr": sched.get_last_lr()[0],
+                     "bank_fill": model.bank.fill() if model.bank is not None else 0}
+            history.append(entry)
+            log(f"[negatron] step {done}/{cfg.trainer.max_steps} epoch {entry['epoch']:.2f} "
+                f"loss {entry['loss']:.4f} tau {entry['temperature']:.4f} "
+                f"{entry['samples_per_s']:.1f} samples/s bank {entry['bank_fill']}")
+            t_log, n_since, loss_sum, loss_n = now, 0, 0.0, 0
+        if done % cfg.trainer.checkpoint_every == 0 or done == cfg.trainer.max_steps:
+            metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": last_loss,
+                       "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0}
+            if model.bank is not None:
+                metrics["bank_checksum"] = model.bank.checksum()
+            if rank == 0 and dev is not None:
+                from .evaluate import evaluate_encoder
+
+                m = evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
+                                     max_queries=cfg.data.max_dev_queries,
+                                     query_max_length=cfg.model.query_max_length or None, progress=False)
+                metrics.update({f"dev_{k}": v for k, v in m.items()})
+                history.append({"step": done, **{f"dev_{k}": m[k] for k in ("mrr@10", "recall@10", "ndcg@10")}})
+                best = max(best, m["mrr@10"])
+                log(f"[negatron] step {done} dev mrr@10 {m['mrr@10']:.4f} recall@10 {m['recall@10']:.4f} "
+                    f"(best {best:.4f})")
+                model.encoder.train()
+            last_metrics = metrics
+            if rank == 0:
+                with tempfile.TemporaryDirectory(prefix="negatron-ckpt-") as tmp:
+                    save_checkpoint(tmp, model, opt, sched, done, cfg.to_dict(), metrics, history)
+                    report(metrics, tmp)
+            else:
+                report(metrics, None)
+    return last_metrics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: ``config = {"config": Config.to_dict()}``."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = Config.from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    try:
+        import ray.train.torch as rt
+
+        device = rt.get_device()
+    except Exception:
+        device = torch.device("cpu")
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            run_worker(cfg, rank, world, report, resume_dir=d, device=device)
+    else:
+        run_worker(cfg, rank, world, report, device=device)
+

@@ -1,0 +1,181 @@
+"""The training driver: validate on the driver, run a Ray Train ``TorchTrainer``, export results.
+
+Outputs in the run folder ``<run.storage_path>/<run.name>/`` (besides Ray's own checkpoints):
+``final/`` (the last checkpoint's model, a Hugging Face folder), ``best/`` (the best by dev
+MRR@10 when ``data.dev`` is set), ``metrics.json`` and ``training.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from negatron.cluster.config import Config, ConfigError
+
+from .checkpoint import STATE_DIR, read_meta
+
+
+class TrainingError(RuntimeError):
+    """The Ray Train run failed; the message carries the worker's error."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    best_dir: Path | None
+    metrics: dict
+
+
+def validate_inputs(cfg: Config) -> None:
+    """Check data and model on the driver, before any worker starts (raises with a clear message)."""
+    from .encoder import resolve_model_path
+    from .schema import check_eval_dir, check_pairs
+
+    if not cfg.data.train:
+        raise ConfigError("data.train: not set (a pairs Parquet with query, positive, query_id, positive_id)")
+    table = check_pairs(cfg.data.train)
+    global_batch = cfg.trainer.batch_size * cfg.trainer.num_workers
+    if table.num_rows < global_batch:
+        raise ConfigError(f"trainer.batch_size × trainer.num_workers = {global_batch} exceeds the "
+                          f"{table.num_rows} pairs in {cfg.data.train}")
+    if cfg.data.dev:
+        check_eval_dir(cfg.data.dev)
+    resolve_model_path(cfg.model.path)
+    if cfg.model.kind != "bi-encoder":
+        raise ConfigError(f"model.kind: {cfg.model.kind!r} training is not available yet (use 'bi-encoder')")
+
+
+def _absolute(cfg: Config) -> Config:
+    """Make paths absolute so workers (other processes, other cwd) find them."""
+    upd = {}
+    for key in ("train", "dev", "test"):
+        v = getattr(cfg.data, key)
+        if v:
+            upd[f"data.{key}"] = str(Path(v).resolve())
+    if cfg.model.path != "default":
+        upd["model.path"] = str(Path(cfg.model.path).resolve())
+    if "://" not in cfg.run.storage_path:
+        upd["run.storage_path"] = str(Path(cfg.run.storage_path).resolve())
+    return cfg.replace(upd) if upd else cfg
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(STATE_DIR))
+
+
+def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Train ``cfg`` on Ray Train and export final/, best/, metrics.json, training.png.
+
+    Re-running with the same run.name and run.storage_path resumes from the latest checkpoint.
+    Raises:
+        ConfigError / SchemaError / ModelLoadError: bad input, before anything starts.
+        TrainingError: the run failed (after ``trainer.max_failures`` restarts).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from negatron.cluster.local import ensure_ray
+
+    from .loop import train_loop_per_worker
+
+    validate_inputs(cfg)
+    cfg = _absolute(cfg)
+    ensure_ray(address)
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    ckpt_cfg = (CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints,
+                                 checkpoint_score_attribute="dev_mrr@10", checkpoint_score_order="max")
+                if cfg.data.dev else CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict()},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
+            placement_strategy="SPREAD" if cfg.trainer.placement == "spread" else "PACK"),
+        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                             checkpoint_config=ckpt_cfg, callbacks=callbacks),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors: keep the root cause, drop Ray's frames
+        raise TrainingError(f"training failed: {_root_cause(e)}") from None
+    if getattr(result, "error", None):
+        raise TrainingError(f"training failed: {_root_cause(result.error)}")
+    if result.checkpoint is None:
+        raise TrainingError("training finished without a checkpoint")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        meta = read_meta(d)
+        _copy_model(Path(d), run_dir / "final")
+    best_dir = None
+    if cfg.data.dev:
+        best = result.get_best_checkpoint("dev_mrr@10", "max")
+        if best is not None:
+            best_dir = run_dir / "best"
+            with best.as_directory() as d:
+                _copy_model(Path(d), best_dir)
+    history = meta.get("history", [])
+    train_entries = [h for h in history if "samples_per_s" in h]
+    metrics = {k[4:]: v for k, v in meta["metrics"].items() if k.startswith("dev_")}
+    metrics.update({
+        "steps": meta["step"],
+        "samples_per_s": (sum(h["samples_per_s"] for h in train_entries) / len(train_entries)) if train_entries else None,
+        "final_loss": meta["metrics"].get("loss"),
+        "temperature": meta["metrics"].get("temperature"),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "num_workers": cfg.trainer.num_workers,
+        "global_batch": cfg.trainer.batch_size * cfg.trainer.num_workers,
+        "bank_size": cfg.bank.size,
+    })
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    plot_history(history, run_dir / "training.png", title=cfg.run.name)
+    return TrainResult(run_dir, run_dir / "final", best_dir, metrics)
+
+
+def _root_cause(e: BaseException) -> str:
+    seen = set()
+    while True:
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(e))
+        e = nxt
+    text = str(e).strip().splitlines()
+    last = text[-1] if text else type(e).__name__
+    return f"{type(e).__name__}: {last}" if type(e).__name__ not in last else last
+
+
+def plot_history(history: list[dict], out: Path, title: str = "") -> Path | None:
+    """Loss and dev MRR@10 over steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if "loss" in h]
+    dev = [h for h in history if "dev_mrr@10" in h]
+    if not train and not dev:
+        return None
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    if train:
+        ax1.plot([h["step"] for h in train], [h["loss"] for h in train], color="tab:blue", label="train loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("train loss", color="tab:blue")
+    if dev:
+        ax2 = ax1.twinx()
+        ax2.plot([h["step"] for h in dev], [h["dev_mrr@10"] for h in dev], "o-", color="tab:orange", label="dev MRR@10")
+        ax2.set_ylabel("dev MRR@10", color="tab:orange")
+    ax1.set_title(f"negatron {title}".strip())
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
