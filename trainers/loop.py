@@ -79,6 +79,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     if resume_dir:
         meta = load_training_state(resume_dir, model, opt, sched)
         start, history, last_metrics = meta["step"], meta.get("history", []), meta.get("metrics", {})
+        history.append({"resumed_from": start, "bank_checksum": model.bank.checksum() if model.bank else None})
         if rank == 0:
             bank = f", bank {model.bank.fill()}/{model.bank.size} sum {model.bank.checksum()}" if model.bank else ""
             log(f"[negatron] resumed from step {start}{bank}")
