@@ -7,6 +7,7 @@ in a single plain process (benchmarks) and in tests.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from typing import Callable, Optional
@@ -57,8 +58,14 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31)
 
 
+def _log(line: str) -> None:
+    # sys.stdout.write, not print: Ray Train patches print() into its logger too, doubling lines.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir: str | None = None,
-               device: torch.device | None = None, log: Callable[[str], None] = print) -> dict:
+               device: torch.device | None = None, log: Callable[[str], None] = _log) -> dict:
     """Train; call ``report(metrics, checkpoint_dir_or_None)`` at every checkpoint step (all ranks).
 
     Returns the final metrics dict.

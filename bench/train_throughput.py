@@ -1,0 +1,201 @@
+"""Training throughput: Negatron (1 and 2 Ray Train workers, with and without a K=4096 bank) versus
+a plain single-process PyTorch loop and sentence-transformers' MultipleNegativesRankingLoss, same
+model, batch and sequence length, measured in one run. Prints JSON.
+
+    .venv/bin/python bench/train_throughput.py [--model default|tiny] [--steps 12] [--batch 32] [--seq 64]
+
+Samples/s exclude start-up: the first steps are warm-up and are not timed. All single-process
+variants use one torch thread, like one Ray Train worker (Ray sets OMP_NUM_THREADS=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def _data(tmp: Path) -> Path:
+    from negatron.trainers.stdlib_data import build_stdlib_dataset
+
+    build_stdlib_dataset(tmp / "data")
+    return tmp / "data" / "train.parquet"
+
+
+def _model_path(name: str, tmp: Path) -> str:
+    if name == "default":
+        return "default"
+    from tests.helpers import make_tiny_encoder
+
+    out = tmp / "tiny"
+    make_tiny_encoder(hidden=128, layers=4).save(out)
+    return str(out)
+
+
+def _texts(train: Path, n: int):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(train).slice(0, n)
+    return t.column("query").to_pylist(), t.column("positive").to_pylist()
+
+
+def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int) -> float:
+    """The simplest correct loop: HF model, mean pooling, in-batch InfoNCE, AdamW."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from negatron.trainers.encoder import resolve_model_path
+
+    torch.set_num_threads(1)
+    path = resolve_model_path(model_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    qs, ps = _texts(train, batch * (steps + warmup))
+
+    def emb(texts):
+        b = tok(texts, padding=True, truncation=True, max_length=seq, return_tensors="pt")
+        h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    t0 = None
+    for s in range(steps + warmup):
+        if s == warmup:
+            t0 = time.perf_counter()
+        q, p = emb(qs[s * batch:(s + 1) * batch]), emb(ps[s * batch:(s + 1) * batch])
+        loss = torch.nn.functional.cross_entropy(q @ p.T / 0.05, torch.arange(len(q)))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def st_mnrl(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int) -> float:
+    """sentence-transformers' MultipleNegativesRankingLoss, one optimizer step per batch."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    from negatron.trainers.encoder import resolve_model_path
+
+    torch.set_num_threads(1)
+    model = SentenceTransformer(str(resolve_model_path(model_path)), device="cpu")
+    model.max_seq_length = seq
+    model.train()
+    loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    qs, ps = _texts(train, batch * (steps + warmup))
+    t0 = None
+    for s in range(steps + warmup):
+        if s == warmup:
+            t0 = time.perf_counter()
+        feats = [model.tokenize(qs[s * batch:(s + 1) * batch]), model.tokenize(ps[s * batch:(s + 1) * batch])]
+        loss = loss_fn(feats, None)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def negatron_inprocess(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int,
+                       bank: int) -> float:
+    """Negatron's worker loop in this process (world size 1): isolates the bank's cost from Ray's."""
+    from negatron.cluster.config import load_config
+    from negatron.trainers.loop import run_worker
+
+    cfg = load_config(None, [f"model.path={model_path}", f"data.train={train}", f"trainer.batch_size={batch}",
+                             f"model.max_length={seq}", f"trainer.max_steps={steps + warmup}",
+                             f"trainer.checkpoint_every={10**6}", f"bank.size={bank}", "trainer.log_every_s=1e9",
+                             "optim.lr=2e-5"])
+    marks = {}
+    orig = torch.optim.AdamW.step
+
+    def timed_step(self, *a, **k):  # time from the end of warm-up to the last optimizer step
+        out = orig(self, *a, **k)
+        marks["n"] = marks.get("n", 0) + 1
+        if marks["n"] == warmup:
+            marks["t0"] = time.perf_counter()
+        marks["t1"] = time.perf_counter()
+        return out
+
+    torch.optim.AdamW.step = timed_step
+    try:
+        run_worker(cfg, 0, 1, report=lambda m, d: None, log=lambda s: None)
+    finally:
+        torch.optim.AdamW.step = orig
+    return steps * batch / (marks["t1"] - marks["t0"])
+
+
+def negatron_ray(model_path: str, train: Path, batch: int, seq: int, steps: int, workers: int,
+                 tmp: Path, bank: int = 0) -> float:
+    """Real Ray Train run; samples/s from Negatron's own per-interval log (start-up excluded)."""
+    from negatron.cluster.config import load_config
+    from negatron.trainers.train import run_training
+
+    cfg = load_config(None, [f"model.path={model_path}", f"data.train={train}", f"trainer.batch_size={batch // workers}",
+                             f"trainer.num_workers={workers}", f"model.max_length={seq}",
+                             f"trainer.max_steps={steps}", f"trainer.checkpoint_every={10**6}",
+                             f"bank.size={bank}", "trainer.log_every_s=0.001", "optim.lr=2e-5",
+                             f"run.storage_path={tmp / 'runs'}", f"run.name=w{workers}b{bank}",
+                             "trainer.cpus_per_worker=0.5"])
+    res = run_training(cfg)
+    hist = json.loads((res.run_dir / "history.json").read_text())
+    rates = [h["samples_per_s"] for h in hist if "samples_per_s" in h][2:]  # drop warm-up steps
+    # harmonic mean: total samples / total time
+    return len(rates) / sum(1.0 / r for r in rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default", help="'default' (all-MiniLM-L6-v2) or 'tiny'")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32, help="global batch")
+    ap.add_argument("--seq", type=int, default=64)
+    args = ap.parse_args()
+    import ray
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        train = _data(tmp)
+        mp = _model_path(args.model, tmp)
+        kw = dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup)
+        out = {"model": args.model, "global_batch": args.batch, "seq_len": args.seq, "steps_timed": args.steps}
+        out["plain_loop_samples_per_s"] = plain_loop(mp, train, **kw)
+        out["st_mnrl_samples_per_s"] = st_mnrl(mp, train, **kw)
+        out["negatron_inprocess_samples_per_s"] = negatron_inprocess(mp, train, bank=0, **kw)
+        out["negatron_inprocess_bank4096_samples_per_s"] = negatron_inprocess(mp, train, bank=4096, **kw)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        try:
+            steps = args.steps + args.warmup + 2
+            out["negatron_ray_1w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, steps, 1, tmp)
+            out["negatron_ray_1w_bank4096_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, steps, 1, tmp, 4096)
+            out["negatron_ray_2w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, steps, 2, tmp)
+        finally:
+            ray.shutdown()
+    p = out["plain_loop_samples_per_s"]
+    out["ratio_negatron_1w_vs_plain"] = out["negatron_ray_1w_samples_per_s"] / p
+    out["ratio_negatron_2w_vs_plain"] = out["negatron_ray_2w_samples_per_s"] / p
+    out["ratio_negatron_1w_vs_st_mnrl"] = out["negatron_ray_1w_samples_per_s"] / out["st_mnrl_samples_per_s"]
+    out["ratio_st_mnrl_vs_plain"] = out["st_mnrl_samples_per_s"] / p
+    out["bank4096_step_time_overhead_inprocess"] = (out["negatron_inprocess_samples_per_s"]
+                                                   / out["negatron_inprocess_bank4096_samples_per_s"] - 1)
+    out["bank4096_step_time_overhead_ray"] = (out["negatron_ray_1w_samples_per_s"]
+                                             / out["negatron_ray_1w_bank4096_samples_per_s"] - 1)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Checkpoints: full training state round trip, clear errors for corrupt files, no pickle."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from negatron.cluster.config import load_config
+from negatron.trainers.checkpoint import CheckpointError, load_training_state, read_meta, save_checkpoint
+from negatron.trainers.encoder import Encoder
+from negatron.trainers.loop import make_optimizer, run_worker
+from negatron.trainers.step import ContrastiveModel
+from tests.helpers import write_pairs
+
+
+def _cfg(tmp_path, tiny_model_dir, *extra):
+    train = write_pairs(tmp_path / "p.parquet", n=48)
+    return load_config(None, [f"model.path={tiny_model_dir}", f"data.train={train}", "trainer.batch_size=8",
+                              "model.max_length=32", "bank.size=20", "bank.momentum=0.9",
+                              "loss.learnable_temperature=true", "optim.lr=1e-3", *extra])
+
+
+def test_in_process_run_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
+    """8 steps straight == 4 steps, checkpoint, resume for 4 more (same bank, weights, optimizer)."""
+    saved = {}
+
+    def keep(metrics, d, tag=""):
+        import shutil
+        dst = tmp_path / f"ck{tag}{metrics['step']}"
+        shutil.copytree(d, dst)
+        saved[f"{tag}{metrics['step']}"] = dst
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "trainer.max_steps=8", "trainer.checkpoint_every=4")
+    run_worker(cfg, 0, 1, keep, log=lambda s: None)
+    straight, first = saved["8"], saved["4"]
+    run_worker(cfg, 0, 1, lambda m, d: keep(m, d, "r"), resume_dir=str(first), log=lambda s: None)
+    resumed = saved["r8"]
+    assert read_meta(resumed)["step"] == 8
+    a = Encoder.from_pretrained(str(straight)).state_dict()
+    b = Encoder.from_pretrained(str(resumed)).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ma, mb = read_meta(straight)["metrics"], read_meta(resumed)["metrics"]
+    assert ma["bank_checksum"] == mb["bank_checksum"]
+    assert ma["temperature"] == pytest.approx(mb["temperature"], abs=1e-6)
+
+
+def _model_and_opt(tiny_model_dir, cfg):
+    enc = Encoder.from_pretrained(str(tiny_model_dir))
+    model = ContrastiveModel.from_config(enc, cfg)
+    opt, sched = make_optimizer(model, cfg)
+    return model, opt, sched
+
+
+def test_corrupt_and_truncated_files_are_named(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    model, opt, sched = _model_and_opt(tiny_model_dir, cfg)
+    ck = save_checkpoint(tmp_path / "ck", model, opt, sched, 3, cfg.to_dict(), {}, [])
+    bank = ck / "train_state" / "bank.safetensors"
+    bank.write_bytes(bank.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="bank.safetensors: corrupt or truncated"):
+        load_training_state(ck, *_model_and_opt(tiny_model_dir, cfg))
+    (ck / "negatron.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="negatron.json: corrupt JSON"):
+        load_training_state(ck, *_model_and_opt(tiny_model_dir, cfg))
+    (ck / "negatron.json").unlink()
+    with pytest.raises(CheckpointError, match="not a Negatron checkpoint"):
+        read_meta(ck)
+
+
+def test_bank_size_mismatch_is_explained(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    model, opt, sched = _model_and_opt(tiny_model_dir, cfg)
+    ck = save_checkpoint(tmp_path / "ck", model, opt, sched, 3, cfg.to_dict(), {}, [])
+    other = cfg.replace(["bank.size=30"])
+    with pytest.raises(CheckpointError, match="bank.size"):
+        load_training_state(ck, *_model_and_opt(tiny_model_dir, other))
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/negatron-pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    model, opt, sched = _model_and_opt(tiny_model_dir, cfg)
+    ck = save_checkpoint(tmp_path / "ck", model, opt, sched, 3, cfg.to_dict(), {}, [])
+    with open(ck / "train_state" / "optimizer.pt", "wb") as f:
+        pickle.dump({"optimizer": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="cannot load optimizer state safely"):
+        load_training_state(ck, *_model_and_opt(tiny_model_dir, cfg))
+    import os
+    assert not os.path.exists("/tmp/negatron-pwned")
