@@ -63,6 +63,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from negatron.tune.results import format_rows
+    from negatron.tune.search import run_tune
+
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = run_tune(cfg, address=args.address)
+    print("\n" + format_rows(out.rows, cfg))
+    print(f"\nexperiment: {out.experiment_dir}")
+    print(f"results: {out.experiment_dir / 'results.parquet'}" + (f"  plot: {out.plot}" if out.plot else ""))
+    if out.best_config_path:
+        print(f"best {cfg.tune.metric}: {out.best_metric:.4f}")
+        print(f"best config: {out.best_config_path}  (negatron train --config {out.best_config_path})")
+        print(f"best checkpoint: {out.best_checkpoint}")
+    else:
+        print("no trial finished with a metric")
+        return 1
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     """Build data, evaluate zero-shot, fine-tune with 2 workers + bank, evaluate, compare."""
     from negatron.trainers.encoder import Encoder
@@ -141,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     t.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. loss.temperature=0.05")
     t.set_defaults(func=_cmd_train)
+
+    tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune (the config's tune: section)")
+    tu.add_argument("--config", help="YAML config file with a tune: section")
+    tu.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    tu.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    tu.set_defaults(func=_cmd_tune)
 
     q = sub.add_parser("quickstart", help="the main job: data, zero-shot eval, fine-tune on Ray, eval")
     q.add_argument("--config", default=None, help="config (default: the packaged configs/quickstart.yaml)")

@@ -106,6 +106,44 @@ class EvalConfig(_Section):
     top_k: int = Field(100, ge=1)
 
 
+_DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
+
+
+class TuneSection(_Section):
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "dotted config key -> {loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}"))
+    num_samples: int = Field(8, ge=1)
+    metric: str = Field("dev_mrr@10", pattern=r"^dev_[a-z0-9@_]+$")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: int = Field(2, ge=1)
+    grace_period: int = Field(1, ge=1, description="ASHA: reports (checkpoints) before a trial can be stopped.")
+    reduction_factor: int = Field(2, ge=2)
+    perturbation_interval: int = Field(2, ge=1, description="PBT: reports between exploit/explore.")
+    trial_cpus: float = Field(0.1, gt=0, description="CPU share of each trial's driver.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_space(self) -> "TuneSection":
+        for key, spec in self.space.items():
+            if key.startswith(("run.", "tune.")) or key not in all_keys():
+                raise ValueError(f"space key {key!r} is not a searchable config key")
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+                raise ValueError(f"space[{key!r}]: expected one of {sorted(_DISTRIBUTIONS)} "
+                                 f"(e.g. {{loguniform: [0.01, 0.5]}}), got {spec!r}")
+            kind, arg = next(iter(spec.items()))
+            n = _DISTRIBUTIONS[kind]
+            if not isinstance(arg, list) or (n and len(arg) != n) or not arg:
+                want = f"[low, high]" if n else "a non-empty list of values"
+                raise ValueError(f"space[{key!r}].{kind}: expected {want}, got {arg!r}")
+            if n and not arg[0] < arg[1]:
+                raise ValueError(f"space[{key!r}].{kind}: low {arg[0]!r} must be below high {arg[1]!r}")
+            if kind == "loguniform" and arg[0] <= 0:
+                raise ValueError(f"space[{key!r}].loguniform: low must be > 0, got {arg[0]!r}")
+        return self
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -116,6 +154,7 @@ class Config(_Section):
     augment: AugmentConfig = AugmentConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    tune: TuneSection = TuneSection()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (what Ray workers receive)."""
@@ -150,6 +189,9 @@ def _format_errors(e: ValidationError, source: str) -> str:
             allowed = _allowed_keys(parent)
             msg = f"unknown key (allowed here: {', '.join(allowed)})"
             lines.append(f"{source}: {key}: {msg}")
+            continue
+        if err["type"] == "value_error":  # from a cross-field validator: the message names the value
+            lines.append(f"{source}: {key}: {msg.removeprefix('Value error, ')}")
             continue
         lines.append(f"{source}: {key}: {msg} (got {err.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -25,6 +25,10 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, quiet:
     if os.environ.get("RAY_ADDRESS"):  # inside a Ray job: use the job's cluster
         ray.init(runtime_env=env, log_to_driver=True)
         return
-    cpus = num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env,
+    # Ray CPUs are logical: twice the cores (at least 4) lets trial drivers, fractional workers
+    # and Ray Data share a small machine without starving each other.
+    cpus = num_cpus if num_cpus is not None else max(4, 2 * (os.cpu_count() or 2))
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls: without
+    # it, a trial stopped by ASHA leaks its workers' placement group until the driver exits.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, runtime_env=env,
              log_to_driver=True, logging_level="WARNING" if quiet else "INFO")

@@ -34,3 +34,28 @@ def write_pairs(path: Path, n: int = 64, with_negatives: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(cols), path)
     return path
+
+
+def write_synthetic_task(folder: Path, n_train: int = 200, n_dev: int = 40, n_distract: int = 40) -> Path:
+    """A learnable toy retrieval task: query 'number i' ↔ doc 'f{i}'; a tiny model learns it fast."""
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+
+    def q(i):
+        return f"find the helper for {words[i % 8]} item {i}"
+
+    def d(i):
+        return f"def helper_{i}(x):\n    # {words[i % 8]} {i}\n    return x + {i}"
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"query": [q(i) for i in range(n_train)], "positive": [d(i) for i in range(n_train)],
+                             "query_id": [f"q{i}" for i in range(n_train)],
+                             "positive_id": [f"d{i}" for i in range(n_train)]}), folder / "train.parquet")
+    dev = folder / "dev"
+    dev.mkdir(exist_ok=True)
+    ids = range(n_train, n_train + n_dev)
+    pq.write_table(pa.table({"query_id": [f"q{i}" for i in ids], "text": [q(i) for i in ids]}), dev / "queries.parquet")
+    docs = range(n_train, n_train + n_dev + n_distract)
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in docs], "text": [d(i) for i in docs]}), dev / "corpus.parquet")
+    pq.write_table(pa.table({"query_id": [f"q{i}" for i in ids], "doc_id": [f"d{i}" for i in ids],
+                             "score": [1] * n_dev}), dev / "qrels.parquet")
+    return folder

@@ -1,0 +1,127 @@
+"""Real Ray Tune runs: ASHA over whole 2-worker Ray Train trials, results written, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from negatron.cluster.config import ConfigError, load_config
+from negatron.tune.search import check_space, run_tune
+from tests.helpers import write_synthetic_task
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    # the dashboard serves the state API Ray Train's placement-group cleaner needs (see cluster/local.py)
+    ray.init(address="local", num_cpus=4, include_dashboard=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return write_synthetic_task(tmp_path_factory.mktemp("task"))
+
+
+def _config_file(tmp_path, tiny_model_dir, task, name):
+    cfg = {
+        "model": {"path": str(tiny_model_dir), "max_length": 32},
+        "data": {"train": str(task / "train.parquet"), "dev": str(task / "dev")},
+        "trainer": {"num_workers": 2, "batch_size": 8, "max_steps": 32, "checkpoint_every": 8, "log_every_s": 60},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+        "run": {"name": name, "storage_path": str(tmp_path / "exp")},
+        "tune": {
+            # two learning rates that learn and two that cannot: ASHA must stop a weak one early
+            "space": {"optim.lr": {"grid": [3e-3, 1e-3, 1e-7, 1e-8]},
+                      "loss.temperature": {"loguniform": [0.03, 0.3]}},
+            "num_samples": 1, "max_concurrent_trials": 2, "grace_period": 1, "reduction_factor": 2,
+        },
+    }
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    return f
+
+
+def test_space_validated_before_any_trial(tmp_path, tiny_model_dir, task):
+    f = _config_file(tmp_path, tiny_model_dir, task, "bad")
+    with pytest.raises(ConfigError, match="space key 'loss.temprature'"):
+        load_config(f, ["tune.space={loss.temprature: {uniform: [0.1, 0.2]}}"])
+    cfg = load_config(f, ["tune.space={trainer.batch_size: {choice: [8, 0]}}"])
+    with pytest.raises(ConfigError, match=r"tune.space\['trainer.batch_size'\].choice: value 0 is not valid"):
+        check_space(cfg)
+    with pytest.raises(ConfigError, match="low must be > 0"):
+        load_config(f, ["tune.space={loss.temperature: {loguniform: [0, 0.2]}}"])
+
+
+def test_asha_stops_weak_trials_and_best_config_trains(tmp_path, tiny_model_dir, task):
+    cfg = load_config(_config_file(tmp_path, tiny_model_dir, task, "asha"))
+    out = run_tune(cfg)
+    rows = out.rows
+    assert len(rows) == 4
+    statuses = [r["status"] for r in rows]
+    assert "STOPPED_EARLY" in statuses, statuses
+    assert "TERMINATED" in statuses
+    table = pq.read_table(out.experiment_dir / "results.parquet").to_pylist()
+    assert {r["trial_id"] for r in table} == {r["trial_id"] for r in rows}
+    assert all(r["optim.lr"] in (3e-3, 1e-3, 1e-7, 1e-8) for r in table)
+    assert (out.experiment_dir / "tune.png").stat().st_size > 1000
+    best = load_config(out.best_config_path)
+    assert best.optim.lr in (3e-3, 1e-3)  # a learning trial wins
+    assert out.best_metric > max(r["dev_mrr@10"] or 0 for r in rows if r["optim.lr"] < 1e-6)
+    assert Path(out.best_checkpoint, "config.json").is_file()
+    # the best config feeds straight back into training
+    from negatron.trainers.train import run_training
+    res = run_training(best.replace(["trainer.max_steps=8", f"run.storage_path={tmp_path / 'again'}"]))
+    assert json.loads((res.run_dir / "metrics.json").read_text())["steps"] == 8
+
+
+def _trial_reports(exp: Path) -> dict[str, int]:
+    out = {}
+    for rj in exp.glob("trial_fn_*/result.json"):
+        out[rj.parent.name.split("_")[3]] = sum(1 for line in rj.read_text().splitlines() if line.strip())
+    return out
+
+
+def test_interrupted_experiment_resumes_without_redoing_finished_trials(tmp_path, tiny_model_dir, task):
+    f = _config_file(tmp_path, tiny_model_dir, task, "resume")
+    exp = tmp_path / "exp" / "resume"
+    cmd = [sys.executable, "-m", "negatron.cluster.cli", "tune", "--config", str(f),
+           "tune.scheduler=fifo", "tune.max_concurrent_trials=1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            done = [t for t, n in _trial_reports(exp).items() if n >= 4]
+            if done:
+                break
+            time.sleep(0.5)
+        assert done, "no trial finished in time"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _trial_reports(exp)
+    finished = {t: n for t, n in before.items() if n >= 4}
+    assert 1 <= len(finished) < 4
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming the experiment" in r.stdout
+    after = _trial_reports(exp)
+    for t, n in finished.items():
+        assert after[t] == n, f"finished trial {t} was run again"
+    rows = pq.read_table(exp / "results.parquet").to_pylist()
+    assert len(rows) == 4 and all(row["status"] == "TERMINATED" for row in rows), rows

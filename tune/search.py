@@ -1,0 +1,170 @@
+"""Hyperparameter search with Ray Tune: each trial is a whole Ray Train run.
+
+The config's ``tune:`` section holds the search space as dotted config keys (the same keys as
+``a.b=value`` overrides). Every sampled value is validated against the config schema before any
+trial starts. Trials launch a ``TorchTrainer`` from a Tune function trainable, as Ray 2.60
+requires, and report dev metrics at every checkpoint; ASHA stops weak trials early.
+
+Experiment folder: ``<run.storage_path>/<run.name>/`` holding Tune's state, ``trials/`` (each
+trial's training run), ``results.parquet``, ``tune.png`` and ``best.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from negatron.cluster.config import Config, ConfigError
+
+
+@dataclass
+class TuneOutcome:
+    experiment_dir: Path
+    rows: list[dict]
+    best_config_path: Path | None
+    best_checkpoint: str | None
+    best_metric: float | None
+    plot: Path | None
+
+
+def check_space(cfg: Config) -> None:
+    """Validate every end of every range and every choice through the config schema.
+
+    Raises:
+        ConfigError: naming ``tune.space[key]`` and the bad value.
+    """
+    if not cfg.tune.space:
+        raise ConfigError("tune.space: empty; give at least one key, e.g. loss.temperature: {loguniform: [0.01, 0.5]}")
+    if not cfg.data.dev:
+        raise ConfigError("data.dev: Tune needs a dev eval folder to report tune.metric")
+    for key, spec in cfg.tune.space.items():
+        kind, values = next(iter(spec.items()))
+        for v in values:
+            try:
+                cfg.replace({key: v})
+            except ConfigError as e:
+                detail = str(e).splitlines()[-1].strip()
+                raise ConfigError(f"tune.space[{key!r}].{kind}: value {v!r} is not valid: {detail}") from None
+
+
+def _domain(spec: dict):
+    from ray import tune
+
+    kind, a = next(iter(spec.items()))
+    if kind == "loguniform":
+        return tune.loguniform(a[0], a[1])
+    if kind == "uniform":
+        return tune.uniform(a[0], a[1])
+    if kind == "randint":
+        return tune.randint(a[0], a[1] + 1)  # inclusive high, as users read [low, high]
+    if kind == "choice":
+        return tune.choice(a)
+    if kind == "grid":
+        return tune.grid_search(a)
+    raise AssertionError(kind)
+
+
+def reports_per_trial(cfg: Config) -> int:
+    return math.ceil(cfg.trainer.max_steps / cfg.trainer.checkpoint_every)
+
+
+def trial_fn(params: dict, base: dict, trials_dir: str) -> None:
+    """The Tune function trainable: one whole training run with the sampled overrides.
+
+    ``params`` = {dotted key: sampled value}; ``base`` (the validated config) and ``trials_dir``
+    come through ``tune.with_parameters``, so Tune's tables show only the searched values.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from negatron.trainers.train import run_training
+
+    base = Config.from_dict(base)
+    trial_id = tune.get_context().get_trial_id()
+    overrides = dict(params)
+    overrides.update({"run.name": f"train-{trial_id}", "run.storage_path": trials_dir})
+    cfg = base.replace(overrides)
+    run_training(cfg, callbacks=[TuneReportCallback()])
+
+
+def fit_concurrency(cfg: Config) -> None:
+    """Refuse a trial that can never be placed; warn when fewer trials than asked can run at once."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    per_trial = cfg.tune.trial_cpus + cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
+    if per_trial > total:
+        raise ConfigError(f"one trial needs {per_trial:g} CPUs (tune.trial_cpus + trainer.num_workers × "
+                          f"trainer.cpus_per_worker) but the cluster has {total:g}")
+    fits = int(total // per_trial)
+    if fits < cfg.tune.max_concurrent_trials:
+        print(f"[negatron] {fits} trial(s) fit at once on {total:g} CPUs "
+              f"(tune.max_concurrent_trials={cfg.tune.max_concurrent_trials}); the rest wait", flush=True)
+
+
+def _scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=reports_per_trial(cfg),
+                             grace_period=min(cfg.tune.grace_period, reports_per_trial(cfg)),
+                             reduction_factor=cfg.tune.reduction_factor)
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    raise ConfigError("tune.scheduler: 'pbt' is not available yet; use 'asha' or 'fifo'")
+
+
+def _search_alg(cfg: Config):
+    if cfg.tune.search == "random":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("tune.search: 'optuna' needs the optuna package: pip install 'negatron[optuna]'") from None
+    return OptunaSearch(seed=cfg.tune.seed)
+
+
+def run_tune(cfg: Config, address: str | None = None) -> TuneOutcome:
+    """Run (or resume) the experiment described by ``cfg.tune``; write results; return them."""
+    from ray import tune
+
+    from negatron.cluster.local import ensure_ray
+    from negatron.trainers.train import _absolute, validate_inputs
+
+    from .results import summarize
+
+    check_space(cfg)
+    validate_inputs(cfg)
+    cfg = _absolute(cfg)
+    exp_dir = Path(cfg.run.storage_path) / cfg.run.name
+    ensure_ray(address)
+    fit_concurrency(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, base=cfg.to_dict(), trials_dir=str(exp_dir / "trials")),
+        {"cpu": cfg.tune.trial_cpus})
+    if tune.Tuner.can_restore(str(exp_dir)):
+        print(f"[negatron] resuming the experiment in {exp_dir} (finished trials are kept)", flush=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        if cfg.tune.search == "random":
+            import random
+
+            import numpy as np
+
+            random.seed(cfg.tune.seed)
+            np.random.seed(cfg.tune.seed)
+        space = {k: _domain(v) for k, v in cfg.tune.space.items()}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+                                        search_alg=_search_alg(cfg), num_samples=cfg.tune.num_samples,
+                                        max_concurrent_trials=cfg.tune.max_concurrent_trials),
+            run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    grid = tuner.fit()
+    return summarize(grid, cfg, exp_dir)
