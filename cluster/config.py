@@ -29,6 +29,7 @@ class DataConfig(_Section):
     dev: Optional[str] = Field(None, description="Eval folder (queries/corpus/qrels.parquet) used during training.")
     test: Optional[str] = Field(None, description="Eval folder used by the quickstart's before/after table.")
     max_dev_queries: int = Field(0, ge=0, description="Evaluate on at most this many dev queries (0 = all).")
+    max_dev_docs: int = Field(0, ge=0, description="Dev corpus cap: judged docs of the kept queries + distractors (0 = all).")
     num_negatives: int = Field(1, ge=0, le=64, description="Hard negatives per row taken from a 'negatives' column (0 = ignore it).")
 
 
@@ -85,6 +86,8 @@ class BankConfig(_Section):
     size: int = Field(0, ge=0, description="Memory bank slots K (0 = no bank).")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="EMA key encoder momentum (0 = keys from the live encoder, detached).")
     max_age: int = Field(0, ge=0, description="Ignore bank entries older than this many steps (0 = no limit).")
+    filter_ratio: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "Mask bank keys scoring above this × the positive's score as likely false negatives (0 = off)."))
 
 
 class AugmentConfig(_Section):

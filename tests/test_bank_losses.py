@@ -118,3 +118,17 @@ def test_pair_stream_epoch_coverage_and_worker_equivalence(tmp_path):
         seen += rows_one
     assert sorted(seen) == list(range(30))
     assert one.batch(7)["pos_ids"].tolist() == [stable_id(f"d{i}") for i in one.batch(7)["rows"]]
+
+
+def test_bank_filter_masks_keys_scoring_near_the_positive():
+    q = torch.tensor([[1.0, 0.0]])
+    pos = torch.tensor([[0.8, 0.6]])  # score 0.8
+    bank = torch.tensor([[0.79, 0.61], [0.0, 1.0], [0.9, 0.43]])  # scores 0.79, 0.0, 0.9
+    ids = torch.tensor([1])
+    bank_ids = torch.tensor([2, 3, 4])
+    scale = torch.tensor(10.0)
+    got = info_nce(q, pos, ids, scale, bank_keys=bank, bank_ids=bank_ids, bank_filter_ratio=0.95)
+    # 0.79 > 0.95·0.8 = 0.76 and 0.9 > 0.76 are masked; only the 0.0 key remains a negative
+    ref = torch.nn.functional.cross_entropy(torch.tensor([[0.8, 0.0]]) * scale, torch.tensor([0]))
+    assert float(got) == pytest.approx(float(ref), abs=1e-6)
+    assert float(info_nce(q, pos, ids, scale, bank_keys=bank, bank_ids=bank_ids)) > float(got)

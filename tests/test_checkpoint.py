@@ -94,3 +94,24 @@ def test_malicious_pickle_is_refused(tmp_path, tiny_model_dir):
         load_training_state(ck, *_model_and_opt(tiny_model_dir, cfg))
     import os
     assert not os.path.exists("/tmp/negatron-pwned")
+
+
+def test_warm_start_takes_mutated_temperature_and_lr(tmp_path, tiny_model_dir):
+    """PBT's exploit: a donor checkpoint restored under a mutated config keeps the mutation."""
+    saved = {}
+    cfg = _cfg(tmp_path, tiny_model_dir, "trainer.max_steps=8", "trainer.checkpoint_every=4",
+               "loss.temperature=0.05", "optim.lr=0.001")
+    run_worker(cfg, 0, 1, lambda m, d: saved.setdefault(m["step"], m) or None, stop_at=4, log=lambda s: None)
+    assert list(saved) == [4]  # stop_at ends the run early, with a checkpoint
+    import shutil
+    donor = tmp_path / "donor"
+    run_worker(cfg, 0, 1, lambda m, d: shutil.copytree(d, donor) if m["step"] == 4 else None,
+               stop_at=4, log=lambda s: None)
+    mutated = cfg.replace(["loss.temperature=0.2", "optim.lr=0.0001"])
+    got = {}
+    run_worker(mutated, 0, 1, lambda m, d: got.setdefault(m["step"], m), resume_dir=str(donor),
+               warm_start=True, log=lambda s: None)
+    assert list(got) == [8]
+    assert got[8]["temperature"] != pytest.approx(0.05, rel=1e-3)
+    # learnable τ moves a little in 4 steps, but from 0.2, not from the donor's 0.05
+    assert got[8]["temperature"] == pytest.approx(0.2, rel=0.05)

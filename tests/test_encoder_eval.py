@@ -79,3 +79,11 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
     pq.write_table(pa.table({"query_id": ["q"], "txt": ["x"]}), tmp_path / "ev" / "queries.parquet")
     r = _cli("eval", "--model", "default", "--data", str(tmp_path / "ev"))
     assert r.returncode == 2 and "queries.parquet" in r.stderr and "'text'" in r.stderr
+
+
+def test_dev_subsampling_keeps_judged_docs(stdlib_data, tiny_model_dir):
+    enc = Encoder.from_pretrained(str(tiny_model_dir))
+    m = evaluate_encoder(enc, str(stdlib_data / "dev"), max_queries=30, max_docs=50, progress=False)
+    assert m["num_queries"] == 30 and m["num_docs"] == 50
+    m = evaluate_encoder(enc, str(stdlib_data / "dev"), max_queries=30, max_docs=10, progress=False)
+    assert m["num_docs"] == 30  # judged docs are never dropped

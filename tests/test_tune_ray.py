@@ -125,3 +125,4 @@ def test_interrupted_experiment_resumes_without_redoing_finished_trials(tmp_path
         assert after[t] == n, f"finished trial {t} was run again"
     rows = pq.read_table(exp / "results.parquet").to_pylist()
     assert len(rows) == 4 and all(row["status"] == "TERMINATED" for row in rows), rows
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -237,12 +237,3 @@ def _progress(total: int, desc: str | None):
 
     return tqdm(total=total, desc=desc, unit="text", mininterval=2.0, dynamic_ncols=True)
 
-
-def load_state_into(module: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into ``module`` (never pickle)."""
-    module.load_state_dict(load_file(str(path)))
-
-
-def iter_chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]

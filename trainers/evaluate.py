@@ -24,8 +24,12 @@ def exact_search(corpus_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple
 
 def evaluate_encoder(encoder, data: EvalData | str, batch_size: int = 64, top_k: int = 100,
                      max_queries: int = 0, query_max_length: int | None = None,
-                     progress: bool = True) -> dict[str, float]:
+                     progress: bool = True, max_docs: int = 0) -> dict[str, float]:
     """Recall@1/10/100, MRR@10, nDCG@10 of ``encoder`` on an eval folder (or loaded EvalData).
+
+    ``max_queries``/``max_docs`` (0 = all) subsample for quick dev checks during training: the
+    first queries are kept, and the corpus keeps every judged document of those queries plus the
+    first other documents up to ``max_docs``.
 
     Returns the METRIC_KEYS plus ``num_queries``, ``num_docs`` and timings in seconds.
     """
@@ -41,6 +45,12 @@ def evaluate_encoder(encoder, data: EvalData | str, batch_size: int = 64, top_k:
     qtexts = [qtexts[i] for i in keep]
     doc_ids = [str(d) for d in data.corpus.column("doc_id").to_pylist()]
     docs = data.corpus.column("text").to_pylist()
+    if max_docs and len(docs) > max_docs:
+        judged = {d for q in qids for d in qrels[q]}
+        room = max(0, max_docs - len(judged))
+        keep_docs = [i for i, d in enumerate(doc_ids) if d in judged or (room := room - 1) >= 0]
+        doc_ids = [doc_ids[i] for i in keep_docs]
+        docs = [docs[i] for i in keep_docs]
 
     t0 = time.perf_counter()
     doc_emb = encoder.encode(docs, batch_size=batch_size, progress="corpus" if progress else None)

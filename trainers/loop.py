@@ -58,6 +58,19 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31)
 
 
+def _apply_hparams(cfg: Config, model: ContrastiveModel, opt, sched) -> None:
+    """Set τ and the base learning rate from ``cfg`` over restored state (PBT exploit)."""
+    import math
+
+    with torch.no_grad():
+        model.temperature.log_scale.fill_(math.log(1.0 / cfg.loss.temperature))
+    sched.base_lrs = [cfg.optim.lr for _ in opt.param_groups]
+    factor = sched.lr_lambdas[0](sched.last_epoch)
+    for group in opt.param_groups:
+        group["initial_lr"] = cfg.optim.lr
+        group["lr"] = cfg.optim.lr * factor
+
+
 def _log(line: str) -> None:
     # sys.stdout.write, not print: Ray Train patches print() into its logger too, doubling lines.
     sys.stdout.write(line + "\n")
@@ -65,8 +78,15 @@ def _log(line: str) -> None:
 
 
 def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir: str | None = None,
-               device: torch.device | None = None, log: Callable[[str], None] = _log) -> dict:
+               device: torch.device | None = None, log: Callable[[str], None] = _log,
+               warm_start: bool = False, stop_at: int | None = None) -> dict:
     """Train; call ``report(metrics, checkpoint_dir_or_None)`` at every checkpoint step (all ranks).
+
+    Args:
+        resume_dir: a checkpoint to continue from (weights, optimizer, scheduler, bank, τ).
+        warm_start: the checkpoint comes from elsewhere (e.g. a PBT donor): restore everything,
+            but take τ and the learning rate from ``cfg``, so mutated values survive the restore.
+        stop_at: stop (with a checkpoint) at this step; the LR schedule still spans max_steps.
 
     Returns the final metrics dict.
     """
@@ -87,6 +107,8 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         meta = load_training_state(resume_dir, model, opt, sched)
         start, history, last_metrics = meta["step"], meta.get("history", []), meta.get("metrics", {})
         history.append({"resumed_from": start, "bank_checksum": model.bank.checksum() if model.bank else None})
+        if warm_start:
+            _apply_hparams(cfg, model, opt, sched)
         if rank == 0:
             bank = f", bank {model.bank.fill()}/{model.bank.size} sum {model.bank.checksum()}" if model.bank else ""
             log(f"[negatron] resumed from step {start}{bank}")
@@ -99,7 +121,8 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     params = model.trainable_parameters()
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
     best = max((h.get("dev_mrr@10", -1.0) for h in history if "dev_mrr@10" in h), default=-1.0)
-    for step in range(start, cfg.trainer.max_steps):
+    end = min(cfg.trainer.max_steps, stop_at or cfg.trainer.max_steps)
+    for step in range(start, end):
         torch.manual_seed(_step_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
         batch = augment_batch(stream.batch(step), aug, cfg.augment.apply_to, cfg.augment.dropout_views,
                               cfg.trainer.seed, step, rank)
@@ -120,7 +143,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         n_since += stream.global_batch
         done = step + 1
         now = time.perf_counter()
-        if rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == cfg.trainer.max_steps):
+        if rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end):
             entry = {"step": done, "epoch": round(stream.epoch_of(done), 3), "loss": loss_sum / loss_n,
                      "temperature": model.temperature.value(), "samples_per_s": n_since / (now - t_log),
                      "lr": sched.get_last_lr()[0],
@@ -130,7 +153,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
                 f"loss {entry['loss']:.4f} tau {entry['temperature']:.4f} "
                 f"{entry['samples_per_s']:.1f} samples/s bank {entry['bank_fill']}")
             t_log, n_since, loss_sum, loss_n = now, 0, 0.0, 0
-        if done % cfg.trainer.checkpoint_every == 0 or done == cfg.trainer.max_steps:
+        if done % cfg.trainer.checkpoint_every == 0 or done == end:
             metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": last_loss,
                        "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0}
             if model.bank is not None:
@@ -139,7 +162,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
                 from .evaluate import evaluate_encoder
 
                 m = evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
-                                     max_queries=cfg.data.max_dev_queries,
+                                     max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
                                      query_max_length=cfg.model.query_max_length or None, progress=False)
                 metrics.update({f"dev_{k}": v for k, v in m.items()})
                 history.append({"step": done, **{f"dev_{k}": m[k] for k in ("mrr@10", "recall@10", "ndcg@10")}})
@@ -175,10 +198,14 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
+    stop_at = config.get("stop_at")
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None:  # a restart of this run: its own latest checkpoint
         with ckpt.as_directory() as d:
-            run_worker(cfg, rank, world, report, resume_dir=d, device=device)
+            run_worker(cfg, rank, world, report, resume_dir=d, device=device, stop_at=stop_at)
+    elif config.get("init_checkpoint"):  # a warm start from another run's checkpoint
+        run_worker(cfg, rank, world, report, resume_dir=config["init_checkpoint"], device=device,
+                   warm_start=True, stop_at=stop_at)
     else:
-        run_worker(cfg, rank, world, report, device=device)
+        run_worker(cfg, rank, world, report, device=device, stop_at=stop_at)
 

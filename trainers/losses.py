@@ -72,6 +72,7 @@ def info_nce(
     bank_keys: torch.Tensor | None = None,
     bank_ids: torch.Tensor | None = None,
     bank_valid: torch.Tensor | None = None,
+    bank_filter_ratio: float = 0.0,
 ) -> torch.Tensor:
     """InfoNCE of the local queries against global in-batch candidates (+ hard negatives + bank).
 
@@ -83,6 +84,9 @@ def info_nce(
         rank: this rank; query i's positive is row rank·B + i of ``pos_global``.
         neg_global, neg_ids_global, neg_valid_global: (G·H)×D hard negatives, their ids, validity.
         bank_keys, bank_ids, bank_valid: K×D keys (no grad), K ids, K validity from the bank.
+        bank_filter_ratio: if > 0, a bank key scoring above ratio × the positive's score is taken
+            for an unlabelled duplicate (a likely false negative) and masked, as in NV-Retriever's
+            positive-aware filtering.
 
     Returns:
         The mean loss over the B local queries (0-d). Candidates sharing the query's positive id
@@ -104,6 +108,10 @@ def info_nce(
         m = same_id_mask(my_ids, bank_ids)  # B×K
         if bank_valid is not None:
             m = m | ~bank_valid[None, :]  # B×K
+        if bank_filter_ratio > 0:
+            pos_score = logits[0].gather(1, labels[:, None]).detach()  # B×1
+            # only where the positive scores > 0, so the ratio keeps its meaning
+            m = m | ((logits[-1].detach() > bank_filter_ratio * pos_score) & (pos_score > 0))  # B×K
         masks.append(m)
     # B×(G + G·H + K)
     return _masked_ce(torch.cat(logits, dim=1), torch.cat(masks, dim=1), scale, labels)

@@ -33,8 +33,9 @@ class ContrastiveModel(nn.Module):
     def __init__(self, encoder: Encoder, temperature: float = 0.05, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, bank_size: int = 0, bank_momentum: float = 0.0,
                  bank_max_age: int = 0, symmetric: bool = False, cross_worker: bool = True,
-                 query_max_length: int = 0):
+                 query_max_length: int = 0, bank_filter_ratio: float = 0.0):
         super().__init__()
+        self.bank_filter_ratio = bank_filter_ratio
         self.encoder = encoder
         self.temperature = Temperature(temperature, learnable_temperature, min_temperature)
         self.bank = MemoryBank(bank_size, encoder.dim, bank_max_age) if bank_size else None
@@ -55,7 +56,7 @@ class ContrastiveModel(nn.Module):
                    min_temperature=cfg.loss.min_temperature, bank_size=cfg.bank.size,
                    bank_momentum=cfg.bank.momentum, bank_max_age=cfg.bank.max_age,
                    symmetric=cfg.loss.symmetric, cross_worker=cfg.loss.cross_worker_negatives,
-                   query_max_length=cfg.model.query_max_length)
+                   query_max_length=cfg.model.query_max_length, bank_filter_ratio=cfg.bank.filter_ratio)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.encoder.parameters())
@@ -90,6 +91,7 @@ class ContrastiveModel(nn.Module):
             negatives["bank_keys"] = self.bank.keys
             negatives["bank_ids"] = self.bank.ids
             negatives["bank_valid"] = self.bank.valid(step)
+            negatives["bank_filter_ratio"] = self.bank_filter_ratio
         q_all = self._gather(q) if self.symmetric else None  # G×D
         scale = self.temperature.scale()
         loss = contrastive_loss(q, p_all, ids_all, scale, rank=rank, symmetric=self.symmetric,

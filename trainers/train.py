@@ -28,6 +28,8 @@ class TrainResult:
     final_dir: Path
     best_dir: Path | None
     metrics: dict
+    checkpoint_dir: str = ""       # Ray's last checkpoint (model + train_state), for warm starts
+    reported: dict | None = None   # the last metrics the workers reported (dev_* keys)
 
 
 def validate_inputs(cfg: Config) -> None:
@@ -69,10 +71,13 @@ def _copy_model(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(STATE_DIR))
 
 
-def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None) -> TrainResult:
+def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
+                 init_checkpoint: str | None = None, stop_at: int | None = None) -> TrainResult:
     """Train ``cfg`` on Ray Train and export final/, best/, metrics.json, training.png.
 
     Re-running with the same run.name and run.storage_path resumes from the latest checkpoint.
+    ``init_checkpoint`` warm-starts a new run from another run's checkpoint (τ and LR from
+    ``cfg``); ``stop_at`` ends the run early at that step (the LR schedule spans max_steps).
     Raises:
         ConfigError / SchemaError / ModelLoadError: bad input, before anything starts.
         TrainingError: the run failed (after ``trainer.max_failures`` restarts).
@@ -94,7 +99,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
                 if cfg.data.dev else CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "init_checkpoint": init_checkpoint, "stop_at": stop_at},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
@@ -138,7 +143,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     plot_history(history, run_dir / "training.png", title=cfg.run.name)
-    return TrainResult(run_dir, run_dir / "final", best_dir, metrics)
+    return TrainResult(run_dir, run_dir / "final", best_dir, metrics,
+                       checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
 
 
 def _root_cause(e: BaseException) -> str:

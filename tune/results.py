@@ -11,19 +11,19 @@ import pyarrow.parquet as pq
 
 from negatron.cluster.config import Config, dump_yaml
 
-from .search import TuneOutcome, reports_per_trial
+from .search import TuneOutcome
 
 
-def _status(result, max_t: int, tune_status: str | None) -> str:
-    """ERROR | TERMINATED (ran every report) | STOPPED_EARLY (by the scheduler) | INTERRUPTED."""
+def _status(result, max_steps: int, tune_status: str | None) -> str:
+    """ERROR | TERMINATED (trained to max_steps) | STOPPED_EARLY (by the scheduler) | INTERRUPTED."""
     if result.error is not None:
         return "ERROR"
     if tune_status in ("RUNNING", "PENDING", "PAUSED"):
         return "INTERRUPTED"
-    it = (result.metrics or {}).get("training_iteration", 0)
-    if it >= max_t:
+    step = (result.metrics or {}).get("step") or 0
+    if step >= max_steps:
         return "TERMINATED"
-    return "STOPPED_EARLY" if it > 0 else "INTERRUPTED"
+    return "STOPPED_EARLY" if step > 0 else "INTERRUPTED"
 
 
 def _trial_id_from_path(path: str) -> str:
@@ -48,17 +48,17 @@ def _error_line(err: BaseException | None) -> str:
 
 
 def collect_rows(grid, cfg: Config) -> list[dict[str, Any]]:
-    max_t = reports_per_trial(cfg)
     statuses = _tune_statuses(grid)
     rows = []
     for r in grid:
         m = r.metrics or {}
         conf = r.config or {}
         trial_id = m.get("trial_id") or _trial_id_from_path(r.path)
-        row = {"trial_id": trial_id, "status": _status(r, max_t, statuses.get(trial_id)),
+        row = {"trial_id": trial_id, "status": _status(r, cfg.trainer.max_steps, statuses.get(trial_id)),
                cfg.tune.metric: m.get(cfg.tune.metric), "step": m.get("step"),
                "reports": m.get("training_iteration", 0), "checkpoint_path": m.get("checkpoint_path"),
                "error": _error_line(r.error)}
+        conf = {**conf, **(conf.get("preset") or {})}
         row.update({k: conf.get(k) for k in cfg.tune.space})
         rows.append(row)
     rows.sort(key=lambda x: x["trial_id"])

@@ -83,6 +83,7 @@ def trial_fn(params: dict, base: dict, trials_dir: str) -> None:
     base = Config.from_dict(base)
     trial_id = tune.get_context().get_trial_id()
     overrides = dict(params)
+    overrides.update(overrides.pop("preset", None) or {})
     overrides.update({"run.name": f"train-{trial_id}", "run.storage_path": trials_dir})
     cfg = base.replace(overrides)
     run_training(cfg, callbacks=[TuneReportCallback()])
@@ -103,8 +104,38 @@ def fit_concurrency(cfg: Config) -> None:
               f"(tune.max_concurrent_trials={cfg.tune.max_concurrent_trials}); the rest wait", flush=True)
 
 
+def pbt_trial_fn(params: dict, base: dict, trials_dir: str) -> None:
+    """PBT trainable: train in chunks of ``tune.perturbation_interval`` dev reports; after each
+    chunk report with a Tune checkpoint. After an exploit, Tune restarts this function with the
+    donor's checkpoint and mutated values: the run warm-starts from it with τ and the learning
+    rate taken from the new config (so the mutation survives the restore, cf. ray#36660).
+    """
+    import uuid
+
+    from ray import tune
+
+    from negatron.trainers.checkpoint import read_meta
+    from negatron.trainers.train import run_training
+
+    cfg = Config.from_dict(base).replace(dict(params))
+    trial_id = tune.get_context().get_trial_id()
+    chunk = cfg.trainer.checkpoint_every * cfg.tune.perturbation_interval
+    init, step = None, 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        init = ckpt.to_directory()
+        step = read_meta(init)["step"]
+    while step < cfg.trainer.max_steps:
+        stop = min(cfg.trainer.max_steps, step + chunk)
+        c = cfg.replace({"run.name": f"train-{trial_id}-{step:06d}-{uuid.uuid4().hex[:6]}",
+                         "run.storage_path": trials_dir, "trainer.keep_checkpoints": 1})
+        res = run_training(c, init_checkpoint=init, stop_at=stop)
+        init, step = res.checkpoint_dir, stop
+        tune.report({**res.reported, "checkpoint_path": init}, checkpoint=tune.Checkpoint.from_directory(init))
+
+
 def _scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if cfg.tune.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=reports_per_trial(cfg),
@@ -112,7 +143,12 @@ def _scheduler(cfg: Config):
                              reduction_factor=cfg.tune.reduction_factor)
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
-    raise ConfigError("tune.scheduler: 'pbt' is not available yet; use 'asha' or 'fifo'")
+    mutations = {k: _domain(v) for k, v in cfg.tune.space.items() if next(iter(v)) != "grid"}
+    if not mutations:
+        raise ConfigError("tune.space: PBT needs at least one non-grid key to mutate")
+    return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
+                                   hyperparam_mutations=mutations, quantile_fraction=0.5,
+                                   resample_probability=0.25, synch=False)
 
 
 def _search_alg(cfg: Config):
@@ -126,8 +162,33 @@ def _search_alg(cfg: Config):
     return OptunaSearch(seed=cfg.tune.seed)
 
 
-def run_tune(cfg: Config, address: str | None = None) -> TuneOutcome:
-    """Run (or resume) the experiment described by ``cfg.tune``; write results; return them."""
+def sample_presets(cfg: Config, n: int, seed: int = 0) -> list[dict]:
+    """``n`` configurations drawn from ``cfg.tune.space`` (to rerun the same ones elsewhere)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = {}
+        for key, spec in cfg.tune.space.items():
+            kind, a = next(iter(spec.items()))
+            if kind == "loguniform":
+                p[key] = math.exp(rng.uniform(math.log(a[0]), math.log(a[1])))
+            elif kind == "uniform":
+                p[key] = rng.uniform(a[0], a[1])
+            elif kind == "randint":
+                p[key] = rng.randint(a[0], a[1])
+            else:
+                p[key] = rng.choice(a)
+        out.append(p)
+    return out
+
+
+def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None = None) -> TuneOutcome:
+    """Run (or resume) the experiment described by ``cfg.tune``; write results; return them.
+
+    ``presets``: run exactly these override dicts (one trial each) instead of sampling the space.
+    """
     from ray import tune
 
     from negatron.cluster.local import ensure_ray
@@ -141,8 +202,9 @@ def run_tune(cfg: Config, address: str | None = None) -> TuneOutcome:
     exp_dir = Path(cfg.run.storage_path) / cfg.run.name
     ensure_ray(address)
     fit_concurrency(cfg)
+    fn = pbt_trial_fn if cfg.tune.scheduler == "pbt" else trial_fn
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=cfg.to_dict(), trials_dir=str(exp_dir / "trials")),
+        tune.with_parameters(fn, base=cfg.to_dict(), trials_dir=str(exp_dir / "trials")),
         {"cpu": cfg.tune.trial_cpus})
     if tune.Tuner.can_restore(str(exp_dir)):
         print(f"[negatron] resuming the experiment in {exp_dir} (finished trials are kept)", flush=True)
@@ -156,12 +218,16 @@ def run_tune(cfg: Config, address: str | None = None) -> TuneOutcome:
 
             random.seed(cfg.tune.seed)
             np.random.seed(cfg.tune.seed)
-        space = {k: _domain(v) for k, v in cfg.tune.space.items()}
+        space = ({"preset": tune.grid_search(presets)} if presets
+                 else {k: _domain(v) for k, v in cfg.tune.space.items()})
+        if presets and cfg.tune.scheduler == "pbt":
+            raise ConfigError("tune.scheduler: presets cannot be combined with PBT")
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
-                                        search_alg=_search_alg(cfg), num_samples=cfg.tune.num_samples,
+                                        search_alg=None if presets else _search_alg(cfg),
+                                        num_samples=1 if presets else cfg.tune.num_samples,
                                         max_concurrent_trials=cfg.tune.max_concurrent_trials),
             run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
                                       failure_config=tune.FailureConfig(max_failures=0)),
