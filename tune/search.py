@@ -143,6 +143,10 @@ def _scheduler(cfg: Config):
                              reduction_factor=cfg.tune.reduction_factor)
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
+    fixed = [k for k in cfg.tune.space if k.startswith("model.") or k in ("bank.size", "model.projection_dim")]
+    if fixed:
+        raise ConfigError(f"tune.space: PBT cannot mutate {', '.join(fixed)} (a donor's checkpoint "
+                          "would not fit); search them with asha or fifo")
     mutations = {k: _domain(v) for k, v in cfg.tune.space.items() if next(iter(v)) != "grid"}
     if not mutations:
         raise ConfigError("tune.space: PBT needs at least one non-grid key to mutate")
