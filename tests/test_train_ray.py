@@ -78,6 +78,14 @@ def _train_worker_pids() -> list[int]:
     return out
 
 
+def _registered_checkpoints(run_dir: Path) -> int:
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snap.read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_worker_sigkill_resumes_from_checkpoint(tmp_path, tiny_model_dir, stdlib_data):
     cfg = _cfg(tmp_path, tiny_model_dir, stdlib_data, "fault", "trainer.max_steps=300",
                "trainer.checkpoint_every=25", "trainer.max_failures=1", "bank.size=50", "bank.momentum=0.5",
@@ -88,8 +96,9 @@ def test_worker_sigkill_resumes_from_checkpoint(tmp_path, tiny_model_dir, stdlib
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline:
-            # wait for two: the controller may not have registered the newest yet (it polls)
-            if len(list(run_dir.glob("checkpoint_*/negatron.json"))) >= 2:
+            # kill once the controller has registered a checkpoint (it polls workers, so a
+            # checkpoint folder on disk alone may still be unknown to it)
+            if _registered_checkpoints(run_dir) >= 1:
                 pids = _train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
