@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--momentum", type=float, default=0.99, help="bank.momentum for the bank run")
     ap.add_argument("--data", default=None, help="an existing `negatron data stdlib` folder")
     args = ap.parse_args()
 
@@ -47,15 +48,17 @@ def main() -> None:
         data = Path(args.data) if args.data else tmp / "data"
         if not args.data:
             build_stdlib_dataset(data)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-        out = {"model": args.model, "steps": args.steps, "lr": args.lr, "seq_len": args.seq, "runs": {}}
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        out = {"model": args.model, "steps": args.steps, "lr": args.lr, "seq_len": args.seq,
+               "bank_momentum": args.momentum, "runs": {}}
         try:
             for name, batch, bank in [("b16", 16, 0), ("b16_bank4096", 16, 4096), ("b64", 64, 0)]:
                 t0 = time.perf_counter()
                 cfg = load_config(None, [
                     f"model.path={args.model}", f"data.train={data / 'train.parquet'}",
                     "trainer.num_workers=2", f"trainer.batch_size={batch // 2}", f"trainer.max_steps={args.steps}",
-                    f"trainer.checkpoint_every={args.steps}", f"bank.size={bank}", f"optim.lr={args.lr}",
+                    f"trainer.checkpoint_every={args.steps}", f"bank.size={bank}",
+                    f"bank.momentum={args.momentum if bank else 0.0}", f"optim.lr={args.lr}",
                     f"model.max_length={args.seq}", "model.query_max_length=48", "optim.warmup_steps=5",
                     "trainer.log_every_s=30", f"run.storage_path={tmp / 'runs'}", f"run.name={name}"])
                 res = run_training(cfg)
