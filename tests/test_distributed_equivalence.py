@@ -87,6 +87,7 @@ CASES = {
     "bank-wrap-maxage": dict(temperature=0.1, bank_size=10, bank_max_age=1),
     "bank-momentum-symmetric-learnable": dict(temperature=0.1, bank_size=7, bank_momentum=0.9,
                                                symmetric=True, learnable_temperature=True),
+    "moco-mode-momentum": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco"),
 }
 
 

@@ -73,8 +73,15 @@ def info_nce(
     bank_ids: torch.Tensor | None = None,
     bank_valid: torch.Tensor | None = None,
     bank_filter_ratio: float = 0.0,
+    bank_key_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of the local queries against global in-batch candidates (+ hard negatives + bank).
+
+    With ``bank_key_pos`` (MoCo mode) the bank is scored in its own softmax whose positive is the
+    key encoder's embedding of the query's positive, so positive and negatives come from the same
+    encoder state and the model cannot win by telling fresh embeddings from stale ones; the result
+    is the mean of the in-batch term and this bank term. Without it the bank keys join the
+    in-batch softmax.
 
     Args:
         q: B×D local query embeddings (with grad).
@@ -84,6 +91,7 @@ def info_nce(
         rank: this rank; query i's positive is row rank·B + i of ``pos_global``.
         neg_global, neg_ids_global, neg_valid_global: (G·H)×D hard negatives, their ids, validity.
         bank_keys, bank_ids, bank_valid: K×D keys (no grad), K ids, K validity from the bank.
+        bank_key_pos: B×D (no grad) key-encoder embeddings of the local positives (MoCo mode).
         bank_filter_ratio: if > 0, a bank key scoring above ratio × the positive's score is taken
             for an unlabelled duplicate (a likely false negative) and masked, as in NV-Retriever's
             positive-aware filtering.
@@ -103,18 +111,31 @@ def info_nce(
         if neg_valid_global is not None:
             m = m | ~neg_valid_global[None, :]  # B×(G·H)
         masks.append(m)
+    bank_term = None
     if bank_keys is not None and bank_keys.shape[0] > 0:
-        logits.append(q @ bank_keys.detach().T)  # B×K
+        bank_logits = q @ bank_keys.detach().T  # B×K
         m = same_id_mask(my_ids, bank_ids)  # B×K
         if bank_valid is not None:
             m = m | ~bank_valid[None, :]  # B×K
+        if bank_key_pos is not None:
+            pos_logit = (q * bank_key_pos.detach()).sum(-1, keepdim=True)  # B×1
+        else:
+            pos_logit = logits[0].gather(1, labels[:, None])  # B×1
         if bank_filter_ratio > 0:
-            pos_score = logits[0].gather(1, labels[:, None]).detach()  # B×1
+            ps = pos_logit.detach()  # B×1
             # only where the positive scores > 0, so the ratio keeps its meaning
-            m = m | ((logits[-1].detach() > bank_filter_ratio * pos_score) & (pos_score > 0))  # B×K
-        masks.append(m)
-    # B×(G + G·H + K)
-    return _masked_ce(torch.cat(logits, dim=1), torch.cat(masks, dim=1), scale, labels)
+            m = m | ((bank_logits.detach() > bank_filter_ratio * ps) & (ps > 0))  # B×K
+        if bank_key_pos is not None:
+            zeros = torch.zeros(b, dtype=torch.long, device=q.device)  # B, the positive is column 0
+            keep = torch.zeros(b, 1, dtype=torch.bool, device=q.device)  # B×1
+            bank_term = _masked_ce(torch.cat([pos_logit, bank_logits], dim=1),
+                                   torch.cat([keep, m], dim=1), scale, zeros)  # over B×(1+K)
+        else:
+            logits.append(bank_logits)
+            masks.append(m)
+    # B×(G + G·H [+ K])
+    loss = _masked_ce(torch.cat(logits, dim=1), torch.cat(masks, dim=1), scale, labels)
+    return loss if bank_term is None else 0.5 * (loss + bank_term)
 
 
 def symmetric_term(pos_local: torch.Tensor, q_global: torch.Tensor, pos_ids_global: torch.Tensor,

@@ -28,14 +28,20 @@ class ContrastiveModel(nn.Module):
         symmetric: add the positive→query direction.
         cross_worker: score against all workers' candidates (else only local ones).
         query_max_length: query-side truncation (0 = encoder default).
+        bank_filter_ratio: mask bank keys scoring above this × the positive's score (0 = off).
+        bank_mode: "joint" (bank keys join the in-batch softmax) or "moco" (a separate softmax
+            whose positive is the key encoder's embedding, consistent with the bank keys).
     """
 
     def __init__(self, encoder: Encoder, temperature: float = 0.05, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, bank_size: int = 0, bank_momentum: float = 0.0,
                  bank_max_age: int = 0, symmetric: bool = False, cross_worker: bool = True,
-                 query_max_length: int = 0, bank_filter_ratio: float = 0.0):
+                 query_max_length: int = 0, bank_filter_ratio: float = 0.0, bank_mode: str = "joint"):
         super().__init__()
+        if bank_mode not in ("joint", "moco"):
+            raise ValueError(f"bank_mode must be 'joint' or 'moco', got {bank_mode!r}")
         self.bank_filter_ratio = bank_filter_ratio
+        self.bank_mode = bank_mode
         self.encoder = encoder
         self.temperature = Temperature(temperature, learnable_temperature, min_temperature)
         self.bank = MemoryBank(bank_size, encoder.dim, bank_max_age) if bank_size else None
@@ -56,7 +62,8 @@ class ContrastiveModel(nn.Module):
                    min_temperature=cfg.loss.min_temperature, bank_size=cfg.bank.size,
                    bank_momentum=cfg.bank.momentum, bank_max_age=cfg.bank.max_age,
                    symmetric=cfg.loss.symmetric, cross_worker=cfg.loss.cross_worker_negatives,
-                   query_max_length=cfg.model.query_max_length, bank_filter_ratio=cfg.bank.filter_ratio)
+                   query_max_length=cfg.model.query_max_length, bank_filter_ratio=cfg.bank.filter_ratio,
+                   bank_mode=cfg.bank.mode)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.encoder.parameters())
@@ -87,6 +94,10 @@ class ContrastiveModel(nn.Module):
             nid, nvalid = batch["neg_ids"].to(device), batch["neg_valid"].to(device)
             negatives["neg_ids_global"] = D.gather_no_grad(nid) if self.cross_worker else nid
             negatives["neg_valid_global"] = D.gather_no_grad(nvalid) if self.cross_worker else nvalid
+        keys_local = None
+        if self.bank is not None and self.bank_mode == "moco":
+            keys_local = self._keys(batch["positive"]) if self.key_encoder is not None else p.detach()  # B×D
+            negatives["bank_key_pos"] = keys_local
         if self.bank is not None:
             negatives["bank_keys"] = self.bank.keys
             negatives["bank_ids"] = self.bank.ids
@@ -96,21 +107,35 @@ class ContrastiveModel(nn.Module):
         scale = self.temperature.scale()
         loss = contrastive_loss(q, p_all, ids_all, scale, rank=rank, symmetric=self.symmetric,
                                 q_global=q_all, **negatives)
-        return loss, {"positives": batch["positive"], "p_all": p_all.detach(), "ids_all": ids_all}
+        return loss, {"positives": batch["positive"], "p_all": p_all.detach(), "ids_all": ids_all,
+                      "keys_local": keys_local}
+
+    @torch.no_grad()
+    def _keys(self, texts: list[str]) -> torch.Tensor:
+        was = self.key_encoder.training
+        self.key_encoder.eval()
+        k = self.key_encoder.encode_batch(texts)  # B×D
+        self.key_encoder.train(was)
+        return k
 
     @torch.no_grad()
     def after_step(self, state: dict, step: int) -> None:
-        """Momentum update, then enqueue this step's keys of all workers (rank order)."""
+        """Momentum update, then enqueue this step's keys of all workers (rank order).
+
+        moco mode enqueues the keys its loss used (from the key encoder before this update, as
+        MoCo does); joint mode encodes the positives with the updated key encoder.
+        """
         if self.bank is None:
             return
         if self.key_encoder is not None:
             m = self.momentum
             for pk, pq in zip(self.key_encoder.parameters(), self.encoder.parameters()):
                 pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)  # EMA: θk ← m·θk + (1−m)·θq
-            was = self.key_encoder.training
-            self.key_encoder.eval()
-            k = self.key_encoder.encode_batch(state["positives"])  # B×D
-            self.key_encoder.train(was)
+        if state.get("keys_local") is not None:
+            k = state["keys_local"]  # B×D
+            keys = D.gather_no_grad(k) if self.cross_worker else k  # G×D
+        elif self.key_encoder is not None:
+            k = self._keys(state["positives"])  # B×D
             keys = D.gather_no_grad(k) if self.cross_worker else k  # G×D
         else:
             keys = state["p_all"]  # G×D, live encoder, detached
