@@ -86,7 +86,7 @@ class BankConfig(_Section):
     size: int = Field(0, ge=0, description="Memory bank slots K (0 = no bank).")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="EMA key encoder momentum (0 = keys from the live encoder, detached).")
     max_age: int = Field(0, ge=0, description="Ignore bank entries older than this many steps (0 = no limit).")
-    mode: Literal["joint", "moco"] = Field("joint", description=(
+    mode: Literal["joint", "moco"] = Field("moco", description=(
         "joint: bank keys join the in-batch softmax; moco: a separate softmax whose positive is the "
         "key encoder's embedding of the positive (consistent with the bank keys)"))
     filter_ratio: float = Field(0.0, ge=0.0, le=1.0, description=(

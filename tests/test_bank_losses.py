@@ -132,3 +132,19 @@ def test_bank_filter_masks_keys_scoring_near_the_positive():
     ref = torch.nn.functional.cross_entropy(torch.tensor([[0.8, 0.0]]) * scale, torch.tensor([0]))
     assert float(got) == pytest.approx(float(ref), abs=1e-6)
     assert float(info_nce(q, pos, ids, scale, bank_keys=bank, bank_ids=bank_ids)) > float(got)
+
+
+def test_moco_mode_scores_bank_against_the_key_positive():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    pos = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    kpos = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    bank = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    ids, bank_ids = torch.tensor([1, 2]), torch.tensor([2, 7, 8])  # bank[0] is query 1's positive
+    scale = torch.tensor(5.0)
+    got = info_nce(q, pos, ids, scale, bank_keys=bank, bank_ids=bank_ids, bank_key_pos=kpos)
+    ce = torch.nn.functional.cross_entropy
+    in_batch = ce((q @ pos.T) * scale, torch.tensor([0, 1]))
+    moco = (ce(torch.cat([q[0:1] @ kpos[0:1].T, q[0:1] @ bank.T], 1) * scale, torch.tensor([0]))
+            + ce(torch.cat([q[1:2] @ kpos[1:2].T, q[1:2] @ bank[1:].T], 1) * scale, torch.tensor([0]))) / 2
+    assert float(got) == pytest.approx(float(0.5 * (in_batch + moco)), abs=1e-6)
