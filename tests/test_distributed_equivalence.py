@@ -84,7 +84,7 @@ def _worker(rank, world, init_file, state, kwargs, with_negatives, out_dir):
 
 CASES = {
     "in-batch": dict(temperature=0.1),
-    "bank-wrap-maxage": dict(temperature=0.1, bank_size=10, bank_max_age=1),
+    "bank-wrap-maxage-joint": dict(temperature=0.1, bank_size=10, bank_max_age=1, bank_mode="joint"),
     "bank-momentum-symmetric-learnable": dict(temperature=0.1, bank_size=7, bank_momentum=0.9,
                                                symmetric=True, learnable_temperature=True),
     "moco-mode-momentum": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco"),

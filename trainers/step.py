@@ -36,7 +36,7 @@ class ContrastiveModel(nn.Module):
     def __init__(self, encoder: Encoder, temperature: float = 0.05, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, bank_size: int = 0, bank_momentum: float = 0.0,
                  bank_max_age: int = 0, symmetric: bool = False, cross_worker: bool = True,
-                 query_max_length: int = 0, bank_filter_ratio: float = 0.0, bank_mode: str = "joint"):
+                 query_max_length: int = 0, bank_filter_ratio: float = 0.0, bank_mode: str = "moco"):
         super().__init__()
         if bank_mode not in ("joint", "moco"):
             raise ValueError(f"bank_mode must be 'joint' or 'moco', got {bank_mode!r}")
