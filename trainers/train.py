@@ -51,7 +51,7 @@ def validate_inputs(cfg: Config) -> None:
         raise ConfigError(f"model.kind: {cfg.model.kind!r} training is not available yet (use 'bi-encoder')")
 
 
-def _absolute(cfg: Config) -> Config:
+def absolute_paths(cfg: Config) -> Config:
     """Make paths absolute so workers (other processes, other cwd) find them."""
     upd = {}
     for key in ("train", "dev", "test"):
@@ -90,7 +90,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     from .loop import train_loop_per_worker
 
     validate_inputs(cfg)
-    cfg = _absolute(cfg)
+    cfg = absolute_paths(cfg)
     ensure_ray(address)
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
@@ -111,9 +111,9 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors: keep the root cause, drop Ray's frames
-        raise TrainingError(f"training failed: {_root_cause(e)}") from None
+        raise TrainingError(f"training failed: {root_cause(e)}") from None
     if getattr(result, "error", None):
-        raise TrainingError(f"training failed: {_root_cause(result.error)}")
+        raise TrainingError(f"training failed: {root_cause(result.error)}")
     if result.checkpoint is None:
         raise TrainingError("training finished without a checkpoint")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
                        checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
 
 
-def _root_cause(e: BaseException) -> str:
+def root_cause(e: BaseException) -> str:
     seen = set()
     while True:
         nxt = getattr(e, "cause", None) or e.__cause__

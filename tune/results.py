@@ -42,9 +42,9 @@ def _tune_statuses(grid) -> dict[str, str]:
 def _error_line(err: BaseException | None) -> str:
     if err is None:
         return ""
-    from negatron.trainers.train import _root_cause
+    from negatron.trainers.train import root_cause
 
-    return _root_cause(err)[:300]
+    return root_cause(err)[:300]
 
 
 def collect_rows(grid, cfg: Config) -> list[dict[str, Any]]:

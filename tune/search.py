@@ -196,13 +196,13 @@ def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None
     from ray import tune
 
     from negatron.cluster.local import ensure_ray
-    from negatron.trainers.train import _absolute, validate_inputs
+    from negatron.trainers.train import absolute_paths, validate_inputs
 
     from .results import summarize
 
     check_space(cfg)
     validate_inputs(cfg)
-    cfg = _absolute(cfg)
+    cfg = absolute_paths(cfg)
     exp_dir = Path(cfg.run.storage_path) / cfg.run.name
     ensure_ray(address)
     fit_concurrency(cfg)
