@@ -48,7 +48,8 @@ def main() -> None:
         data = Path(args.data) if args.data else tmp / "data"
         if not args.data:
             build_stdlib_dataset(data)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # dashboard on, as in the product: Ray Train's placement-group cleaner needs the state API
+        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         out = {"model": args.model, "steps": args.steps, "lr": args.lr, "seq_len": args.seq,
                "bank_momentum": args.momentum, "runs": {}}
         try:

@@ -177,7 +177,8 @@ def main() -> None:
         out["st_mnrl_samples_per_s"] = st_mnrl(mp, train, **kw)
         out["negatron_inprocess_samples_per_s"] = negatron_inprocess(mp, train, bank=0, **kw)
         out["negatron_inprocess_bank4096_samples_per_s"] = negatron_inprocess(mp, train, bank=4096, **kw)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # dashboard on, as in the product: Ray Train's placement-group cleaner needs the state API
+        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         try:
             steps = args.steps + args.warmup + 2
             out["negatron_ray_1w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, steps, 1, tmp)
