@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--momentum", type=float, default=0.99, help="bank.momentum for the bank run")
     ap.add_argument("--data", default=None, help="an existing `negatron data stdlib` folder")
+    ap.add_argument("--temperature", type=float, default=None, help="loss.temperature for every run")
+    ap.add_argument("--runs", default="b16,b16_bank4096,b64",
+                    help="comma-separated subset of b16,b16_bank4096,b64 (the gap needs all three)")
     args = ap.parse_args()
 
     import ray
@@ -53,7 +56,10 @@ def main() -> None:
         out = {"model": args.model, "steps": args.steps, "lr": args.lr, "seq_len": args.seq,
                "bank_momentum": args.momentum, "runs": {}}
         try:
+            wanted = set(args.runs.split(","))
             for name, batch, bank in [("b16", 16, 0), ("b16_bank4096", 16, 4096), ("b64", 64, 0)]:
+                if name not in wanted:
+                    continue
                 t0 = time.perf_counter()
                 cfg = load_config(None, [
                     f"model.path={args.model}", f"data.train={data / 'train.parquet'}",
@@ -61,7 +67,8 @@ def main() -> None:
                     f"trainer.checkpoint_every={args.steps}", f"bank.size={bank}",
                     f"bank.momentum={args.momentum if bank else 0.0}", f"optim.lr={args.lr}",
                     f"model.max_length={args.seq}", "model.query_max_length=48", "optim.warmup_steps=5",
-                    "trainer.log_every_s=30", f"run.storage_path={tmp / 'runs'}", f"run.name={name}"])
+                    "trainer.log_every_s=30", f"run.storage_path={tmp / 'runs'}", f"run.name={name}"]
+                    + ([f"loss.temperature={args.temperature}"] if args.temperature else []))
                 res = run_training(cfg)
                 m = evaluate_encoder(Encoder.from_pretrained(str(res.final_dir)), str(data / "test"),
                                      query_max_length=48, progress=False)
@@ -71,6 +78,9 @@ def main() -> None:
         finally:
             ray.shutdown()
     r = out["runs"]
+    if len(r) < 3:
+        print(json.dumps(out, indent=2))
+        return
     gap = r["b64"]["test_mrr@10"] - r["b16"]["test_mrr@10"]
     out["gap_b64_minus_b16"] = gap
     out["gap_closed_by_bank"] = (r["b16_bank4096"]["test_mrr@10"] - r["b16"]["test_mrr@10"]) / gap if gap else None

@@ -130,6 +130,35 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """`negatron serve [build]`: run the HTTP API, or write a Ray Serve config file."""
+    from negatron.serve.app import resolve_section, run_until_signal, serve_config_yaml
+
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    action = "run"
+    if overrides and overrides[0] in ("build", "run"):
+        action = overrides.pop(0)
+    flags = {"serve.encoder.path": args.model, "serve.reranker.path": args.reranker,
+             "serve.retriever.corpus": args.corpus, "serve.host": args.host, "serve.port": args.port,
+             "serve.api_key_env": args.api_key_env}
+    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, overrides)
+    section = resolve_section(cfg)
+    if action == "build":
+        text = serve_config_yaml(section)
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+        else:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text)
+            print(f"wrote {args.output}  (serve run {args.output} | serve deploy {args.output})")
+        return 0
+    run_until_signal(section, address=args.address)
+    return 0
+
+
 def _torch_threads(n: int | None) -> None:
     import torch
 
@@ -168,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     tu.add_argument("overrides", nargs="*", help="a.b=value overrides")
     tu.set_defaults(func=_cmd_tune)
+
+    sv = sub.add_parser("serve", help="serve encoders, a reranker and search over HTTP with Ray Serve",
+                        usage="negatron serve [build] [--config FILE] [--model PATH] [...] [a.b=value ...]",
+                        description="`negatron serve` runs the API until Ctrl-C; `negatron serve build -o serve.yaml` "
+                                    "writes a Ray Serve config for `serve run` / `serve deploy` / KubeRay.")
+    sv.add_argument("--config", help="YAML config with a serve: section (defaults when omitted)")
+    sv.add_argument("--model", help="bi-encoder folder, Negatron run folder, or 'default' (serve.encoder.path)")
+    sv.add_argument("--reranker", help="cross-encoder folder (serve.reranker.path)")
+    sv.add_argument("--corpus", help="corpus Parquet with doc_id, text for /search (serve.retriever.corpus)")
+    sv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
+    sv.add_argument("--api-key-env", help="require 'Authorization: Bearer <key>', the key read from this env var")
+    sv.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    sv.add_argument("-o", "--output", help="with build: the Serve config file to write (default: stdout)")
+    sv.add_argument("overrides", nargs="*", help="[build] then a.b=value overrides")
+    sv.set_defaults(func=_cmd_serve)
 
     q = sub.add_parser("quickstart", help="the main job: data, zero-shot eval, fine-tune on Ray, eval")
     q.add_argument("--config", default=None, help="config (default: the packaged configs/quickstart.yaml)")

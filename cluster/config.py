@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .serve_config import ServeSection
+
 
 class ConfigError(ValueError):
     """A config file, override or value is invalid. The message names the key."""
@@ -133,7 +135,7 @@ class TuneSection(_Section):
     @model_validator(mode="after")
     def _check_space(self) -> "TuneSection":
         for key, spec in self.space.items():
-            if key.startswith(("run.", "tune.")) or key not in all_keys():
+            if key.startswith(("run.", "tune.", "serve.")) or key not in all_keys():
                 raise ValueError(f"space key {key!r} is not a searchable config key")
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
                 raise ValueError(f"space[{key!r}]: expected one of {sorted(_DISTRIBUTIONS)} "
@@ -161,6 +163,7 @@ class Config(_Section):
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
     tune: TuneSection = TuneSection()
+    serve: ServeSection = ServeSection()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (what Ray workers receive)."""
@@ -214,11 +217,19 @@ def _allowed_keys(path: tuple) -> list[str]:
 
 
 def all_keys() -> list[str]:
-    """Every valid dotted key, e.g. 'loss.temperature'."""
-    out = []
+    """Every valid dotted key, e.g. 'loss.temperature', 'serve.encoder.scale.max_replicas'."""
+    out: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                out.append(f"{prefix}{name}")
+
     for name, field in Config.model_fields.items():
-        for sub in field.annotation.model_fields:
-            out.append(f"{name}.{sub}")
+        walk(field.annotation, f"{name}.")
     return out
 
 

@@ -59,3 +59,21 @@ def write_synthetic_task(folder: Path, n_train: int = 200, n_dev: int = 40, n_di
     pq.write_table(pa.table({"query_id": [f"q{i}" for i in ids], "doc_id": [f"d{i}" for i in ids],
                              "score": [1] * n_dev}), dev / "qrels.parquet")
     return folder
+
+
+def make_tiny_cross_encoder(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny BERT sequence classifier (1 label) with the packaged MiniLM tokenizer, saved to ``folder``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from negatron.trainers.encoder import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("default"), local_files_only=True)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_labels=1,
+                     num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.model_max_length = 128
+    tok.save_pretrained(folder)
+    return Path(folder)

@@ -1,0 +1,98 @@
+"""The ``serve:`` section of a Negatron config: what `negatron serve` deploys and how it scales.
+
+Every deployment has its own replica CPUs, autoscaling settings and batch limits. Ray Serve's own
+defaults (30 s to scale up, 600 s to scale down, 1 CPU per replica) suit a big cluster, not a
+2-core laptop, so the defaults here are small and quick; a cluster config raises them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ScaleConfig(_Section):
+    """Replica resources and autoscaling of one deployment (Ray Serve ``autoscaling_config``)."""
+
+    num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per replica (fractional on small machines).")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Scale up when requests in flight per replica exceed this.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica accepts at once (queue beyond it).")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(15.0, gt=0, description="Averaging window of the load metric.")
+    health_check_period_s: float = Field(10.0, gt=0)
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScaleConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        if self.max_ongoing_requests <= self.target_ongoing_requests:
+            raise ValueError(f"max_ongoing_requests {self.max_ongoing_requests} must exceed "
+                             f"target_ongoing_requests {self.target_ongoing_requests}, or the replica never looks busy")
+        return self
+
+
+class BatchConfig(_Section):
+    """``@serve.batch`` settings: requests are grouped, then run in length-sorted chunks."""
+
+    max_batch_size: int = Field(32, ge=1, description="Requests per dynamic batch (1 = batching off).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Wait at most this long to fill a batch.")
+    chunk_size: int = Field(64, ge=1, description="Texts per forward pass inside a batch.")
+
+
+class EncoderServe(_Section):
+    path: str = Field("", description="Bi-encoder folder or 'default'; empty = the run's final/ checkpoint, else model.path.")
+    name: str = Field("", pattern=r"^[A-Za-z0-9_.:\-]*$", description="Model name clients send (empty = the folder name).")
+    models: dict[str, str] = Field(default_factory=dict, description="Extra encoders served side by side: name -> folder.")
+    max_length: int = Field(0, ge=0, le=8192, description="Token limit per text (0 = the model's own).")
+    scale: ScaleConfig = ScaleConfig()
+    batch: BatchConfig = BatchConfig()
+
+
+class RerankerServe(_Section):
+    path: str = Field("", description="Cross-encoder folder (empty = no reranker).")
+    max_length: int = Field(0, ge=0, le=8192, description="Token limit per query+text pair (0 = the model's own).")
+    scale: ScaleConfig = ScaleConfig()
+    batch: BatchConfig = BatchConfig(max_batch_size=8, chunk_size=32)
+
+
+class RetrieverServe(_Section):
+    corpus: str = Field("", description="Corpus Parquet with doc_id, text (empty = no /search).")
+    index: Literal["flat", "hnsw", "ivf"] = "flat"
+    hnsw_m: int = Field(32, ge=4, le=256)
+    hnsw_ef_search: int = Field(64, ge=1)
+    ivf_nlist: int = Field(0, ge=0, description="IVF lists (0 = about 4*sqrt(N)).")
+    ivf_nprobe: int = Field(16, ge=1)
+    cache_dir: str = Field("", description="Where built indexes are cached (empty = <corpus folder>/.negatron_index).")
+    rerank_depth: int = Field(50, ge=1, description="Candidates the reranker rescores when a search asks for rerank.")
+    scale: ScaleConfig = ScaleConfig()
+    batch: BatchConfig = BatchConfig(max_batch_size=16)
+
+
+class LimitsConfig(_Section):
+    max_texts: int = Field(256, ge=1, description="Texts per /v1/embeddings or /rerank request.")
+    max_text_chars: int = Field(20000, ge=1, description="Characters per text.")
+    max_top_k: int = Field(100, ge=1)
+    overlong: Literal["truncate", "reject"] = Field(
+        "truncate", description="A text longer than the model's token limit: truncate it, or answer 413.")
+
+
+class ServeSection(_Section):
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("negatron", pattern=r"^[A-Za-z0-9_\-]+$")
+    api_key_env: str = Field("", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$|^$",
+                             description="Name of an environment variable holding the API key (empty = no key).")
+    ingress: ScaleConfig = ScaleConfig(num_cpus=0.1, max_replicas=1, max_ongoing_requests=256)
+    encoder: EncoderServe = EncoderServe()
+    reranker: RerankerServe = RerankerServe()
+    retriever: RetrieverServe = RetrieverServe()
+    limits: LimitsConfig = LimitsConfig()

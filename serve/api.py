@@ -1,0 +1,305 @@
+"""HTTP API: request/response schemas and the FastAPI ingress deployment.
+
+- ``POST /v1/embeddings``: OpenAI-compatible (``input`` string or list, ``model``, ``encoding_format``
+  float|base64, ``usage``), so the official ``openai`` client works unchanged.
+- ``POST /rerank``: ``{query, texts, top_n?, return_text?}`` -> ``[{index, score, text?}]`` best first.
+- ``POST /search``: ``{query, top_k, rerank?}`` -> ``[{doc_id, score, text}]`` best first.
+- ``GET /healthz``, ``GET /v1/models``, OpenAPI docs at ``/docs``.
+
+Every rejected request gets a 4xx with ``{"error": {"message", "type", "param", "code"}}`` naming
+the field; nothing from inside Ray reaches the client.
+"""
+
+import base64
+import hmac
+import logging
+import os
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+logger = logging.getLogger("ray.serve")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+            503: "service_unavailable"}.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# -- request / response schemas -------------------------------------------------------------------
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: Union[str, list[str]] = Field(..., description="A text or a list of texts.")
+    model: Optional[str] = Field(None, description="Served model name (GET /v1/models); default model if omitted.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, description="Must equal the model's dimension if given.")
+    user: Optional[str] = None
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str
+    texts: list[str]
+    top_n: Optional[int] = Field(None, ge=1, description="Return only the best N (default: all).")
+    return_text: bool = False
+
+
+class RerankResult(BaseModel):
+    index: int
+    score: float
+    text: Optional[str] = None
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str
+    top_k: int = Field(10, ge=1)
+    rerank: bool = False
+
+
+class SearchResult(BaseModel):
+    doc_id: str
+    score: float
+    text: str
+    retrieval_score: Optional[float] = Field(None, description="The bi-encoder score when reranked.")
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+app = FastAPI(title="Negatron", version="0.1.0",
+              description="Embeddings (OpenAI-compatible), reranking and retrieval from Negatron checkpoints.")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(_error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc) -> str:
+    """('body', 'input', 'list[str]', 1) -> 'input[1]': the field as a client names it."""
+    out: list[str] = []
+    for p in loc:
+        if p == "body" and not out:
+            continue
+        if isinstance(p, int):
+            if out:
+                out[-1] += f"[{p}]"
+        elif "[" not in p and p not in _TYPE_TAGS:
+            out.append(p)
+    return ".".join(out)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    errs = e.errors()
+    param = _param(errs[0].get("loc", ())) if errs else ""
+    seen, msgs = set(), []
+    for er in errs:
+        where = _param(er.get("loc", ())) or "body"
+        if where not in seen:  # a union reports once per member type: keep the first
+            seen.add(where)
+            msgs.append(f"{where}: {er.get('msg')}")
+    return JSONResponse(_error_body(422, "; ".join(msgs[:5]), param or None, "invalid_type"), status_code=422)
+
+
+def _f32_base64(vec: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    """Validates requests and routes them to the model deployments.
+
+    Args:
+        encoder: handle of the Encoder deployment.
+        reranker / retriever: handles, or None when not deployed.
+        settings: model names -> folders (``models``), ``default_model``, ``reranker_path``,
+            ``limits`` (LimitsConfig dict), ``max_length`` (encoder token limit, 0 = model's),
+            ``reranker_max_length``, ``rerank_depth``, ``api_key_env``.
+    """
+
+    def __init__(self, encoder, reranker, retriever, settings: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        self.encoder, self.reranker, self.retriever = encoder, reranker, retriever
+        self.models: dict[str, str] = settings["models"]
+        self.default_model: str = settings["default_model"]
+        self.limits: dict[str, Any] = settings["limits"]
+        self.rerank_depth = int(settings.get("rerank_depth", 50))
+        self.dims: dict[str, int] = settings.get("dims", {})
+        self.tokenizers = {n: AutoTokenizer.from_pretrained(p, local_files_only=True) for n, p in self.models.items()}
+        self.token_limits = {n: int(settings.get("max_length") or settings["model_max_lengths"][n]) for n in self.models}
+        self.rr_tokenizer = None
+        if settings.get("reranker_path"):
+            self.rr_tokenizer = AutoTokenizer.from_pretrained(settings["reranker_path"], local_files_only=True)
+            self.rr_limit = int(settings.get("reranker_max_length") or 512)
+        self.api_key: Optional[str] = None
+        env = settings.get("api_key_env") or ""
+        if env:
+            key = os.environ.get(env)
+            if not key:
+                raise RuntimeError(f"serve.api_key_env names {env!r}, but that environment variable is not set")
+            self.api_key = key
+
+    # -- helpers --
+
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+
+    def _check_texts(self, texts: list[str], param: str, tokenizer, limit: int, pair_with: Optional[str] = None,
+                     single: bool = False) -> int:
+        """Validate sizes; returns the token count (after truncation). ``single``: one string, not a list."""
+        lim = self.limits
+
+        def at(i: int) -> str:
+            return param if single else f"{param}[{i}]"
+
+        if not texts:
+            raise ApiError(400, f"'{param}' is empty: give at least one text", param, "empty_input")
+        if len(texts) > lim["max_texts"]:
+            raise ApiError(413, f"'{param}' has {len(texts)} texts; the limit is {lim['max_texts']} per request",
+                           param, "too_many_texts")
+        for i, t in enumerate(texts):
+            if not t or not t.strip():
+                raise ApiError(400, f"'{at(i)}' is an empty string", at(i), "empty_input")
+            if len(t) > lim["max_text_chars"]:
+                raise ApiError(413, f"'{at(i)}' has {len(t)} characters; the limit is {lim['max_text_chars']}",
+                               at(i), "text_too_long")
+        if pair_with is None:
+            counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        else:
+            counts = [len(ids) for ids in tokenizer([pair_with] * len(texts), texts)["input_ids"]]
+        if lim["overlong"] == "reject":
+            for i, n in enumerate(counts):
+                if n > limit:
+                    raise ApiError(413, f"'{at(i)}' is {n} tokens; the model's limit is {limit} "
+                                        "(the server is configured to reject, not truncate)", at(i), "text_too_long")
+        return sum(min(n, limit) for n in counts)
+
+    def _model_name(self, name: Optional[str]) -> str:
+        if name in (None, "", "default"):
+            return self.default_model
+        if name not in self.models:
+            raise ApiError(404, f"unknown model {name!r}; served models: {', '.join(sorted(self.models))}",
+                           "model", "model_not_found")
+        return name
+
+    async def _call(self, what: str, coro):
+        try:
+            return await coro
+        except ApiError:
+            raise
+        except Exception as e:  # a replica died or is overloaded: say so, without Ray's traceback
+            logger.warning("%s failed: %s", what, e)
+            raise ApiError(503, f"{what} is unavailable right now ({type(e).__name__}); retry shortly",
+                           None, "unavailable") from None
+
+    # -- routes --
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "models": sorted(self.models), "default_model": self.default_model,
+                "reranker": self.reranker is not None, "search": self.retriever is not None}
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "negatron"}
+                                           for n in sorted(self.models)]}
+
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse)
+    async def embeddings(self, body: EmbeddingsRequest, request: Request) -> EmbeddingsResponse:
+        self._auth(request)
+        name = self._model_name(body.model)
+        single = isinstance(body.input, str)
+        texts = [body.input] if single else list(body.input)
+        tokens = self._check_texts(texts, "input", self.tokenizers[name], self.token_limits[name], single=single)
+        if body.dimensions is not None and self.dims.get(name) and body.dimensions != self.dims[name]:
+            raise ApiError(400, f"'dimensions' {body.dimensions} is not supported: {name} returns {self.dims[name]}",
+                           "dimensions", "unsupported_dimensions")
+        emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(texts))
+        if body.encoding_format == "base64":
+            data = [EmbeddingItem(index=i, embedding=_f32_base64(v)) for i, v in enumerate(emb)]
+        else:
+            data = [EmbeddingItem(index=i, embedding=v.tolist()) for i, v in enumerate(emb)]
+        return EmbeddingsResponse(data=data, model=name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    @app.post("/rerank", response_model=list[RerankResult], response_model_exclude_none=True)
+    async def rerank(self, body: RerankRequest, request: Request) -> list[RerankResult]:
+        self._auth(request)
+        if self.reranker is None:
+            raise ApiError(404, "no reranker is deployed: start the server with --reranker or serve.reranker.path",
+                           None, "no_reranker")
+        self._check_query(body.query)
+        self._check_texts(body.texts, "texts", self.rr_tokenizer, self.rr_limit, pair_with=body.query)
+        scores = await self._call("the reranker", self.reranker.score.remote(body.query, body.texts))
+        order = np.argsort(-scores, kind="stable")[: body.top_n or len(body.texts)]
+        return [RerankResult(index=int(i), score=float(scores[i]), text=body.texts[i] if body.return_text else None)
+                for i in order]
+
+    @app.post("/search", response_model=list[SearchResult], response_model_exclude_none=True)
+    async def search(self, body: SearchRequest, request: Request) -> list[SearchResult]:
+        self._auth(request)
+        if self.retriever is None:
+            raise ApiError(404, "search is not enabled: start the server with --corpus or serve.retriever.corpus",
+                           None, "no_index")
+        if body.top_k > self.limits["max_top_k"]:
+            raise ApiError(400, f"'top_k' {body.top_k} exceeds the limit {self.limits['max_top_k']}", "top_k", "top_k_too_large")
+        if body.rerank and self.reranker is None:
+            raise ApiError(400, "'rerank' is true but no reranker is deployed", "rerank", "no_reranker")
+        self._check_query(body.query)
+        depth = max(body.top_k, self.rerank_depth) if body.rerank else body.top_k
+        hits = await self._call("the retriever", self.retriever.search.remote(body.query, depth))
+        if not body.rerank or not hits:
+            return [SearchResult(doc_id=d, score=s, text=t) for d, s, t in hits[: body.top_k]]
+        scores = await self._call("the reranker", self.reranker.score.remote(body.query, [t for _, _, t in hits]))
+        order = np.argsort(-scores, kind="stable")[: body.top_k]
+        return [SearchResult(doc_id=hits[i][0], score=float(scores[i]), text=hits[i][2], retrieval_score=hits[i][1])
+                for i in order]
+
+    def _check_query(self, query: str) -> None:
+        if not query or not query.strip():
+            raise ApiError(400, "'query' is empty", "query", "empty_input")
+        if len(query) > self.limits["max_text_chars"]:
+            raise ApiError(413, f"'query' has {len(query)} characters; the limit is {self.limits['max_text_chars']}",
+                           "query", "text_too_long")

@@ -1,0 +1,214 @@
+"""Build, write and run the Negatron Serve application.
+
+``app_builder`` is a typed Ray Serve application builder: its argument is the validated ``serve:``
+config section, so ``serve run negatron.serve.app:app_builder`` and the YAML that
+``negatron serve build`` writes (for ``serve run`` / ``serve deploy`` / a KubeRay RayService) go
+through the same validation as ``negatron serve``.
+"""
+
+# No `from __future__ import annotations`: Ray Serve reads the builder's annotation as a class.
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from ray import serve
+from ray.serve import Application
+
+from negatron.cluster.config import Config, ConfigError
+from negatron.cluster.serve_config import ScaleConfig, ServeSection
+
+from .api import Ingress
+from .deployments import EncoderDeployment, RerankerDeployment, RetrieverDeployment
+
+IMPORT_PATH = "negatron.serve.app:app_builder"
+
+
+def deployment_options(scale: ScaleConfig) -> dict[str, Any]:
+    """Ray Serve deployment options for one ScaleConfig."""
+    return {
+        "num_replicas": "auto",
+        "autoscaling_config": {
+            "min_replicas": scale.min_replicas,
+            "initial_replicas": max(1, scale.min_replicas),
+            "max_replicas": scale.max_replicas,
+            "target_ongoing_requests": scale.target_ongoing_requests,
+            "upscale_delay_s": scale.upscale_delay_s,
+            "downscale_delay_s": scale.downscale_delay_s,
+            "look_back_period_s": scale.look_back_period_s,
+        },
+        "max_ongoing_requests": scale.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": scale.num_cpus},
+        "health_check_period_s": scale.health_check_period_s,
+    }
+
+
+def _model_facts(folder: Path) -> tuple[int, int]:
+    """(default max length, embedding dim) of a bi-encoder folder, without loading weights."""
+    from negatron.trainers.encoder import _read_json, _read_st_settings
+
+    st = _read_st_settings(folder)
+    hf = _read_json(folder / "config.json") or {}
+    dim = st.get("projection_dim") or int(hf.get("hidden_size", 0))
+    return int(st.get("max_length", 128)), dim
+
+
+def app_builder(args: ServeSection) -> Application:
+    """The application for a ``serve:`` section (paths resolved on the machine that builds it).
+
+    Raises:
+        ConfigError: no encoder path, or a model/corpus path that does not exist.
+    """
+    from negatron.trainers.encoder import ModelLoadError, resolve_model_path
+
+    if not args.encoder.path:
+        raise ConfigError("serve.encoder.path is empty: give a bi-encoder folder, a run folder or 'default' (--model)")
+    try:
+        default_folder = resolve_model_path(args.encoder.path)
+        names = {(args.encoder.name or default_folder.name): default_folder}
+        for name, path in args.encoder.models.items():
+            if name in names:
+                raise ConfigError(f"serve.encoder.models: name {name!r} is already used by the default model")
+            names[name] = resolve_model_path(path)
+    except ModelLoadError as e:
+        raise ConfigError(f"serve.encoder: {e}") from None
+    default_name = next(iter(names))
+    facts = {n: _model_facts(p) for n, p in names.items()}
+    models = {n: str(p) for n, p in names.items()}
+
+    encoder = EncoderDeployment.options(**deployment_options(args.encoder.scale)).bind(
+        models, args.encoder.max_length, args.encoder.batch.model_dump(), args.encoder.scale.torch_threads)
+
+    reranker = None
+    rr_path = ""
+    if args.reranker.path:
+        rr = Path(args.reranker.path)
+        rr = rr / "final" if not (rr / "config.json").is_file() and (rr / "final" / "config.json").is_file() else rr
+        if not (rr / "config.json").is_file():
+            raise ConfigError(f"serve.reranker.path: not a Hugging Face model folder: {args.reranker.path}")
+        rr_path = str(rr.resolve())
+        reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale)).bind(
+            rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads)
+
+    retriever = None
+    if args.retriever.corpus:
+        corpus = Path(args.retriever.corpus)
+        if not corpus.is_file():
+            raise ConfigError(f"serve.retriever.corpus: file not found: {corpus}")
+        r = args.retriever
+        user_config = {"model": models[default_name], "corpus": str(corpus.resolve()), "index": r.index,
+                       "cache_dir": r.cache_dir, "max_length": args.encoder.max_length, "hnsw_m": r.hnsw_m,
+                       "hnsw_ef_search": r.hnsw_ef_search, "ivf_nlist": r.ivf_nlist, "ivf_nprobe": r.ivf_nprobe}
+        retriever = RetrieverDeployment.options(**deployment_options(r.scale), user_config=user_config).bind(
+            r.batch.model_dump(), r.scale.torch_threads)
+
+    settings = {
+        "models": models, "default_model": default_name, "limits": args.limits.model_dump(),
+        "max_length": args.encoder.max_length, "model_max_lengths": {n: f[0] for n, f in facts.items()},
+        "dims": {n: f[1] for n, f in facts.items()}, "reranker_path": rr_path,
+        "reranker_max_length": args.reranker.max_length or _reranker_len(rr_path),
+        "rerank_depth": args.retriever.rerank_depth, "api_key_env": args.api_key_env,
+    }
+    return Ingress.options(**deployment_options(args.ingress)).bind(encoder, reranker, retriever, settings)
+
+
+def _reranker_len(folder: str) -> int:
+    if not folder:
+        return 0
+    from negatron.trainers.encoder import _read_json
+
+    st = _read_json(Path(folder) / "sentence_bert_config.json") or {}
+    return int(st.get("max_seq_length") or 512)
+
+
+def resolve_section(cfg: Config) -> ServeSection:
+    """The ``serve:`` section with the encoder path filled in and local paths made absolute.
+
+    An empty ``serve.encoder.path`` means the run's ``final/`` checkpoint when it exists, else
+    ``model.path``: a training config can be served as it is.
+    """
+    s = cfg.serve
+    enc = s.encoder.path
+    if not enc:
+        final = Path(cfg.run.storage_path) / cfg.run.name / "final"
+        enc = str(final) if (final / "config.json").is_file() else cfg.model.path
+
+    def absolute(p: str) -> str:
+        return p if not p or p == "default" else str(Path(p).expanduser().resolve())
+
+    data = s.model_dump(mode="json")
+    data["encoder"]["path"] = absolute(enc)
+    data["encoder"]["models"] = {n: absolute(p) for n, p in s.encoder.models.items()}
+    data["reranker"]["path"] = absolute(s.reranker.path)
+    data["retriever"]["corpus"] = absolute(s.retriever.corpus)
+    data["retriever"]["cache_dir"] = absolute(s.retriever.cache_dir)
+    return ServeSection.model_validate(data)
+
+
+def serve_config_yaml(section: ServeSection) -> str:
+    """A Ray Serve config file (``serve run`` / ``serve deploy`` / KubeRay ``serveConfigV2``)."""
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": section.host, "port": section.port},
+        "applications": [{
+            "name": section.app_name,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": section.model_dump(mode="json"),
+        }],
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def start(section: ServeSection, blocking_wait_s: float = 600.0) -> str:
+    """Deploy on the connected Ray; returns the base URL once every deployment is healthy."""
+    serve.start(http_options={"host": section.host, "port": section.port})
+    serve.run(app_builder(section), name=section.app_name, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + blocking_wait_s
+    while time.monotonic() < deadline:
+        st = serve.status().applications.get(section.app_name)
+        if st is not None and st.status == "RUNNING":
+            break
+        if st is not None and st.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"Serve application {section.app_name!r} failed: {st.message or _deployment_errors(st)}")
+        time.sleep(0.5)
+    host = "127.0.0.1" if section.host in ("0.0.0.0", "::") else section.host
+    return f"http://{host}:{section.port}"
+
+
+def _deployment_errors(st) -> str:
+    return "; ".join(f"{n}: {d.message}" for n, d in st.deployments.items() if d.message) or "see the Ray logs"
+
+
+def run_until_signal(section: ServeSection, address: Optional[str] = None, log=print) -> None:
+    """`negatron serve`: start Ray (embedded by default), deploy, print the URL, stop on Ctrl-C/SIGTERM."""
+    from negatron.cluster.local import ensure_ray
+
+    if section.api_key_env and not os.environ.get(section.api_key_env):
+        raise ConfigError(f"serve.api_key_env is {section.api_key_env!r}, but that environment variable is not set")
+    embedded = not (address or os.environ.get("NEGATRON_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"))
+    ensure_ray(address)
+    import ray
+
+    # after ray.init: Ray's core worker installs its own SIGTERM handler, which aborts the process
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    try:
+        log("negatron serve: starting deployments (the first start loads models and may build the index)...")
+        url = start(section)
+        log(f"negatron serve: ready at {url}  (docs: {url}/docs; Ctrl-C to stop)")
+        stop.wait()
+        log("negatron serve: shutting down...")
+    finally:
+        try:
+            serve.delete(section.app_name)  # on a shared cluster, only our application goes
+            if embedded:
+                serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,202 @@
+"""The model deployments: Encoder (multiplexed bi-encoders), Reranker (cross-encoder), Retriever (faiss).
+
+Each groups concurrent requests with ``@serve.batch``, flattens their texts and runs them in
+length-sorted chunks, so one forward pass serves many callers and pads little. Batch limits come
+from the config (set on the batch handler at start-up); resources and autoscaling are applied by
+the builder in ``app.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+logger = logging.getLogger("ray.serve")
+
+# Encoders a replica keeps loaded at once (Serve's multiplexing LRU); fixed when the class is defined.
+MAX_MODELS_PER_REPLICA = 4
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _configure_batching(handler, batch: dict) -> None:
+    handler.set_max_batch_size(int(batch["max_batch_size"]))
+    handler.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
+
+
+@serve.deployment(name="Encoder")
+class EncoderDeployment:
+    """Bi-encoders by name. ``embed(model, texts)`` -> float32 N×D (unit rows when the model normalises).
+
+    Args:
+        models: name -> folder (resolved paths); requests pick one by the multiplexed model id.
+        max_length: token limit (0 = each model's own).
+        batch: BatchConfig as a dict.
+        torch_threads: intra-op threads of this replica.
+    """
+
+    def __init__(self, models: dict[str, str], max_length: int, batch: dict, torch_threads: int = 1):
+        _set_threads(torch_threads)
+        self.paths = dict(models)
+        self.max_length = max_length
+        self.chunk = int(batch["chunk_size"])
+        _configure_batching(self._embed_batch, batch)
+        self._loaded_once = False
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_model(self, name: str):
+        from negatron.trainers.encoder import Encoder
+
+        if name not in self.paths:
+            raise KeyError(f"unknown model {name!r}")
+        enc = await asyncio.to_thread(Encoder.from_pretrained, self.paths[name])
+        enc.eval()
+        self._loaded_once = True
+        logger.info("Encoder: loaded %s from %s", name, self.paths[name])
+        return enc
+
+    def _max_len(self, enc) -> int:
+        return self.max_length or enc.max_length
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        return await self._embed_batch(texts)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
+        # Serve splits batches by multiplexed model id, so one batch = one model.
+        enc = await self.get_model(serve.get_multiplexed_model_id())
+        flat = [t for texts in requests for t in texts]
+        emb = await asyncio.to_thread(enc.encode, flat, self.chunk, self._max_len(enc))  # N×D
+        out, start = [], 0
+        for texts in requests:
+            out.append(emb[start:start + len(texts)])
+            start += len(texts)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"models": self.paths, "max_length": self.max_length}
+
+    def check_health(self) -> None:
+        for name, path in self.paths.items():
+            if not Path(path).is_dir():
+                raise RuntimeError(f"model folder of {name!r} disappeared: {path}")
+
+
+@serve.deployment(name="Reranker")
+class RerankerDeployment:
+    """Cross-encoder scoring. ``score(query, texts)`` -> float32 scores in (0, 1), input order."""
+
+    def __init__(self, path: str, max_length: int, batch: dict, torch_threads: int = 1):
+        from negatron.trainers.cross_encoder import CrossEncoder
+
+        _set_threads(torch_threads)
+        self.path = path
+        self.model = CrossEncoder.from_pretrained(path, max_length=max_length or None)
+        self.model.eval()
+        self.chunk = int(batch["chunk_size"])
+        _configure_batching(self._score_batch, batch)
+
+    async def score(self, query: str, texts: list[str]) -> np.ndarray:
+        return await self._score_batch((query, texts))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+        queries = [q for q, texts in requests for _ in texts]
+        texts = [t for _, ts in requests for t in ts]
+        scores = await asyncio.to_thread(self.model.score, queries, texts, self.chunk)
+        out, start = [], 0
+        for _, ts in requests:
+            out.append(scores[start:start + len(ts)])
+            start += len(ts)
+        return out
+
+    def check_health(self) -> None:
+        if not Path(self.path).is_dir():
+            raise RuntimeError(f"reranker folder disappeared: {self.path}")
+
+
+@serve.deployment(name="Retriever")
+class RetrieverDeployment:
+    """A faiss index over a corpus, with its own copy of the encoder that built it.
+
+    Queries are embedded by that same encoder, so a swap (``reconfigure`` with a new ``model`` or
+    ``corpus`` in the user config) replaces encoder and index together: the new index is built
+    beside the old one, which keeps answering until the swap.
+
+    user_config keys: ``model`` (folder), ``corpus`` (Parquet), ``index``, ``cache_dir``,
+    ``max_length``, index parameters (``hnsw_m``, ``hnsw_ef_search``, ``ivf_nlist``, ``ivf_nprobe``).
+    """
+
+    def __init__(self, batch: dict, torch_threads: int = 1):
+        _set_threads(torch_threads)
+        self.chunk = int(batch["chunk_size"])
+        _configure_batching(self._search_batch, batch)
+        self.state: dict[str, Any] | None = None
+        self.settings: dict[str, Any] = {}
+
+    def reconfigure(self, user_config: dict) -> None:
+        from negatron.trainers.encoder import Encoder
+
+        from .index import load_or_build
+
+        if user_config == self.settings and self.state is not None:
+            return
+        cfg = dict(user_config)
+        enc = Encoder.from_pretrained(cfg["model"])
+        enc.eval()
+        max_len = int(cfg.get("max_length") or 0) or enc.max_length
+        index_args = {k: cfg[k] for k in ("hnsw_m", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe") if k in cfg}
+        idx = load_or_build(cfg["corpus"], enc_folder(cfg["model"]),
+                            lambda texts: enc.encode(texts, self.chunk, max_len),
+                            kind=cfg.get("index", "flat"), cache_dir=cfg.get("cache_dir") or None,
+                            log=logger.info, **index_args)
+        # one assignment: requests in flight keep the state they started with
+        self.state = {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"],
+                      "corpus": cfg["corpus"]}
+        self.settings = cfg
+
+    async def search(self, query: str, k: int) -> list[tuple[str, float, str]]:
+        return await self._search_batch((query, k))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _search_batch(self, requests: list[tuple[str, int]]) -> list[list[tuple[str, float, str]]]:
+        state = self.state
+        k = max(k for _, k in requests)
+
+        def run():
+            emb = state["encoder"].encode([q for q, _ in requests], self.chunk, state["max_length"])  # Q×D
+            return state["index"].search(emb, k)
+
+        scores, rows = await asyncio.to_thread(run)
+        idx = state["index"]
+        out = []
+        for (_, want), srow, rrow in zip(requests, scores, rows):
+            out.append([(idx.doc_ids[r], float(s), idx.texts[r]) for s, r in zip(srow[:want], rrow[:want]) if r >= 0])
+        return out
+
+    def info(self) -> dict[str, Any]:
+        s = self.state or {}
+        idx = s.get("index")
+        return {"model": s.get("model"), "corpus": s.get("corpus"), "docs": len(idx.doc_ids) if idx else 0,
+                "index_key": idx.key if idx else None}
+
+    def check_health(self) -> None:
+        if self.state is None:
+            raise RuntimeError("no index loaded")
+
+
+def enc_folder(path: str) -> str:
+    from negatron.trainers.encoder import resolve_model_path
+
+    return str(resolve_model_path(path))

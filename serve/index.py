@@ -1,0 +1,138 @@
+"""A faiss index over a corpus Parquet, cached on disk under the encoder checkpoint's id.
+
+The cache key hashes the encoder's weights, the corpus file and the index settings, so a new
+checkpoint or an edited corpus never reuses a stale index. No Ray here: the Retriever deployment
+and `bench/serve_load.py` both call :func:`load_or_build`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from negatron.trainers.schema import CORPUS, check_table
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class CorpusIndex:
+    index: faiss.Index
+    doc_ids: list[str]
+    texts: list[str]
+    key: str
+    built_s: float
+    from_cache: bool
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Q×D float32 -> (scores Q×k, row indices Q×k; -1 where fewer than k docs)."""
+        k = min(k, len(self.doc_ids))
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def model_id(folder: str | Path) -> str:
+    """A short content hash of a model folder's weights and settings (its checkpoint id)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and (p.suffix in (".safetensors", ".bin", ".json") or p.name == "tokenizer.json"):
+            h.update(str(p.relative_to(folder)).encode())
+            _file_digest(p, h)
+    return h.hexdigest()[:16]
+
+
+def cache_key(encoder_id: str, corpus: Path, settings: dict) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{INDEX_VERSION}:{encoder_id}:".encode())
+    _file_digest(corpus, h)
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def make_index(emb: np.ndarray, kind: str, hnsw_m: int = 32, hnsw_ef_search: int = 64,
+               ivf_nlist: int = 0, ivf_nprobe: int = 16) -> faiss.Index:
+    """Inner-product index over N×D embeddings: exact, HNSW or IVF-flat."""
+    n, d = emb.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = hnsw_ef_search
+    elif kind == "ivf":
+        nlist = ivf_nlist or max(1, int(4 * math.sqrt(n)))
+        nlist = min(nlist, n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(emb)
+        index.nprobe = min(ivf_nprobe, nlist)
+    else:
+        raise ValueError(f"index kind must be flat, hnsw or ivf, got {kind!r}")
+    index.add(emb)
+    return index
+
+
+def load_or_build(corpus: str | Path, encoder_folder: str | Path, embed: Callable[[list[str]], np.ndarray],
+                  kind: str = "flat", cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
+                  **index_args) -> CorpusIndex:
+    """Load the cached index for (encoder, corpus, settings) or embed the corpus and build it.
+
+    Args:
+        corpus: Parquet with ``doc_id`` and ``text`` (checked; a bad file raises SchemaError).
+        encoder_folder: the encoder's folder (hashed for the cache key).
+        embed: texts -> N×D float32 embeddings (the same function that embeds queries).
+        cache_dir: cache root; default ``<corpus folder>/.negatron_index``.
+    """
+    t0 = time.perf_counter()
+    corpus = Path(corpus)
+    table = check_table(corpus, CORPUS)
+    doc_ids = [str(x) for x in table.column("doc_id").to_pylist()]
+    texts = table.column("text").to_pylist()
+    settings = {"kind": kind, **index_args}
+    key = cache_key(model_id(encoder_folder), corpus, settings)
+    root = Path(cache_dir) if cache_dir else corpus.parent / ".negatron_index"
+    folder = root / key
+    if (folder / "index.faiss").is_file() and (folder / "meta.json").is_file():
+        try:
+            index = faiss.read_index(str(folder / "index.faiss"))
+            if index.ntotal == len(doc_ids):
+                log(f"index: loaded {index.ntotal} docs from cache {folder}")
+                return CorpusIndex(index, doc_ids, texts, key, time.perf_counter() - t0, True)
+            log(f"index: cache {folder} holds {index.ntotal} docs, corpus has {len(doc_ids)}: rebuilding")
+        except RuntimeError as e:  # a truncated or corrupt cache file: rebuild rather than fail
+            log(f"index: cache {folder} unreadable ({e}): rebuilding")
+    log(f"index: embedding {len(texts)} docs with {encoder_folder}")
+    emb = np.ascontiguousarray(embed(texts), dtype=np.float32)
+    index = make_index(emb, kind, **index_args)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"index.faiss.tmp{os.getpid()}"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, folder / "index.faiss")  # atomic: a crash never leaves a half-written index
+    (folder / "meta.json").write_text(json.dumps({"corpus": str(corpus), "encoder": str(encoder_folder),
+                                                  "docs": len(doc_ids), "dim": int(emb.shape[1]), **settings}, indent=2))
+    built = time.perf_counter() - t0
+    log(f"index: built {kind} index over {len(doc_ids)} docs in {built:.1f}s -> {folder}")
+    return CorpusIndex(index, doc_ids, texts, key, built, False)
+
+
+def write_corpus(path: str | Path, doc_ids: list[str], texts: list[str]) -> Path:
+    """Write a corpus Parquet (doc_id, text)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"doc_id": doc_ids, "text": texts}), path)
+    return path

@@ -1,0 +1,320 @@
+"""A real Ray Serve app over HTTP: embeddings, rerank, search, errors, auth, multiplexing,
+index swap, autoscaling, the Serve config file and the `negatron serve` process."""
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from negatron.cluster.config import load_config
+from negatron.serve.index import write_corpus
+from tests.helpers import make_tiny_cross_encoder, make_tiny_encoder
+
+pytestmark = pytest.mark.ray
+
+KEY_ENV = "NEGATRON_TEST_API_KEY"
+KEY = "s3cret-test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    make_tiny_encoder(seed=0).save(root / "enc")
+    make_tiny_encoder(seed=1).save(root / "enc2")
+    make_tiny_cross_encoder(root / "ce")
+    docs = [f"def handler_{i}(x):\n    return x * {i} + {i % 7}  # item {i}" for i in range(60)]
+    write_corpus(root / "corpus.parquet", [f"d{i}" for i in range(60)], docs)
+    docs_b = [f"class Widget{i}:\n    size = {i}" for i in range(30)]
+    write_corpus(root / "corpus_b.parquet", [f"w{i}" for i in range(30)], docs_b)
+    return {"root": root, "docs": docs, "docs_b": docs_b}
+
+
+def _section(assets, port, corpus="corpus.parquet"):
+    from negatron.serve.app import resolve_section
+
+    root = assets["root"]
+    cfg = load_config(None, [
+        f"serve.encoder.path={root / 'enc'}", "serve.encoder.name=tiny", f"serve.encoder.models={{tiny2: {root / 'enc2'}}}",
+        f"serve.reranker.path={root / 'ce'}", f"serve.retriever.corpus={root / corpus}", f"serve.port={port}",
+        f"serve.api_key_env={KEY_ENV}", "serve.limits.max_texts=16", "serve.limits.max_text_chars=2000",
+        "serve.limits.overlong=reject", "serve.limits.max_top_k=20",
+        "serve.encoder.scale.num_cpus=0.25", "serve.encoder.scale.max_replicas=2",
+        "serve.encoder.scale.target_ongoing_requests=1", "serve.encoder.scale.max_ongoing_requests=8",
+        "serve.encoder.scale.upscale_delay_s=1", "serve.encoder.scale.downscale_delay_s=4",
+        "serve.encoder.scale.look_back_period_s=2", "serve.encoder.batch.batch_wait_timeout_s=0.02",
+        "serve.reranker.scale.num_cpus=0.25", "serve.retriever.scale.num_cpus=0.25",
+    ])
+    return resolve_section(cfg)
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    import ray
+    from ray import serve
+
+    from negatron.serve.app import start
+
+    os.environ[KEY_ENV] = KEY  # replicas inherit the environment Ray starts with
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    port = _free_port()
+    section = _section(assets, port)
+    url = start(section, blocking_wait_s=300)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    yield {"url": url, "client": client, "section": section, "port": port}
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_embeddings_equal_the_checkpoint(server, assets):
+    from negatron.trainers.encoder import Encoder
+
+    texts = ["sort a list of keys", "def f(x):\n    return x + 1", "open a file and read it all"]
+    r = server["client"].post("/v1/embeddings", json={"input": texts, "model": "tiny"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    want = Encoder.from_pretrained(str(assets["root"] / "enc")).encode(texts)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert body["model"] == "tiny" and body["usage"]["prompt_tokens"] > 0
+    # base64 = little-endian float32, what the openai client asks for by default
+    r = server["client"].post("/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, want[0], atol=1e-5)
+
+
+def test_openai_client_works_unchanged(server, assets):
+    import openai
+
+    from negatron.trainers.encoder import Encoder
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    texts = ["parse a date string", "join path parts"]
+    res = client.embeddings.create(model="tiny", input=texts)
+    got = np.array([d.embedding for d in res.data], dtype=np.float32)
+    np.testing.assert_allclose(got, Encoder.from_pretrained(str(assets["root"] / "enc")).encode(texts), atol=1e-5)
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny2"]
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-model", input="x")
+
+
+def test_multiplexed_second_model(server, assets):
+    from negatron.trainers.encoder import Encoder
+
+    texts = ["read a config file"]
+    a = np.array(server["client"].post("/v1/embeddings", json={"input": texts, "model": "tiny"}).json()["data"][0]["embedding"])
+    b = np.array(server["client"].post("/v1/embeddings", json={"input": texts, "model": "tiny2"}).json()["data"][0]["embedding"])
+    np.testing.assert_allclose(b, Encoder.from_pretrained(str(assets["root"] / "enc2")).encode(texts)[0], atol=1e-5)
+    assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_rerank_order_equals_direct_cross_encoder(server, assets):
+    from sentence_transformers import CrossEncoder
+
+    query = "multiply the input"
+    texts = assets["docs"][:12]
+    r = server["client"].post("/rerank", json={"query": query, "texts": texts, "top_n": 5, "return_text": True})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    direct = CrossEncoder(str(assets["root"] / "ce"), device="cpu").predict([(query, t) for t in texts])
+    want = np.argsort(-direct, kind="stable")[:5]
+    assert [x["index"] for x in res] == [int(i) for i in want]
+    np.testing.assert_allclose([x["score"] for x in res], direct[want], atol=1e-5)
+    assert res[0]["text"] == texts[res[0]["index"]]
+    r = server["client"].post("/rerank", json={"query": query, "texts": texts[:3]})
+    assert len(r.json()) == 3 and "text" not in r.json()[0]
+
+
+def test_search_finds_known_documents(server, assets):
+    docs = assets["docs"]
+    for i in (3, 17, 42):
+        r = server["client"].post("/search", json={"query": docs[i], "top_k": 5})
+        assert r.status_code == 200, r.text
+        hits = r.json()
+        assert hits[0]["doc_id"] == f"d{i}" and hits[0]["text"] == docs[i]
+        assert len(hits) == 5 and all(hits[j]["score"] >= hits[j + 1]["score"] for j in range(4))
+    r = server["client"].post("/search", json={"query": docs[5], "top_k": 3, "rerank": True})
+    hits = r.json()
+    assert r.status_code == 200 and len(hits) == 3
+    assert all("retrieval_score" in h for h in hits)
+    assert all(hits[j]["score"] >= hits[j + 1]["score"] for j in range(2))
+
+
+BAD = [
+    ("/v1/embeddings", {"input": ""}, 400, "input"),
+    ("/v1/embeddings", {"input": []}, 400, "input"),
+    ("/v1/embeddings", {"input": ["ok", "  "]}, 400, "input[1]"),
+    ("/v1/embeddings", {"input": ["x"] * 17}, 413, "input"),
+    ("/v1/embeddings", {"input": "word " * 500}, 413, "input"),  # over the 2000-char limit
+    ("/v1/embeddings", {"input": ["ok", "word " * 100]}, 413, "input[1]"),  # over 64 tokens, overlong=reject
+    ("/v1/embeddings", {"input": 5}, 422, "input"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 422, "encoding_format"),
+    ("/v1/embeddings", {"input": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 7}, 400, "dimensions"),
+    ("/rerank", {"query": "q", "texts": []}, 400, "texts"),
+    ("/rerank", {"query": "", "texts": ["a"]}, 400, "query"),
+    ("/rerank", {"query": "q", "texts": "not a list"}, 422, "texts"),
+    ("/rerank", {"query": "q", "texts": ["a"], "top_n": 0}, 422, "top_n"),
+    ("/search", {"query": "q", "top_k": 21}, 400, "top_k"),
+    ("/search", {"query": "q", "top_k": 0}, 422, "top_k"),
+    ("/search", {"query": "q", "colour": "red"}, 422, "colour"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD)
+def test_bad_requests_get_4xx_naming_the_field(server, path, body, status, param):
+    r = server["client"].post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"]
+
+
+def test_malformed_json_and_auth(server):
+    r = server["client"].post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+    anon = httpx.Client(base_url=server["url"], timeout=30)
+    assert anon.get("/healthz").json()["status"] == "ok"  # probes need no key
+    assert anon.post("/v1/embeddings", json={"input": "x"}).status_code == 401
+    r = anon.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert anon.get("/openapi.json").status_code == 200
+
+
+def test_index_swaps_without_downtime(server, assets):
+    from ray import serve
+
+    from negatron.serve.app import app_builder
+
+    docs_b = assets["docs_b"]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+            while not stop.is_set():
+                statuses.append(c.post("/search", json={"query": "return x", "top_k": 3}).status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        new = _section(assets, server["port"], corpus="corpus_b.parquet")
+        serve.run(app_builder(new), name=new.app_name, route_prefix="/", blocking=False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            hits = server["client"].post("/search", json={"query": docs_b[7], "top_k": 1}).json()
+            if hits and hits[0]["doc_id"] == "w7":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the retriever never switched to the new corpus")
+    finally:
+        stop.set()
+        t.join()
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+
+
+def _running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    st = serve.status().applications[app].deployments[deployment]
+    return sum(n for state, n in st.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def test_encoder_autoscales_up_under_load_and_back_down(server):
+    app = server["section"].app_name
+    assert _running_replicas(app, "Encoder") == 1
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+            while not stop.is_set():
+                c.post("/v1/embeddings", json={"input": ["some text to embed here"] * 8})
+
+    threads = [threading.Thread(target=load) for _ in range(12)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while _running_replicas(app, "Encoder") < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _running_replicas(app, "Encoder") == 2, "no second encoder replica under sustained load"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    deadline = time.monotonic() + 120
+    while _running_replicas(app, "Encoder") > 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _running_replicas(app, "Encoder") == 1, "the encoder did not scale back down"
+
+
+def test_serve_build_writes_a_valid_serve_config(tmp_path, assets):
+    from ray.serve.schema import ServeDeploySchema
+
+    from negatron.cluster.cli import main
+    from negatron.cluster.serve_config import ServeSection
+
+    out = tmp_path / "serve.yaml"
+    assert main(["serve", "build", "--model", str(assets["root"] / "enc"), "--corpus",
+                 str(assets["root"] / "corpus.parquet"), "--port", "8123", "-o", str(out)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    app = schema.applications[0]
+    assert app.import_path == "negatron.serve.app:app_builder" and doc["http_options"]["port"] == 8123
+    section = ServeSection.model_validate(app.args)  # what Serve's typed builder will do
+    assert section.encoder.path == str(assets["root"] / "enc")
+    from negatron.serve.app import app_builder
+    assert app_builder(section) is not None  # the builder accepts the file's args
+    assert main(["serve", "build", "serve.encoder.scale.max_replicas=0"]) == 2  # bad value: clear error
+
+
+def test_negatron_serve_process_starts_and_stops_on_sigterm(tmp_path, assets):
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop(KEY_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-m", "negatron.cluster.cli", "serve", "--model", str(assets["root"] / "enc"),
+                             "--port", str(port), "serve.encoder.scale.num_cpus=0.25"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        url = None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("negatron serve: ready at"):
+                url = line.split("ready at", 1)[1].split()[0]
+                break
+        assert url == f"http://127.0.0.1:{port}", "".join(lines[-20:])
+        r = httpx.post(url + "/v1/embeddings", json={"input": ["hello"]}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        lines.append(rest)
+        assert proc.returncode == 0, "".join(lines[-30:])
+        assert "shutting down" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

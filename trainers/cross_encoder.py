@@ -1,0 +1,86 @@
+"""Cross-encoder (reranker): a sequence-classification transformer scoring (query, text) pairs.
+
+Scores follow ``sentence_transformers.CrossEncoder.predict``: one label -> sigmoid of the logit;
+two labels -> softmax probability of label 1. Rank order is that of the raw logit either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoder import ModelLoadError, _read_json
+
+
+class CrossEncoder(nn.Module):
+    """Args:
+        model: a transformers ``AutoModelForSequenceClassification`` with 1 or 2 labels.
+        tokenizer: its tokenizer (pairs are encoded as text pairs).
+        max_length: truncation length of a query+text pair.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 256):
+        super().__init__()
+        labels = model.config.num_labels
+        if labels not in (1, 2):
+            raise ModelLoadError(f"a cross-encoder needs 1 or 2 labels, this model has {labels}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int | None = None) -> "CrossEncoder":
+        """Load a Hugging Face / sentence-transformers cross-encoder folder (offline).
+
+        Raises:
+            ModelLoadError: the folder is missing, is not a sequence-classification model, or is corrupt.
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        folder = Path(path)
+        if not (folder / "config.json").is_file() and (folder / "final" / "config.json").is_file():
+            folder = folder / "final"
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"reranker folder not found or not a Hugging Face model (no config.json): {folder}")
+        cfg = _read_json(folder / "config.json") or {}
+        archs = cfg.get("architectures") or []
+        if archs and not any("SequenceClassification" in a for a in archs):
+            raise ModelLoadError(f"{folder}: not a cross-encoder (architectures {archs}; "
+                                 "expected a *ForSequenceClassification model)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{folder}: cannot load the reranker: {e}") from None
+        st = _read_json(folder / "sentence_bert_config.json") or {}
+        default_len = int(st.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", 512) or 512, 512))
+        return cls(model, tokenizer, max_length=max_length or default_len)
+
+    def logits(self, queries: Sequence[str], texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+        """Pairs (N) -> relevance logits (N); differentiable (training uses this)."""
+        batch = self.tokenizer(list(queries), list(texts), padding=True, truncation=True,
+                               max_length=max_length or self.max_length, return_tensors="pt")
+        device = next(self.parameters()).device
+        out = self.model(**{k: v.to(device) for k, v in batch.items()}).logits  # N×labels
+        return out[:, 0] if out.shape[1] == 1 else out[:, 1] - out[:, 0]  # N
+
+    @torch.no_grad()
+    def score(self, queries: Sequence[str], texts: Sequence[str], chunk_size: int = 32,
+              max_length: int | None = None) -> np.ndarray:
+        """Scores in (0, 1) for N pairs, in input order; pairs run in length-sorted chunks."""
+        if len(queries) != len(texts):
+            raise ValueError(f"{len(queries)} queries but {len(texts)} texts")
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-(len(q) + len(t)) for q, t in zip(queries, texts)], kind="stable")
+        out = np.zeros(len(texts), dtype=np.float32)
+        for start in range(0, len(texts), chunk_size):
+            idx = order[start:start + chunk_size]
+            logit = self.logits([queries[i] for i in idx], [texts[i] for i in idx], max_length)  # b
+            out[idx] = torch.sigmoid(logit.float()).cpu().numpy()  # 2 labels: sigmoid(l1-l0) = softmax[1]
+        self.train(was_training)
+        return out
