@@ -160,7 +160,7 @@ class RetrieverDeployment:
         idx = load_or_build(cfg["corpus"], enc_folder(cfg["model"]),
                             lambda texts: enc.encode(texts, self.chunk, max_len),
                             kind=cfg.get("index", "flat"), cache_dir=cfg.get("cache_dir") or None,
-                            log=logger.info, **index_args)
+                            log=logger.info, embed_settings={"max_length": max_len}, **index_args)
         # one assignment: requests in flight keep the state they started with
         self.state = {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"],
                       "corpus": cfg["corpus"]}

@@ -89,7 +89,7 @@ def make_index(emb: np.ndarray, kind: str, hnsw_m: int = 32, hnsw_ef_search: int
 
 def load_or_build(corpus: str | Path, encoder_folder: str | Path, embed: Callable[[list[str]], np.ndarray],
                   kind: str = "flat", cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
-                  **index_args) -> CorpusIndex:
+                  embed_settings: dict | None = None, **index_args) -> CorpusIndex:
     """Load the cached index for (encoder, corpus, settings) or embed the corpus and build it.
 
     Args:
@@ -97,13 +97,14 @@ def load_or_build(corpus: str | Path, encoder_folder: str | Path, embed: Callabl
         encoder_folder: the encoder's folder (hashed for the cache key).
         embed: texts -> N×D float32 embeddings (the same function that embeds queries).
         cache_dir: cache root; default ``<corpus folder>/.negatron_index``.
+        embed_settings: whatever else changes the embeddings (e.g. the token limit); part of the key.
     """
     t0 = time.perf_counter()
     corpus = Path(corpus)
     table = check_table(corpus, CORPUS)
     doc_ids = [str(x) for x in table.column("doc_id").to_pylist()]
     texts = table.column("text").to_pylist()
-    settings = {"kind": kind, **index_args}
+    settings = {"kind": kind, **index_args, **(embed_settings or {})}
     key = cache_key(model_id(encoder_folder), corpus, settings)
     root = Path(cache_dir) if cache_dir else corpus.parent / ".negatron_index"
     folder = root / key
@@ -118,7 +119,7 @@ def load_or_build(corpus: str | Path, encoder_folder: str | Path, embed: Callabl
             log(f"index: cache {folder} unreadable ({e}): rebuilding")
     log(f"index: embedding {len(texts)} docs with {encoder_folder}")
     emb = np.ascontiguousarray(embed(texts), dtype=np.float32)
-    index = make_index(emb, kind, **index_args)
+    index = make_index(emb, kind, **index_args)  # embed_settings are not index parameters
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"index.faiss.tmp{os.getpid()}"
     faiss.write_index(index, str(tmp))
