@@ -37,6 +37,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     data = check_eval_dir(args.data)  # before loading any model
     _torch_threads(args.threads)
     encoder = Encoder.from_pretrained(args.model, max_length=args.max_length)
+    if args.reranker:
+        return _eval_two_stage(args, encoder, data)
     metrics = evaluate_encoder(encoder, data, batch_size=args.batch_size, top_k=100)
     metrics["model"] = args.model
     metrics["data"] = str(args.data)
@@ -46,6 +48,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _eval_two_stage(args: argparse.Namespace, encoder, data) -> int:
+    from negatron.trainers.cross_encoder import CrossEncoder
+    from negatron.trainers.evaluate import evaluate_two_stage, format_table
+
+    reranker = CrossEncoder.from_pretrained(args.reranker)
+    out = evaluate_two_stage(encoder, reranker, data, depth=args.rerank_depth, batch_size=args.batch_size)
+    out["model"], out["reranker"], out["data"] = args.model, args.reranker, str(args.data)
+    print(format_table({"bi-encoder": out["retrieval"], f"+ reranker@{args.rerank_depth}": out["reranked"]}))
+    print(f"{out['retrieval']['num_queries']} queries, {out['retrieval']['num_docs']} docs; reranking "
+          f"{out['reranked']['rerank_s']:.1f}s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 
@@ -159,6 +178,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from negatron.trainers.mine import mine
+
+    stats = mine(args.model, args.data, args.out, k=args.k, skip=args.skip, take=args.take, margin=args.margin,
+                 corpus=args.corpus, max_length=args.max_length, workers=args.workers,
+                 cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size)
+    print(f"wrote {stats['out']}: {stats['pairs']} pairs, {stats['negatives_per_query_mean']:.1f} hard negatives "
+          f"per query from {stats['corpus']} candidates ({stats['queries_without_negatives']} queries got none) "
+          f"in {stats['wall_s']:.0f}s")
+    print("train on it with: negatron train data.train=" + stats["out"] + " data.num_negatives=N")
+    return 0
+
+
 def _torch_threads(n: int | None) -> None:
     import torch
 
@@ -184,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     e.add_argument("--threads", type=int, default=None, help="torch threads")
+    e.add_argument("--reranker", help="cross-encoder folder: rerank the bi-encoder's top --rerank-depth, report both stages")
+    e.add_argument("--rerank-depth", type=int, default=50, help="candidates the reranker reorders (default 50)")
     e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train", help="contrastive training on Ray Train")
@@ -197,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     tu.add_argument("overrides", nargs="*", help="a.b=value overrides")
     tu.set_defaults(func=_cmd_tune)
+
+    mi = sub.add_parser("mine", help="mine hard negatives for a pairs file with a bi-encoder and faiss")
+    mi.add_argument("--model", required=True, help="bi-encoder folder, Negatron run folder, or 'default'")
+    mi.add_argument("--data", required=True, help="pairs Parquet (query, positive, query_id, positive_id)")
+    mi.add_argument("--out", required=True, help="output pairs Parquet with negatives / negative_ids columns")
+    mi.add_argument("--corpus", help="candidate pool Parquet (doc_id, text); default: the distinct positives")
+    mi.add_argument("--k", type=int, default=50, help="faiss candidates per query (default 50)")
+    mi.add_argument("--skip", type=int, default=3, help="skip the best N non-positive candidates (default 3)")
+    mi.add_argument("--take", type=int, default=30, help="then keep up to N (default 30)")
+    mi.add_argument("--margin", type=float, default=None,
+                    help="drop candidates scoring above (positive score - margin): likely false negatives")
+    mi.add_argument("--max-length", type=int, default=128)
+    mi.add_argument("--workers", type=int, default=2, help="Ray embedding actors (default 2)")
+    mi.add_argument("--cpus-per-worker", type=float, default=1.0)
+    mi.add_argument("--batch-size", type=int, default=64)
+    mi.set_defaults(func=_cmd_mine)
 
     sv = sub.add_parser("serve", help="serve encoders, a reranker and search over HTTP with Ray Serve",
                         usage="negatron serve [build] [--config FILE] [--model PATH] [...] [a.b=value ...]",

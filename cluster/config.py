@@ -9,6 +9,7 @@ the round trip is exact.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -112,6 +113,9 @@ class RunConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     top_k: int = Field(100, ge=1)
+    first_stage: str = Field("default", min_length=1, description=(
+        "Cross-encoder training: the bi-encoder whose top rerank_depth dev candidates the reranker reorders."))
+    rerank_depth: int = Field(20, ge=1, description="Cross-encoder dev checks: candidates reranked per query.")
 
 
 _DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
@@ -164,6 +168,16 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     tune: TuneSection = TuneSection()
     serve: ServeSection = ServeSection()
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "Config":
+        if self.model.kind == "cross-encoder":
+            if self.bank.size:
+                raise ValueError(f"bank.size is {self.bank.size}: the memory bank is for bi-encoders; "
+                                 "a cross-encoder trains on hard negatives (set bank.size: 0)")
+            if self.model.projection_dim:
+                raise ValueError("model.projection_dim: a cross-encoder has no projection head (set 0)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (what Ray workers receive)."""
@@ -233,6 +247,24 @@ def all_keys() -> list[str]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2), not the string PyYAML's 1.1 rules give."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'a.b=value' -> ('a.b', value); the value is parsed as YAML (so 0.1, true, [1, 2] work)."""
     if "=" not in text:
@@ -242,7 +274,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
     return key, value
@@ -276,7 +308,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is None:

@@ -69,7 +69,7 @@ def app_builder(args: ServeSection) -> Application:
         raise ConfigError("serve.encoder.path is empty: give a bi-encoder folder, a run folder or 'default' (--model)")
     try:
         default_folder = resolve_model_path(args.encoder.path)
-        names = {(args.encoder.name or default_folder.name): default_folder}
+        names = {(args.encoder.name or served_name(args.encoder.path, default_folder)): default_folder}
         for name, path in args.encoder.models.items():
             if name in names:
                 raise ConfigError(f"serve.encoder.models: name {name!r} is already used by the default model")
@@ -114,6 +114,16 @@ def app_builder(args: ServeSection) -> Application:
         "rerank_depth": args.retriever.rerank_depth, "api_key_env": args.api_key_env,
     }
     return Ingress.options(**deployment_options(args.ingress)).bind(encoder, reranker, retriever, settings)
+
+
+def served_name(path: str, folder: Path) -> str:
+    """The name clients send when serve.encoder.name is empty: 'all-MiniLM-L6-v2' for 'default',
+    the run's name for a Negatron run's final/ or best/ checkpoint, else the folder name."""
+    if path == "default":
+        return "all-MiniLM-L6-v2"
+    if folder.name in ("final", "best") and (folder.parent / "metrics.json").is_file():
+        return folder.parent.name
+    return folder.name
 
 
 def _reranker_len(folder: str) -> int:

@@ -88,3 +88,13 @@ def test_shipped_configs_load():
 
     for f in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_exponent_floats_are_numbers_not_strings(tmp_path):
+    """PyYAML's YAML 1.1 rules read `1e-3` as a string; configs and overrides read it as a float."""
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 3e-5\ntune:\n  space:\n    optim.lr: {grid: [1e-3, 2E-4]}\n")
+    cfg = load_config(f, ["loss.temperature=5e-2"])
+    assert cfg.optim.lr == 3e-5 and cfg.loss.temperature == 0.05
+    assert cfg.tune.space["optim.lr"]["grid"] == [1e-3, 2e-4]
+    assert all(isinstance(v, float) for v in cfg.tune.space["optim.lr"]["grid"])

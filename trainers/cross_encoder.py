@@ -60,6 +60,40 @@ class CrossEncoder(nn.Module):
         default_len = int(st.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", 512) or 512, 512))
         return cls(model, tokenizer, max_length=max_length or default_len)
 
+    @classmethod
+    def for_training(cls, path: str, max_length: int = 256) -> "CrossEncoder":
+        """A cross-encoder to fine-tune: a sequence-classification folder, or any encoder folder
+        (e.g. 'default', a bi-encoder checkpoint) given a fresh 1-label head.
+
+        Raises:
+            ModelLoadError: the folder is missing or unreadable.
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .encoder import resolve_model_path
+
+        folder = resolve_model_path(path)
+        cfg = _read_json(folder / "config.json") or {}
+        if any("SequenceClassification" in a for a in cfg.get("architectures") or []):
+            return cls.from_pretrained(folder, max_length=max_length)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{folder}: cannot load the model as a cross-encoder: {e}") from None
+        return cls(model, tokenizer, max_length=max_length)
+
+    def save(self, folder: str | Path) -> Path:
+        """A folder that transformers and ``sentence_transformers.CrossEncoder`` load directly."""
+        import json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": self.max_length}, indent=2))
+        return folder
+
     def logits(self, queries: Sequence[str], texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
         """Pairs (N) -> relevance logits (N); differentiable (training uses this)."""
         batch = self.tokenizer(list(queries), list(texts), padding=True, truncation=True,

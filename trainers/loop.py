@@ -95,8 +95,17 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     table = pq.read_table(cfg.data.train)
     stream = PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
                         num_negatives=cfg.data.num_negatives)
-    encoder = build_encoder(cfg, resume_dir)
-    model = ContrastiveModel.from_config(encoder, cfg).to(device)
+    # fresh heads (a reranker's classifier, a projection) must start identical on every worker
+    torch.manual_seed(cfg.trainer.seed)
+    if cfg.model.kind == "cross-encoder":
+        from .cross_encoder import CrossEncoder
+        from .rerank_step import CrossEncoderModel
+
+        encoder = CrossEncoder.for_training(resume_dir or cfg.model.path, max_length=cfg.model.max_length)
+        model = CrossEncoderModel.from_config(encoder, cfg).to(device)
+    else:
+        encoder = build_encoder(cfg, resume_dir)
+        model = ContrastiveModel.from_config(encoder, cfg).to(device)
     model.train()
     opt, sched = make_optimizer(model, cfg)
     aug = TextAugmenter(mask_prob=cfg.augment.mask_prob, delete_prob=cfg.augment.delete_prob,
@@ -117,6 +126,12 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         from .schema import check_eval_dir
 
         dev = check_eval_dir(cfg.data.dev)
+        if cfg.model.kind == "cross-encoder":  # first-stage candidates once; each check reranks them
+            from .evaluate import RerankEval
+
+            dev = RerankEval(Encoder.from_pretrained(cfg.eval.first_stage), dev, depth=cfg.eval.rerank_depth,
+                             batch_size=cfg.eval.batch_size, max_queries=cfg.data.max_dev_queries,
+                             max_docs=cfg.data.max_dev_docs, query_max_length=cfg.model.query_max_length or None)
 
     params = model.trainable_parameters()
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
@@ -161,9 +176,12 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             if rank == 0 and dev is not None:
                 from .evaluate import evaluate_encoder
 
-                m = evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
-                                     max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
-                                     query_max_length=cfg.model.query_max_length or None, progress=False)
+                if cfg.model.kind == "cross-encoder":
+                    m = dev.evaluate(model.encoder, chunk_size=cfg.eval.batch_size)
+                else:
+                    m = evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
+                                         max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
+                                         query_max_length=cfg.model.query_max_length or None, progress=False)
                 metrics.update({f"dev_{k}": v for k, v in m.items()})
                 history.append({"step": done, **{f"dev_{k}": m[k] for k in ("mrr@10", "recall@10", "ndcg@10")}})
                 best = max(best, m["mrr@10"])

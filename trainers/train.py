@@ -47,8 +47,8 @@ def validate_inputs(cfg: Config) -> None:
     if cfg.data.dev:
         check_eval_dir(cfg.data.dev)
     resolve_model_path(cfg.model.path)
-    if cfg.model.kind != "bi-encoder":
-        raise ConfigError(f"model.kind: {cfg.model.kind!r} training is not available yet (use 'bi-encoder')")
+    if cfg.model.kind == "cross-encoder" and cfg.data.dev:
+        resolve_model_path(cfg.eval.first_stage)
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -60,6 +60,8 @@ def absolute_paths(cfg: Config) -> Config:
             upd[f"data.{key}"] = str(Path(v).resolve())
     if cfg.model.path != "default":
         upd["model.path"] = str(Path(cfg.model.path).resolve())
+    if cfg.eval.first_stage != "default":
+        upd["eval.first_stage"] = str(Path(cfg.eval.first_stage).resolve())
     if "://" not in cfg.run.storage_path:
         upd["run.storage_path"] = str(Path(cfg.run.storage_path).resolve())
     return cfg.replace(upd) if upd else cfg
