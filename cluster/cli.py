@@ -113,29 +113,30 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from .config import load_config
 
     t0 = time.perf_counter()
+    n = 7 if args.with_reranker else 4  # stages, for the progress labels
     cfg = load_config(args.config or Path(__file__).with_name("quickstart.yaml"), args.overrides)
     out = Path(cfg.run.storage_path)
     data_dir = Path(cfg.data.train).parent if cfg.data.train else out / "data"
     if not (data_dir / "train.parquet").is_file():
-        print(f"[1/4] building the stdlib code-search dataset in {data_dir}", flush=True)
+        print(f"[1/{n}] building the stdlib code-search dataset in {data_dir}", flush=True)
         build_stdlib_dataset(data_dir)
     else:
-        print(f"[1/4] dataset already in {data_dir}", flush=True)
+        print(f"[1/{n}] dataset already in {data_dir}", flush=True)
     cfg = cfg.replace({"data.train": str(data_dir / "train.parquet"), "data.dev": str(data_dir / "dev"),
                        "data.test": str(data_dir / "test")})
     test_dir = cfg.data.test
     qlen = cfg.model.query_max_length or None
     out.mkdir(parents=True, exist_ok=True)
     _torch_threads(args.threads)
-    print(f"[2/4] zero-shot evaluation of {cfg.model.path} on {test_dir}", flush=True)
+    print(f"[2/{n}] zero-shot evaluation of {cfg.model.path} on {test_dir}", flush=True)
     before = evaluate_encoder(Encoder.from_pretrained(cfg.model.path, max_length=cfg.model.max_length),
                               test_dir, query_max_length=qlen)
     (out / "zero_shot.json").write_text(json.dumps(before, indent=2) + "\n")
     print(format_table({"zero-shot": before}), flush=True)
-    print(f"[3/4] fine-tuning with {cfg.trainer.num_workers} Ray Train workers, bank size {cfg.bank.size}, "
+    print(f"[3/{n}] fine-tuning with {cfg.trainer.num_workers} Ray Train workers, bank size {cfg.bank.size}, "
           f"{cfg.trainer.max_steps} steps", flush=True)
     res = run_training(cfg, address=args.address)
-    print(f"[4/4] evaluating the fine-tuned model ({res.final_dir}) on {test_dir}", flush=True)
+    print(f"[4/{n}] evaluating the fine-tuned model ({res.final_dir}) on {test_dir}", flush=True)
     after = evaluate_encoder(Encoder.from_pretrained(str(res.final_dir)), test_dir, query_max_length=qlen)
     (out / "fine_tuned.json").write_text(json.dumps(after, indent=2) + "\n")
     wall = time.perf_counter() - t0
@@ -146,7 +147,48 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(format_table({"zero-shot": before, "fine-tuned": after}))
     print(f"\nMRR@10 {before['mrr@10']:.4f} -> {after['mrr@10']:.4f} in {wall / 60:.1f} min; "
           f"model in {res.final_dir}, plot in {res.run_dir / 'training.png'}")
+    if args.with_reranker:
+        rr = reranker_stage(cfg, Path(res.final_dir), data_dir, out, address=args.address,
+                            steps=args.reranker_steps, depth=args.rerank_depth)
+        summary["reranker"] = rr
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def reranker_stage(cfg, bi_encoder: Path, data_dir: Path, out: Path, address: str | None = None,
+                   steps: int = 120, depth: int = 20) -> dict:
+    """Mine hard negatives with the fine-tuned bi-encoder, train a cross-encoder on them with Ray
+    Train (from the fine-tuned bi-encoder with a fresh scoring head), rerank the test top ``depth``."""
+    from negatron.trainers.cross_encoder import CrossEncoder
+    from negatron.trainers.encoder import Encoder
+    from negatron.trainers.evaluate import evaluate_two_stage, format_table
+    from negatron.trainers.mine import mine
+    from negatron.trainers.train import run_training
+
+    print(f"[5/7] mining hard negatives for {data_dir / 'train.parquet'} with {bi_encoder}", flush=True)
+    stats = mine(str(bi_encoder), data_dir / "train.parquet", out / "mined.parquet", k=40, skip=3, take=7,
+                 max_length=cfg.model.max_length, workers=cfg.trainer.num_workers, cpus_per_worker=cfg.trainer.cpus_per_worker)
+    print(f"      {stats['pairs']} pairs, {stats['negatives_per_query_mean']:.1f} negatives each ({stats['wall_s']:.0f}s)",
+          flush=True)
+    ce_cfg = cfg.replace({
+        "model.kind": "cross-encoder", "model.path": str(bi_encoder), "model.max_length": 192,
+        "data.train": str(out / "mined.parquet"), "data.num_negatives": 3, "bank.size": 0, "bank.momentum": 0.0,
+        "augment.mask_prob": 0.0, "augment.delete_prob": 0.0, "augment.crop": False, "augment.dropout_views": False,
+        "trainer.batch_size": 4, "trainer.max_steps": steps, "trainer.checkpoint_every": steps,
+        "optim.lr": 3e-5, "optim.warmup_steps": max(1, steps // 10), "loss.temperature": 1.0,
+        "loss.learnable_temperature": False, "eval.first_stage": str(bi_encoder), "eval.rerank_depth": depth,
+        "data.max_dev_queries": 100, "run.name": f"{cfg.run.name}-reranker"})
+    print(f"[6/7] training a cross-encoder reranker: {steps} steps, {ce_cfg.trainer.num_workers} Ray Train workers, "
+          f"1 positive + 3 hard negatives per query", flush=True)
+    res = run_training(ce_cfg, address=address)
+    print(f"[7/7] two-stage evaluation on {cfg.data.test}: bi-encoder top {depth} reranked", flush=True)
+    two = evaluate_two_stage(Encoder.from_pretrained(str(bi_encoder)), CrossEncoder.from_pretrained(res.final_dir),
+                             cfg.data.test, depth=depth, query_max_length=cfg.model.query_max_length or None)
+    (out / "two_stage.json").write_text(json.dumps(two, indent=2) + "\n")
+    print(format_table({"bi-encoder": two["retrieval"], f"+ reranker@{depth}": two["reranked"]}))
+    print(f"reranker in {res.final_dir}")
+    return {"mined": stats, "reranker": str(res.final_dir), **two}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -268,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", default=None, help="config (default: the packaged configs/quickstart.yaml)")
     q.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     q.add_argument("--threads", type=int, default=None, help="torch threads for the driver's evaluations")
+    q.add_argument("--with-reranker", action="store_true",
+                   help="then mine hard negatives, train a cross-encoder reranker and evaluate both stages")
+    q.add_argument("--reranker-steps", type=int, default=120, help="reranker training steps (default 120)")
+    q.add_argument("--rerank-depth", type=int, default=20, help="test candidates the reranker reorders (default 20)")
     q.add_argument("overrides", nargs="*", help="a.b=value overrides")
     q.set_defaults(func=_cmd_quickstart)
     return p
