@@ -321,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # a.b=value overrides may come after options too (argparse stops a positional list at the first option)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     from negatron.trainers.encoder import ModelLoadError
     from negatron.trainers.checkpoint import CheckpointError
     from negatron.trainers.schema import SchemaError
