@@ -233,6 +233,35 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .jobs import submit
+
+    return submit(args.kind, args.address, args.config, args.overrides, wait=not args.no_wait)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from .jobs import jobs
+
+    return jobs(args.action, args.address, args.job_id)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from . import multinode
+
+    if args.action == "up":
+        st = multinode.up(args.workers, args.cpus_per_node)
+        print(f"cluster up: head {st['address']} + {st['workers']} worker node(s), {st['cpus_per_node']:g} CPUs each")
+        print(f"  jobs/dashboard: {st['dashboard']}")
+        print(f"  negatron submit train --address {st['dashboard']} --config configs/quickstart.yaml")
+        print(f"  token (for ray CLI / other clients): export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={st['token_path']}")
+        print("  stop it with: negatron cluster down")
+    elif args.action == "down":
+        multinode.down()
+    else:
+        print(multinode.status())
+    return 0
+
+
 def _torch_threads(n: int | None) -> None:
     import torch
 
@@ -306,6 +335,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("overrides", nargs="*", help="[build] then a.b=value overrides")
     sv.set_defaults(func=_cmd_serve)
 
+    su = sub.add_parser("submit", help="run train/tune/serve/quickstart as a Ray job on a cluster (Jobs API)")
+    su.add_argument("kind", choices=["train", "tune", "serve", "quickstart"])
+    su.add_argument("--address", required=True, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265")
+    su.add_argument("--config", help="YAML config (validated here before submitting)")
+    su.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
+    su.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    su.set_defaults(func=_cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list / inspect / stop Ray jobs")
+    jb.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jb.add_argument("job_id", nargs="?")
+    jb.add_argument("--address", required=True, help="the cluster's dashboard URL")
+    jb.set_defaults(func=_cmd_jobs)
+
+    cl = sub.add_parser("cluster", help="a local multi-node Ray cluster on this machine")
+    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
+    cl.add_argument("--cpus-per-node", type=float, default=2, help="logical CPUs per node (default 2)")
+    cl.set_defaults(func=_cmd_cluster)
+
     q = sub.add_parser("quickstart", help="the main job: data, zero-shot eval, fine-tune on Ray, eval")
     q.add_argument("--config", default=None, help="config (default: the packaged configs/quickstart.yaml)")
     q.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
@@ -332,9 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     from negatron.trainers.schema import SchemaError
     from negatron.trainers.train import TrainingError
 
+    from .jobs import JobsError
+    from .multinode import ClusterError
+
     try:
         return args.func(args)
-    except (ConfigError, SchemaError, ModelLoadError, CheckpointError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, SchemaError, ModelLoadError, CheckpointError, TrainingError, FileNotFoundError,
+            JobsError, ClusterError) as e:
         if os.environ.get("NEGATRON_DEBUG"):
             raise
         print(f"negatron: error: {e}", file=sys.stderr)

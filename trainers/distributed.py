@@ -103,3 +103,12 @@ def all_max(value: float) -> float:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

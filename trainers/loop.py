@@ -79,7 +79,7 @@ def _log(line: str) -> None:
 
 def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir: str | None = None,
                device: torch.device | None = None, log: Callable[[str], None] = _log,
-               warm_start: bool = False, stop_at: int | None = None) -> dict:
+               warm_start: bool = False, stop_at: int | None = None, node_id: str | None = None) -> dict:
     """Train; call ``report(metrics, checkpoint_dir_or_None)`` at every checkpoint step (all ranks).
 
     Args:
@@ -87,11 +87,16 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         warm_start: the checkpoint comes from elsewhere (e.g. a PBT donor): restore everything,
             but take τ and the learning rate from ``cfg``, so mutated values survive the restore.
         stop_at: stop (with a checkpoint) at this step; the LR schedule still spans max_steps.
+        node_id: this worker's Ray node; all ranks' node ids are reported as ``worker_nodes``.
 
     Returns the final metrics dict.
     """
     device = device or torch.device("cpu")
     torch.set_num_threads(cfg.trainer.torch_threads)
+    worker_nodes = D.all_gather_object(node_id) if node_id else None
+    if rank == 0 and worker_nodes:
+        log(f"[negatron] {world} worker(s) on {len(set(worker_nodes))} node(s): "
+            + ", ".join(f"rank {r} → {n[:8]}" for r, n in enumerate(worker_nodes)))
     table = pq.read_table(cfg.data.train)
     stream = PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
                         num_negatives=cfg.data.num_negatives)
@@ -173,6 +178,10 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
                        "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0}
             if model.bank is not None:
                 metrics["bank_checksum"] = model.bank.checksum()
+                # every rank's checksum: the bank must be identical everywhere (reported by rank 0)
+                metrics["bank_checksums"] = D.all_gather_object(metrics["bank_checksum"])
+            if worker_nodes:
+                metrics["worker_nodes"] = worker_nodes
             if rank == 0 and dev is not None:
                 from .evaluate import evaluate_encoder
 
@@ -217,13 +226,14 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     stop_at = config.get("stop_at")
+    node = ray.get_runtime_context().get_node_id()
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restart of this run: its own latest checkpoint
         with ckpt.as_directory() as d:
-            run_worker(cfg, rank, world, report, resume_dir=d, device=device, stop_at=stop_at)
+            run_worker(cfg, rank, world, report, resume_dir=d, device=device, stop_at=stop_at, node_id=node)
     elif config.get("init_checkpoint"):  # a warm start from another run's checkpoint
         run_worker(cfg, rank, world, report, resume_dir=config["init_checkpoint"], device=device,
-                   warm_start=True, stop_at=stop_at)
+                   warm_start=True, stop_at=stop_at, node_id=node)
     else:
-        run_worker(cfg, rank, world, report, device=device, stop_at=stop_at)
+        run_worker(cfg, rank, world, report, device=device, stop_at=stop_at, node_id=node)
 

@@ -1,0 +1,95 @@
+"""Multi-node: spread placement on ray.cluster_utils.Cluster; a real `ray start --head` cluster
+from `negatron cluster up`, a job submitted with `negatron submit train`, bad address / token."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from negatron.cluster.config import load_config
+from tests.helpers import write_pairs
+
+pytestmark = pytest.mark.ray
+
+
+def test_spread_puts_one_worker_per_node_and_the_bank_agrees(tmp_path, tiny_model_dir):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from negatron.trainers.encoder import Encoder
+    from negatron.trainers.train import run_training
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+        cfg = load_config(None, [
+            f"model.path={tiny_model_dir}", f"data.train={write_pairs(tmp_path / 'p.parquet', n=64)}",
+            "model.max_length=32", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5", "trainer.placement=spread",
+            "trainer.batch_size=4", "trainer.max_steps=6", "trainer.checkpoint_every=3", "bank.size=32",
+            "bank.momentum=0.9", "optim.lr=1e-3", f"run.storage_path={tmp_path}", "run.name=spread"])
+        res = run_training(cfg)
+        placed = res.reported["worker_nodes"]
+        assert len(placed) == 2 and len(set(placed)) == 2 and set(placed) <= nodes  # one worker per node
+        sums = res.reported["bank_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1]  # the same bank on both nodes
+        Encoder.from_pretrained(str(res.final_dir))  # the checkpoint loads
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "negatron.cluster.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir):
+    import psutil
+
+    env = {**os.environ, "NEGATRON_CLUSTER_DIR": str(tmp_path / "state")}
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(k, None)
+    r = _cli("cluster", "up", "--workers", "1", "--cpus-per-node", "2", env=env, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    state = json.loads((tmp_path / "state" / "cluster.json").read_text())
+    try:
+        st = _cli("cluster", "status", env=env, timeout=120)
+        assert st.returncode == 0 and "cluster at" in st.stdout, st.stdout + st.stderr
+        cfg = tmp_path / "train.yaml"
+        cfg.write_text(
+            f"model: {{path: {tiny_model_dir}, max_length: 32}}\n"
+            f"data: {{train: {write_pairs(tmp_path / 'pairs.parquet', n=64)}}}\n"
+            "trainer: {num_workers: 2, cpus_per_worker: 0.5, batch_size: 4, max_steps: 4, checkpoint_every: 4}\n"
+            f"run: {{name: job, storage_path: {tmp_path / 'runs'}}}\n")
+        sub = _cli("submit", "train", "--address", state["dashboard"], "--config", str(cfg), "optim.lr=1e-3",
+                   env=env, timeout=900)
+        out = sub.stdout + sub.stderr
+        assert sub.returncode == 0, out[-4000:]
+        job_id = next(line.split()[2].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("submitted job"))
+        assert json.loads((tmp_path / "runs" / "job" / "metrics.json").read_text())["steps"] == 4
+        logs = _cli("jobs", "logs", job_id, "--address", state["dashboard"], env=env, timeout=120)
+        assert '"samples_per_s"' in logs.stdout and "final model:" in logs.stdout
+        status = _cli("jobs", "status", job_id, "--address", state["dashboard"], env=env, timeout=120)
+        assert "SUCCEEDED" in status.stdout
+        assert open(state["token_path"]).read().strip() not in out  # the token is never printed
+
+        bad = _cli("jobs", "list", "--address", "http://127.0.0.1:9", env=env, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+        assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in bad.stderr
+        wrong = tmp_path / "wrong_token"
+        wrong.write_text("0" * 64)
+        tok = _cli("jobs", "list", "--address", state["dashboard"],
+                   env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
+        assert tok.returncode == 2 and "authentication failed" in tok.stderr and tok.stderr.strip().count("\n") == 0
+    finally:
+        down = _cli("cluster", "down", env=env, timeout=120)
+    assert down.returncode == 0, down.stderr
+    left = [p for p in psutil.process_iter(["cmdline"]) if any(state["root"] in c for c in (p.info["cmdline"] or []))]
+    assert not left, "cluster processes survived `negatron cluster down`"
