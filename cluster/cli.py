@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     from .jobs import JobsError
     from .multinode import ClusterError
 
+    if args.command in ("submit", "jobs"):
+        from .jobs import auth_env_for
+
+        auth_env_for(args.address)  # Ray reads its auth mode once, at import: set it first
     try:
         return args.func(args)
     except (ConfigError, SchemaError, ModelLoadError, CheckpointError, TrainingError, FileNotFoundError,

@@ -1,7 +1,7 @@
 """`negatron submit` and `negatron jobs`: work on a Ray cluster through the Jobs API.
 
-``submit`` validates the config here, builds the Negatron wheel and ships it with the config in
-the job's runtime_env (``py_modules`` + ``working_dir``), so nodes need no checkout. Token auth
+``submit`` validates the config here, builds the Negatron wheel and ships its package with the
+config in the job's runtime_env (``py_modules`` + ``working_dir``), so nodes need no checkout. Token auth
 (Ray 2.60) comes from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, or from the record of a cluster that
 `negatron cluster up` started at the same address; the token itself is never printed.
 """
@@ -29,8 +29,11 @@ def _one_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
-def _auth_env_for(address: str) -> None:
-    """Use the token of a cluster we started at this address when none is configured."""
+def auth_env_for(address: str) -> None:
+    """Use the token of a cluster we started at this address when none is configured.
+
+    Must run before ``ray`` is imported: Ray reads RAY_AUTH_MODE once per process.
+    """
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         return
@@ -46,11 +49,11 @@ def _auth_env_for(address: str) -> None:
 
 def client(address: str):
     """A JobSubmissionClient, or JobsError naming the address and the reason."""
-    from ray.job_submission import JobSubmissionClient
-
     if not address.startswith(("http://", "https://")):
         raise JobsError(f"--address {address!r}: give the dashboard URL, e.g. http://127.0.0.1:8265")
-    _auth_env_for(address)
+    auth_env_for(address)
+    from ray.job_submission import JobSubmissionClient
+
     try:
         c = JobSubmissionClient(address)
         c.list_jobs()  # fails fast on a refused token
@@ -69,6 +72,20 @@ def project_root() -> Path:
         return here
     raise JobsError("negatron submit builds the wheel from a source checkout, but this install has none; "
                     "run it from a clone (pip install -e .)")
+
+
+def unpack_wheel(wheel: Path, out_dir: Path) -> Path:
+    """The wheel's ``negatron`` package as a folder, for ``py_modules``: a ``.whl`` there is
+    pip-installed with all its dependencies (ray, torch, ...) on every node; the folder is just
+    put on the path, next to what the cluster already has installed."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(out_dir)
+    pkg = out_dir / "negatron"
+    if not (pkg / "cluster" / "cli.py").is_file():
+        raise JobsError(f"{wheel.name}: the wheel holds no negatron package")
+    return pkg
 
 
 def build_wheel(out_dir: Path) -> Path:
@@ -115,15 +132,23 @@ def submit(kind: str, address: str, config: str | None, overrides: list[str], wa
         (job_dir / "negatron.yaml").write_text(dump_yaml(cfg))
         log("building the negatron wheel ...")
         wheel = build_wheel(d / "dist")
+        module = unpack_wheel(wheel, d / "module")
         job_id = f"negatron-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         entry = f"python -m negatron.cluster.cli {kind} --config negatron.yaml"
         env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1"}
-        try:
-            job_id = c.submit_job(entrypoint=entry, submission_id=job_id,
-                                  runtime_env={"working_dir": str(job_dir), "py_modules": [str(wheel)], "env_vars": env})
-        except Exception as e:
-            raise JobsError(f"submitting to {address} failed: {_one_line(e)}") from None
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                job_id = c.submit_job(entrypoint=entry, submission_id=job_id, runtime_env={
+                    "working_dir": str(job_dir), "py_modules": [str(module)], "env_vars": env})
+                break
+            except Exception as e:
+                # a freshly started cluster answers 500 "No available agent" for a few seconds
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(3)
+                    continue
+                raise JobsError(f"submitting to {address} failed: {_one_line(e)}") from None
     log(f"submitted job {job_id}: {entry}")
     log(f"  follow: negatron jobs logs {job_id} --address {address}   stop: negatron jobs stop {job_id} --address {address}")
     if not wait:

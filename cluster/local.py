@@ -22,8 +22,8 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, quiet:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
-    if os.environ.get("RAY_ADDRESS"):  # inside a Ray job: use the job's cluster
-        ray.init(runtime_env=env, log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS"):  # inside a Ray job: the job's cluster and runtime env
+        ray.init(log_to_driver=True)
         return
     # Ray CPUs are logical: twice the cores (at least 4) lets trial drivers, fractional workers
     # and Ray Data share a small machine without starving each other.
