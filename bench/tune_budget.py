@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "tune_quickstart.yaml"))
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", default=None, help="copy each experiment's results.parquet and tune.png here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -55,7 +56,17 @@ def main() -> None:
                     "wall_s": round(wall, 1), "best_dev_mrr@10": res.best_metric,
                     "stopped_early": sum(r["status"] == "STOPPED_EARLY" for r in res.rows),
                     "steps_run": sum(r["step"] or 0 for r in res.rows),
+                    "trials": [{k: r.get(k) for k in ("trial_id", *cfg.tune.space, "dev_mrr@10", "step", "status")}
+                               for r in res.rows],
                 }
+                if args.keep:
+                    import shutil
+
+                    dst = Path(args.keep) / sched
+                    dst.mkdir(parents=True, exist_ok=True)
+                    for name in ("results.parquet", "tune.png", "best.yaml"):
+                        if (res.experiment_dir / name).is_file():
+                            shutil.copy(res.experiment_dir / name, dst / name)
         finally:
             ray.shutdown()
     a, f = out["runs"]["asha"], out["runs"]["fifo"]

@@ -53,6 +53,10 @@ class EncoderServe(_Section):
     name: str = Field("", pattern=r"^[A-Za-z0-9_.:\-]*$", description="Model name clients send (empty = the folder name).")
     models: dict[str, str] = Field(default_factory=dict, description="Extra encoders served side by side: name -> folder.")
     max_length: int = Field(0, ge=0, le=8192, description="Token limit per text (0 = the model's own).")
+    colocate: bool = Field(False, description=(
+        "Run the encoders inside the ingress replicas instead of an Encoder deployment: one actor hop "
+        "less per request (best for many small requests on few cores); the ingress then takes "
+        "encoder.scale and encoder.batch, and models are not multiplexed (all load in every replica)."))
     scale: ScaleConfig = ScaleConfig()
     batch: BatchConfig = BatchConfig()
 
@@ -91,6 +95,8 @@ class ServeSection(_Section):
     app_name: str = Field("negatron", pattern=r"^[A-Za-z0-9_\-]+$")
     api_key_env: str = Field("", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$|^$",
                              description="Name of an environment variable holding the API key (empty = no key).")
+    access_log: bool = Field(False, description=(
+        "Log every request in each replica (costs CPU per request; errors are logged either way)."))
     ingress: ScaleConfig = ScaleConfig(num_cpus=0.1, max_replicas=1, max_ongoing_requests=256)
     encoder: EncoderServe = EncoderServe()
     reranker: RerankerServe = RerankerServe()

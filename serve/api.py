@@ -157,6 +157,18 @@ class Ingress:
         from transformers import AutoTokenizer
 
         self.encoder, self.reranker, self.retriever = encoder, reranker, retriever
+        self.local: dict[str, Any] = {}
+        if settings.get("colocate"):  # the encoders run in this replica: no hop per request
+            import torch
+
+            from negatron.trainers.encoder import Encoder
+
+            torch.set_num_threads(int(settings.get("torch_threads", 1)))
+            self.local = {n: Encoder.from_pretrained(p).eval() for n, p in settings["models"].items()}
+            batch = settings["batch"]
+            self.chunk = int(batch["chunk_size"])
+            self._local_embed.set_max_batch_size(int(batch["max_batch_size"]))
+            self._local_embed.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
         self.models: dict[str, str] = settings["models"]
         self.default_model: str = settings["default_model"]
         self.limits: dict[str, Any] = settings["limits"]
@@ -234,6 +246,25 @@ class Ingress:
             raise ApiError(503, f"{what} is unavailable right now ({type(e).__name__}); retry shortly",
                            None, "unavailable") from None
 
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _local_embed(self, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+        """Colocated mode: concurrent requests' texts in one length-sorted forward pass per model."""
+        import asyncio
+
+        out: list = [None] * len(items)
+        by_model: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(items):
+            by_model.setdefault(name, []).append(i)
+        for name, idx in by_model.items():
+            enc = self.local[name]
+            flat = [t for i in idx for t in items[i][1]]
+            emb = await asyncio.to_thread(enc.encode, flat, self.chunk, self.token_limits[name])  # N×D
+            start = 0
+            for i in idx:
+                out[i] = emb[start:start + len(items[i][1])]
+                start += len(items[i][1])
+        return out
+
     # -- routes --
 
     @app.get("/healthz")
@@ -257,7 +288,10 @@ class Ingress:
         if body.dimensions is not None and self.dims.get(name) and body.dimensions != self.dims[name]:
             raise ApiError(400, f"'dimensions' {body.dimensions} is not supported: {name} returns {self.dims[name]}",
                            "dimensions", "unsupported_dimensions")
-        emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(texts))
+        if self.local:
+            emb = await self._local_embed((name, texts))
+        else:
+            emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(texts))
         if body.encoding_format == "base64":
             data = [EmbeddingItem(index=i, embedding=_f32_base64(v)) for i, v in enumerate(emb)]
         else:

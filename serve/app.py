@@ -28,9 +28,10 @@ from .deployments import EncoderDeployment, RerankerDeployment, RetrieverDeploym
 IMPORT_PATH = "negatron.serve.app:app_builder"
 
 
-def deployment_options(scale: ScaleConfig) -> dict[str, Any]:
+def deployment_options(scale: ScaleConfig, access_log: bool = True) -> dict[str, Any]:
     """Ray Serve deployment options for one ScaleConfig."""
     return {
+        "logging_config": {"enable_access_log": access_log},
         "num_replicas": "auto",
         "autoscaling_config": {
             "min_replicas": scale.min_replicas,
@@ -80,8 +81,10 @@ def app_builder(args: ServeSection) -> Application:
     facts = {n: _model_facts(p) for n, p in names.items()}
     models = {n: str(p) for n, p in names.items()}
 
-    encoder = EncoderDeployment.options(**deployment_options(args.encoder.scale)).bind(
-        models, args.encoder.max_length, args.encoder.batch.model_dump(), args.encoder.scale.torch_threads)
+    encoder = None
+    if not args.encoder.colocate:
+        encoder = EncoderDeployment.options(**deployment_options(args.encoder.scale, args.access_log)).bind(
+            models, args.encoder.max_length, args.encoder.batch.model_dump(), args.encoder.scale.torch_threads)
 
     reranker = None
     rr_path = ""
@@ -91,7 +94,7 @@ def app_builder(args: ServeSection) -> Application:
         if not (rr / "config.json").is_file():
             raise ConfigError(f"serve.reranker.path: not a Hugging Face model folder: {args.reranker.path}")
         rr_path = str(rr.resolve())
-        reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale)).bind(
+        reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale, args.access_log)).bind(
             rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads)
 
     retriever = None
@@ -103,7 +106,7 @@ def app_builder(args: ServeSection) -> Application:
         user_config = {"model": models[default_name], "corpus": str(corpus.resolve()), "index": r.index,
                        "cache_dir": r.cache_dir, "max_length": args.encoder.max_length, "hnsw_m": r.hnsw_m,
                        "hnsw_ef_search": r.hnsw_ef_search, "ivf_nlist": r.ivf_nlist, "ivf_nprobe": r.ivf_nprobe}
-        retriever = RetrieverDeployment.options(**deployment_options(r.scale), user_config=user_config).bind(
+        retriever = RetrieverDeployment.options(**deployment_options(r.scale, args.access_log), user_config=user_config).bind(
             r.batch.model_dump(), r.scale.torch_threads)
 
     settings = {
@@ -112,8 +115,12 @@ def app_builder(args: ServeSection) -> Application:
         "dims": {n: f[1] for n, f in facts.items()}, "reranker_path": rr_path,
         "reranker_max_length": args.reranker.max_length or _reranker_len(rr_path),
         "rerank_depth": args.retriever.rerank_depth, "api_key_env": args.api_key_env,
+        "colocate": args.encoder.colocate, "batch": args.encoder.batch.model_dump(),
+        "torch_threads": args.encoder.scale.torch_threads,
     }
-    return Ingress.options(**deployment_options(args.ingress)).bind(encoder, reranker, retriever, settings)
+    # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
+    ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress
+    return Ingress.options(**deployment_options(ingress_scale, args.access_log)).bind(encoder, reranker, retriever, settings)
 
 
 def served_name(path: str, folder: Path) -> str:

@@ -318,3 +318,29 @@ def test_negatron_serve_process_starts_and_stops_on_sigterm(tmp_path, assets):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_colocated_encoder_gives_the_same_embeddings(server, assets):
+    """serve.encoder.colocate runs the encoders inside the ingress (no Encoder deployment)."""
+    from ray import serve
+
+    from negatron.cluster.serve_config import ServeSection
+    from negatron.serve.app import app_builder
+    from negatron.trainers.encoder import Encoder
+
+    d = server["section"].model_dump()
+    d.update(app_name="colocated", api_key_env="")
+    d["encoder"]["colocate"] = True
+    d["reranker"]["path"] = ""
+    d["retriever"]["corpus"] = ""
+    section = ServeSection.model_validate(d)
+    serve.run(app_builder(section), name="colocated", route_prefix="/colo")
+    try:
+        assert "Encoder" not in serve.status().applications["colocated"].deployments
+        texts = ["sort a list of keys", "def f(x):\n    return x + 1"]
+        r = httpx.post(server["url"] + "/colo/v1/embeddings", json={"input": texts, "model": "tiny2"}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = np.array([x["embedding"] for x in r.json()["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, Encoder.from_pretrained(str(assets["root"] / "enc2")).encode(texts), atol=1e-5)
+    finally:
+        serve.delete("colocated")

@@ -198,12 +198,15 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
                     f"(best {best:.4f})")
                 model.encoder.train()
             last_metrics = metrics
+            # lists (worker_nodes, bank_checksums) stay in the checkpoint's negatron.json: Ray's
+            # loggers want scalars
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
             if rank == 0:
                 with tempfile.TemporaryDirectory(prefix="negatron-ckpt-") as tmp:
                     save_checkpoint(tmp, model, opt, sched, done, cfg.to_dict(), metrics, history)
-                    report(metrics, tmp)
+                    report(scalars, tmp)
             else:
-                report(metrics, None)
+                report(scalars, None)
     return last_metrics
 
 

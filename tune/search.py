@@ -131,7 +131,8 @@ def pbt_trial_fn(params: dict, base: dict, trials_dir: str) -> None:
                          "run.storage_path": trials_dir, "trainer.keep_checkpoints": 1})
         res = run_training(c, init_checkpoint=init, stop_at=stop)
         init, step = res.checkpoint_dir, stop
-        tune.report({**res.reported, "checkpoint_path": init}, checkpoint=tune.Checkpoint.from_directory(init))
+        scalars = {k: v for k, v in res.reported.items() if not isinstance(v, list)}
+        tune.report({**scalars, "checkpoint_path": init}, checkpoint=tune.Checkpoint.from_directory(init))
 
 
 def _scheduler(cfg: Config):
