@@ -139,7 +139,7 @@ def stdlib_windows(n: int, lines: int = 12, stride: int = 6) -> tuple[list[str],
 
 
 def section_for(model: str, port: int, batch: int, threads: int, corpus: str = "", cache: str = "",
-                max_length: int = 128):
+                max_length: int = 128, colocate: bool = False):
     from negatron.cluster.config import load_config
     from negatron.serve.app import resolve_section
 
@@ -150,7 +150,7 @@ def section_for(model: str, port: int, batch: int, threads: int, corpus: str = "
         "serve.encoder.scale.max_ongoing_requests=64", "serve.ingress.max_ongoing_requests=512",
         f"serve.retriever.corpus={corpus}", f"serve.retriever.cache_dir={cache}",
         f"serve.retriever.scale.torch_threads={threads}", "serve.retriever.scale.num_cpus=1",
-        "serve.limits.max_top_k=100",
+        "serve.limits.max_top_k=100", f"serve.encoder.colocate={str(colocate).lower()}",
     ])
     return resolve_section(cfg)
 
@@ -160,7 +160,10 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server (same for all)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain server (torch's default here)")
+    ap.add_argument("--replica-threads", type=int, default=1,
+                    help="torch threads per Negatron replica (serve.*.scale.torch_threads; 1 avoids OpenMP spinning)")
+    ap.add_argument("--search-max-length", type=int, default=32, help="token limit of the search corpus and queries")
     ap.add_argument("--search-docs", type=int, default=100_000)
     ap.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"])
     ap.add_argument("--skip-search", action="store_true")
@@ -200,9 +203,10 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        for name, batch in [("negatron_batched", 32), ("negatron_unbatched", 1)]:
+        for name, batch, colo in [("negatron_batched", 32, False), ("negatron_unbatched", 1, False),
+                                  ("negatron_colocated_batched", 32, True), ("negatron_colocated_unbatched", 1, True)]:
             port = free_port()
-            url = start(section_for(args.model, port, batch, args.threads))
+            url = start(section_for(args.model, port, batch, args.replica_threads, colocate=colo))
             out["results"][name] = [asyncio.run(load(url, "/v1/embeddings", bodies, c, args.seconds)) for c in conc]
             print(json.dumps({name: out["results"][name]}), file=sys.stderr)
             serve.shutdown()
@@ -213,39 +217,45 @@ def main() -> None:
             from negatron.serve.index import load_or_build, write_corpus
             from negatron.trainers.encoder import Encoder
 
-            with tempfile.TemporaryDirectory() as d:
-                ids, texts = stdlib_windows(args.search_docs)
-                corpus = write_corpus(Path(args.cache_dir) / f"stdlib_{len(ids)}.parquet", ids, texts)
-                # prebuild the cache with the same encoder and settings the Retriever uses
-                torch.set_num_threads(max(2, args.threads))
-                enc = Encoder.from_pretrained(model_dir)
-                t0 = time.perf_counter()
-                idx = load_or_build(corpus, model_dir, lambda t: enc.encode(t, 64, 128, progress="embed corpus"),
-                                    kind=args.index, cache_dir=args.cache_dir, embed_settings={"max_length": 128},
-                                    hnsw_m=32, hnsw_ef_search=64, ivf_nlist=0, ivf_nprobe=16)
-                build_s = time.perf_counter() - t0
-                port = free_port()
-                url = start(section_for(args.model, port, 32, args.threads, corpus=str(corpus), cache=args.cache_dir))
-                qbodies = [{"query": q, "top_k": 10} for q in queries]
-                out["search"] = {"docs": len(ids), "index": args.index, "index_build_s": round(build_s, 1),
-                                 "from_cache": idx.from_cache,
-                                 "load": [asyncio.run(load(url, "/search", qbodies, c, args.seconds)) for c in (1, 8)]}
-                serve.shutdown()
+            ids, texts = stdlib_windows(args.search_docs, lines=4, stride=3)
+            ml = args.search_max_length
+            corpus = write_corpus(Path(args.cache_dir) / f"stdlib_{len(ids)}.parquet", ids, texts)
+            # prebuild the cache with the same encoder and settings the Retriever uses
+            torch.set_num_threads(max(2, args.threads))
+            enc = Encoder.from_pretrained(model_dir)
+            t0 = time.perf_counter()
+            idx = load_or_build(corpus, model_dir, lambda t: enc.encode(t, 128, ml, progress="embed corpus"),
+                                kind=args.index, cache_dir=args.cache_dir, embed_settings={"max_length": ml},
+                                hnsw_m=32, hnsw_ef_search=64, ivf_nlist=0, ivf_nprobe=16)
+            build_s = time.perf_counter() - t0
+            port = free_port()
+            url = start(section_for(args.model, port, 32, args.replica_threads, corpus=str(corpus),
+                                    cache=args.cache_dir, max_length=ml))
+            qbodies = [{"query": q, "top_k": 10} for q in queries]
+            out["search"] = {"docs": len(ids), "index": args.index, "index_build_s": round(build_s, 1),
+                             "max_length": ml,
+                             "from_cache": idx.from_cache,
+                             "load": [asyncio.run(load(url, "/search", qbodies, c, args.seconds)) for c in (1, 8)]}
+            serve.shutdown()
     finally:
         ray.shutdown()
 
     res = out["results"]
     at = {k: {r["concurrency"]: r for r in v} for k, v in res.items()}
     top = max(conc)
-    a, b, c = at["negatron_batched"][top], at["negatron_unbatched"][top], at["plain_fastapi_st"][top]
-    out["at_max_concurrency"] = {
-        "concurrency": top,
-        "batched_vs_unbatched_throughput": round(a["texts_per_s"] / b["texts_per_s"], 2),
-        "batched_vs_plain_throughput": round(a["texts_per_s"] / c["texts_per_s"], 2),
-        "p99_batched_ms": a["p99_ms"], "p99_plain_ms": c["p99_ms"],
-        "targets_met": a["texts_per_s"] >= 2 * b["texts_per_s"] and a["texts_per_s"] >= c["texts_per_s"]
-                       and a["p99_ms"] < c["p99_ms"],
-    }
+    c = at["plain_fastapi_st"][top]
+    out["at_max_concurrency"] = {}
+    for mode, (ka, kb) in {"separate_encoder": ("negatron_batched", "negatron_unbatched"),
+                           "colocated": ("negatron_colocated_batched", "negatron_colocated_unbatched")}.items():
+        a, b = at[ka][top], at[kb][top]
+        out["at_max_concurrency"][mode] = {
+            "concurrency": top,
+            "batched_vs_unbatched_throughput": round(a["texts_per_s"] / b["texts_per_s"], 2),
+            "batched_vs_plain_throughput": round(a["texts_per_s"] / c["texts_per_s"], 2),
+            "p99_batched_ms": a["p99_ms"], "p99_plain_ms": c["p99_ms"],
+            "targets_met": a["texts_per_s"] >= 2 * b["texts_per_s"] and a["texts_per_s"] >= c["texts_per_s"]
+                           and a["p99_ms"] < c["p99_ms"],
+        }
     print(json.dumps(out, indent=2))
 
 
