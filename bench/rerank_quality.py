@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--reranker-steps", type=int, default=120)
+    ap.add_argument("--reranker-steps", type=int, default=120, help="0 = compare the bi-encoders only")
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--negatives", type=int, default=1, help="data.num_negatives for bi-encoder B")
     ap.add_argument("--data", default=None, help="an existing `negatron data stdlib` folder")
@@ -68,16 +68,25 @@ def main() -> None:
                                               progress=False)["mrr@10"]
         print(json.dumps({"bi_in_batch": out["bi_in_batch"]}), file=sys.stderr, flush=True)
 
-        rr = reranker_stage(base, Path(a.final_dir), data, tmp, steps=args.reranker_steps, depth=args.depth)
-        out["mined"] = rr["mined"]
-        out["bi_in_batch_plus_reranker"] = rr["reranked"]["mrr@10"]
-        out["bi_in_batch_two_stage_first"] = rr["retrieval"]["mrr@10"]
-        print(json.dumps({"bi_in_batch_plus_reranker": out["bi_in_batch_plus_reranker"]}), file=sys.stderr, flush=True)
+        if args.reranker_steps:
+            rr = reranker_stage(base, Path(a.final_dir), data, tmp, steps=args.reranker_steps, depth=args.depth)
+            out["mined"] = rr["mined"]
+            out["bi_in_batch_plus_reranker"] = rr["reranked"]["mrr@10"]
+            print(json.dumps({"bi_in_batch_plus_reranker": out["bi_in_batch_plus_reranker"]}), file=sys.stderr, flush=True)
+        else:  # hard negatives only (no reranker stage)
+            from negatron.trainers.mine import mine
+
+            out["mined"] = mine(str(a.final_dir), data / "train.parquet", tmp / "mined.parquet", k=40, skip=3, take=7,
+                                max_length=base.model.max_length)
 
         b = run_training(base.replace({"run.name": "hard_negatives", "data.train": str(tmp / "mined.parquet"),
                                        "data.num_negatives": args.negatives}))
         enc_b = Encoder.from_pretrained(str(b.final_dir))
         out["bi_hard_negatives"] = evaluate_encoder(enc_b, test, query_max_length=qlen, progress=False)["mrr@10"]
+        out["wall_s"] = round(time.perf_counter() - t0, 1)
+        if not args.reranker_steps:
+            print(json.dumps(out, indent=2))
+            return
         two_b = evaluate_two_stage(enc_b, CrossEncoder.from_pretrained(rr["reranker"]), test, depth=args.depth,
                                    query_max_length=qlen, progress=False)
         out["bi_hard_negatives_plus_reranker"] = two_b["reranked"]["mrr@10"]

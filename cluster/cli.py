@@ -149,7 +149,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
           f"model in {res.final_dir}, plot in {res.run_dir / 'training.png'}")
     if args.with_reranker:
         rr = reranker_stage(cfg, Path(res.final_dir), data_dir, out, address=args.address,
-                            steps=args.reranker_steps, depth=args.rerank_depth)
+                            steps=args.reranker_steps, depth=args.rerank_depth, init=args.reranker_init)
         summary["reranker"] = rr
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -157,9 +157,10 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def reranker_stage(cfg, bi_encoder: Path, data_dir: Path, out: Path, address: str | None = None,
-                   steps: int = 120, depth: int = 20) -> dict:
+                   steps: int = 120, depth: int = 20, init: str | None = None) -> dict:
     """Mine hard negatives with the fine-tuned bi-encoder, train a cross-encoder on them with Ray
-    Train (from the fine-tuned bi-encoder with a fresh scoring head), rerank the test top ``depth``."""
+    Train (from ``init``, a cross-encoder folder, or else the fine-tuned bi-encoder with a fresh
+    scoring head), rerank the test top ``depth``."""
     from negatron.trainers.cross_encoder import CrossEncoder
     from negatron.trainers.encoder import Encoder
     from negatron.trainers.evaluate import evaluate_two_stage, format_table
@@ -172,7 +173,7 @@ def reranker_stage(cfg, bi_encoder: Path, data_dir: Path, out: Path, address: st
     print(f"      {stats['pairs']} pairs, {stats['negatives_per_query_mean']:.1f} negatives each ({stats['wall_s']:.0f}s)",
           flush=True)
     ce_cfg = cfg.replace({
-        "model.kind": "cross-encoder", "model.path": str(bi_encoder), "model.max_length": 192,
+        "model.kind": "cross-encoder", "model.path": init or str(bi_encoder), "model.max_length": 192,
         "data.train": str(out / "mined.parquet"), "data.num_negatives": 3, "bank.size": 0, "bank.momentum": 0.0,
         "augment.mask_prob": 0.0, "augment.delete_prob": 0.0, "augment.crop": False, "augment.dropout_views": False,
         "trainer.batch_size": 4, "trainer.max_steps": steps, "trainer.checkpoint_every": steps,
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then mine hard negatives, train a cross-encoder reranker and evaluate both stages")
     q.add_argument("--reranker-steps", type=int, default=120, help="reranker training steps (default 120)")
     q.add_argument("--rerank-depth", type=int, default=20, help="test candidates the reranker reorders (default 20)")
+    q.add_argument("--reranker-init", default=None,
+                   help="start the reranker from this cross-encoder folder (default: the fine-tuned bi-encoder "
+                        "with a fresh head, which needs far more steps than a CPU quickstart gives it)")
     q.add_argument("overrides", nargs="*", help="a.b=value overrides")
     q.set_defaults(func=_cmd_quickstart)
     return p
