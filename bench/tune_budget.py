@@ -45,7 +45,7 @@ def main() -> None:
                                         f"run.storage_path={tmp / 'exp'}", *args.overrides])
         presets = sample_presets(cfg, args.trials, args.seed)
         ensure_ray()
-        out = {"config": args.config, "trials": args.trials, "presets": presets, "runs": {}}
+        out = {"config": os.path.relpath(args.config, Path(__file__).resolve().parent.parent), "trials": args.trials, "presets": presets, "runs": {}}
         try:
             for sched in ("asha", "fifo"):
                 c = cfg.replace({"tune.scheduler": sched, "run.name": f"budget-{sched}"})

@@ -46,10 +46,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"{metrics['num_queries']} queries, {metrics['num_docs']} docs; encoding "
           f"{metrics['encode_corpus_s'] + metrics['encode_queries_s']:.1f}s")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        _write_json(args.out, metrics)
     return 0
+
+
+def _write_json(path: str, obj: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def _eval_two_stage(args: argparse.Namespace, encoder, data) -> int:
@@ -63,9 +67,7 @@ def _eval_two_stage(args: argparse.Namespace, encoder, data) -> int:
     print(f"{out['retrieval']['num_queries']} queries, {out['retrieval']['num_docs']} docs; reranking "
           f"{out['reranked']['rerank_s']:.1f}s")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        _write_json(args.out, out)
     return 0
 
 

@@ -52,7 +52,6 @@ class EncoderDeployment:
         self.max_length = max_length
         self.chunk = int(batch["chunk_size"])
         _configure_batching(self._embed_batch, batch)
-        self._loaded_once = False
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, name: str):
@@ -62,7 +61,6 @@ class EncoderDeployment:
             raise KeyError(f"unknown model {name!r}")
         enc = await asyncio.to_thread(Encoder.from_pretrained, self.paths[name])
         enc.eval()
-        self._loaded_once = True
         logger.info("Encoder: loaded %s from %s", name, self.paths[name])
         return enc
 
@@ -83,9 +81,6 @@ class EncoderDeployment:
             out.append(emb[start:start + len(texts)])
             start += len(texts)
         return out
-
-    def info(self) -> dict[str, Any]:
-        return {"models": self.paths, "max_length": self.max_length}
 
     def check_health(self) -> None:
         for name, path in self.paths.items():
@@ -184,12 +179,6 @@ class RetrieverDeployment:
         for (_, want), srow, rrow in zip(requests, scores, rows):
             out.append([(idx.doc_ids[r], float(s), idx.texts[r]) for s, r in zip(srow[:want], rrow[:want]) if r >= 0])
         return out
-
-    def info(self) -> dict[str, Any]:
-        s = self.state or {}
-        idx = s.get("index")
-        return {"model": s.get("model"), "corpus": s.get("corpus"), "docs": len(idx.doc_ids) if idx else 0,
-                "index_key": idx.key if idx else None}
 
     def check_health(self) -> None:
         if self.state is None:
