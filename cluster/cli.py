@@ -403,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"negatron: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("negatron: interrupted", file=sys.stderr)
+        resumable = args.command in ("train", "tune", "quickstart")
+        print("negatron: interrupted" + ("; run the same command again to resume from the last checkpoint"
+                                         if resumable else ""), file=sys.stderr)
         return 130
 
 

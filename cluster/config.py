@@ -147,7 +147,7 @@ class TuneSection(_Section):
             kind, arg = next(iter(spec.items()))
             n = _DISTRIBUTIONS[kind]
             if not isinstance(arg, list) or (n and len(arg) != n) or not arg:
-                want = f"[low, high]" if n else "a non-empty list of values"
+                want = "[low, high]" if n else "a non-empty list of values"
                 raise ValueError(f"space[{key!r}].{kind}: expected {want}, got {arg!r}")
             if n and not arg[0] < arg[1]:
                 raise ValueError(f"space[{key!r}].{kind}: low {arg[0]!r} must be below high {arg[1]!r}")

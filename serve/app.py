@@ -181,17 +181,23 @@ def serve_config_yaml(section: ServeSection) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def start(section: ServeSection, blocking_wait_s: float = 600.0) -> str:
+def start(section: ServeSection, blocking_wait_s: float | None = None) -> str:
     """Deploy on the connected Ray; returns the base URL once every deployment is healthy."""
+    blocking_wait_s = section.startup_timeout_s if blocking_wait_s is None else blocking_wait_s
     serve.start(http_options={"host": section.host, "port": section.port})
     serve.run(app_builder(section), name=section.app_name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + blocking_wait_s
-    while time.monotonic() < deadline:
+    while True:
         st = serve.status().applications.get(section.app_name)
         if st is not None and st.status == "RUNNING":
             break
         if st is not None and st.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RuntimeError(f"Serve application {section.app_name!r} failed: {st.message or _deployment_errors(st)}")
+        if time.monotonic() > deadline:
+            state = "not deployed yet" if st is None else f"{st.status}; " + "; ".join(
+                f"{n}: {d.status} {d.message}".strip() for n, d in st.deployments.items())
+            raise TimeoutError(f"Serve application {section.app_name!r} was not running after "
+                               f"{blocking_wait_s:.0f} s ({state}); raise serve.startup_timeout_s or check the Ray logs")
         time.sleep(0.5)
     host = "127.0.0.1" if section.host in ("0.0.0.0", "::") else section.host
     return f"http://{host}:{section.port}"
@@ -201,6 +207,20 @@ def _deployment_errors(st) -> str:
     return "; ".join(f"{n}: {d.message}" for n, d in st.deployments.items() if d.message) or "see the Ray logs"
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """On the embedded Ray the proxy binds here: a taken port would only show up deep in Serve's logs."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"serve.port: cannot listen on {host}:{port} ({e.strerror}); "
+                              "pick another port with --port") from None
+
+
 def run_until_signal(section: ServeSection, address: Optional[str] = None, log=print) -> None:
     """`negatron serve`: start Ray (embedded by default), deploy, print the URL, stop on Ctrl-C/SIGTERM."""
     from negatron.cluster.local import ensure_ray
@@ -208,6 +228,8 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
     if section.api_key_env and not os.environ.get(section.api_key_env):
         raise ConfigError(f"serve.api_key_env is {section.api_key_env!r}, but that environment variable is not set")
     embedded = not (address or os.environ.get("NEGATRON_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"))
+    if embedded:
+        _check_port_free(section.host, section.port)
     ensure_ray(address)
     import ray
 

@@ -1,6 +1,5 @@
 """Checkpoints: full training state round trip, clear errors for corrupt files, no pickle."""
 
-import json
 import pickle
 
 import pytest

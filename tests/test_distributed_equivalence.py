@@ -1,7 +1,6 @@
 """2 gloo processes × batch B == 1 process × batch 2B: loss, gradients and bank (no Ray)."""
 
 import os
-import tempfile
 
 import pytest
 import torch

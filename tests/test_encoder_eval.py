@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from negatron.trainers.encoder import Encoder, ModelLoadError, resolve_model_path
 from negatron.trainers.evaluate import evaluate_encoder, exact_search

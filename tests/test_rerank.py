@@ -1,7 +1,6 @@
 """Hard-negative mining, the listwise reranker loss and two-stage evaluation: no Ray."""
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 

@@ -1,15 +1,11 @@
 """A real Ray Serve app over HTTP: embeddings, rerank, search, errors, auth, multiplexing,
-index swap, autoscaling, the Serve config file and the `negatron serve` process."""
+index swap, autoscaling and the Serve config file (the `negatron serve` process: test_serve_process.py)."""
 
 import base64
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -285,39 +281,6 @@ def test_serve_build_writes_a_valid_serve_config(tmp_path, assets):
     from negatron.serve.app import app_builder
     assert app_builder(section) is not None  # the builder accepts the file's args
     assert main(["serve", "build", "serve.encoder.scale.max_replicas=0"]) == 2  # bad value: clear error
-
-
-def test_negatron_serve_process_starts_and_stops_on_sigterm(tmp_path, assets):
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop(KEY_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "negatron.cluster.cli", "serve", "--model", str(assets["root"] / "enc"),
-                             "--port", str(port), "serve.encoder.scale.num_cpus=0.25"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 240
-        url = None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("negatron serve: ready at"):
-                url = line.split("ready at", 1)[1].split()[0]
-                break
-        assert url == f"http://127.0.0.1:{port}", "".join(lines[-20:])
-        r = httpx.post(url + "/v1/embeddings", json={"input": ["hello"]}, timeout=60)
-        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=120)
-        lines.append(rest)
-        assert proc.returncode == 0, "".join(lines[-30:])
-        assert "shutting down" in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_colocated_encoder_gives_the_same_embeddings(server, assets):

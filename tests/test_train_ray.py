@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -15,7 +16,6 @@ import ray
 from negatron.cluster.config import load_config
 from negatron.trainers.encoder import Encoder
 from negatron.trainers.train import run_training
-from tests.helpers import write_pairs
 
 pytestmark = pytest.mark.ray
 
@@ -86,43 +86,79 @@ def _registered_checkpoints(run_dir: Path) -> int:
         return 0
 
 
-def test_worker_sigkill_resumes_from_checkpoint(tmp_path, tiny_model_dir, stdlib_data):
-    cfg = _cfg(tmp_path, tiny_model_dir, stdlib_data, "fault", "trainer.max_steps=300",
-               "trainer.checkpoint_every=25", "trainer.max_failures=1", "bank.size=50", "bank.momentum=0.5",
+def expected_data_digest(cfg, steps: int) -> str:
+    """The documented data rule: step s trains on global batch s of the seeded epoch permutations,
+    so a resumed run continues at the saved position and ends with this digest."""
+    import pyarrow.parquet as pq
+
+    from negatron.trainers.data import PairStream
+    from negatron.trainers.loop import rows_digest
+
+    stream = PairStream(pq.read_table(cfg.data.train), cfg.trainer.batch_size, 0, cfg.trainer.num_workers,
+                        seed=cfg.trainer.seed)
+    digest = ""
+    for step in range(steps):
+        digest = rows_digest(digest, stream.global_rows(step))
+    return digest
+
+
+def check_resumes(run_dir: Path, history: list[dict], every: int) -> list[int]:
+    """Each resume starts at a saved checkpoint with that checkpoint's bank and optimizer state."""
+    saved = {}
+    for meta in run_dir.glob("checkpoint_*/negatron.json"):
+        m = json.loads(meta.read_text())
+        saved[m["step"]] = m["metrics"]
+    steps = []
+    for r in (h for h in history if "resumed_from" in h):
+        step = r["resumed_from"]
+        assert step in saved and step % every == 0, (step, sorted(saved))
+        assert r["bank_checksum"] == saved[step].get("bank_checksum")
+        assert r["optimizer_checksum"] == saved[step]["optimizer_checksum"]
+        steps.append(step)
+    return steps
+
+
+def test_two_worker_sigkills_resume_from_checkpoints(tmp_path, tiny_model_dir, stdlib_data):
+    cfg = _cfg(tmp_path, tiny_model_dir, stdlib_data, "fault", "trainer.max_steps=240",
+               "trainer.checkpoint_every=20", "trainer.max_failures=2", "bank.size=50", "bank.momentum=0.5",
                "trainer.keep_checkpoints=100", "data.max_dev_queries=20")
     run_dir = tmp_path / "fault"
-    killed = {}
+    killed: list[tuple[int, int]] = []
+    rng = random.Random(1234)
 
     def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            # kill once the controller has registered a checkpoint (it polls workers, so a
-            # checkpoint folder on disk alone may still be unknown to it)
-            if _registered_checkpoints(run_dir) >= 1:
-                pids = _train_worker_pids()
-                if pids:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    killed["pid"] = pids[-1]
-                    return
+        deadline = time.time() + 400
+        seen: set[int] = set()
+        need = 1
+        while len(killed) < 2 and time.time() < deadline:
+            # kill once the controller has registered a new checkpoint (it polls workers, so a
+            # checkpoint folder on disk alone may still be unknown to it), at a random step after it
+            n = _registered_checkpoints(run_dir)
+            pids = [p for p in _train_worker_pids() if p not in seen]
+            if n >= need and len(pids) == 2:
+                time.sleep(rng.uniform(0.0, 1.0))
+                victim = rng.choice(pids)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append((victim, n))
+                seen.update(pids)
+                need = n + 1
             time.sleep(0.05)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     res = run_training(cfg)
     t.join(5)
-    assert "pid" in killed, "no worker was killed"
+    assert len(killed) == 2, f"only {len(killed)} worker(s) killed"
     history = json.loads((res.run_dir / "history.json").read_text())
-    resumes = [h for h in history if "resumed_from" in h]
-    assert len(resumes) == 1
-    # the bank after resume equals what the checkpoint of that step saved
-    saved = {}
-    for meta in run_dir.glob("checkpoint_*/negatron.json"):
-        m = json.loads(meta.read_text())
-        saved[m["step"]] = m["metrics"]["bank_checksum"]
-    step = resumes[0]["resumed_from"]
-    assert step in saved and step % 25 == 0 and step < 300
-    assert resumes[0]["bank_checksum"] == saved[step]
-    assert res.metrics["steps"] == 300
+    resumed = check_resumes(run_dir, history, 20)
+    assert len(resumed) == 2 and resumed[0] < resumed[1] < 240
+    assert res.metrics["steps"] == 240
+    final = json.loads((res.final_dir / "negatron.json").read_text())
+    assert final["step"] == 240
+    assert final["metrics"]["data_digest"] == expected_data_digest(cfg, 240)
     assert "mrr@10" in res.metrics
 
 

@@ -14,6 +14,7 @@ Random state needs no file: dropout and augmentation seeds are a function of (se
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,21 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     if meta.get("format", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {meta['format']} is newer than this Negatron ({FORMAT_VERSION})")
     return meta
+
+
+def optimizer_checksum(optimizer, scheduler=None) -> str:
+    """A digest of the optimizer's state (moments, step counts, LRs) and the scheduler position."""
+    h = hashlib.sha256()
+    sd = optimizer.state_dict()
+    for idx in sorted(sd["state"]):
+        for name in sorted(sd["state"][idx]):
+            v = sd["state"][idx][name]
+            h.update(f"{idx}.{name}".encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
+    h.update(repr([g["lr"] for g in sd["param_groups"]]).encode())
+    if scheduler is not None:
+        h.update(repr(scheduler.last_epoch).encode())
+    return h.hexdigest()[:16]
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ in a single plain process (benchmarks) and in tests.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 import time
@@ -19,7 +20,7 @@ from negatron.cluster.config import Config
 
 from . import distributed as D
 from .augment import TextAugmenter
-from .checkpoint import load_training_state, save_checkpoint
+from .checkpoint import load_training_state, optimizer_checksum, save_checkpoint
 from .data import PairStream
 from .encoder import Encoder
 from .step import ContrastiveModel, augment_batch
@@ -120,7 +121,8 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     if resume_dir:
         meta = load_training_state(resume_dir, model, opt, sched)
         start, history, last_metrics = meta["step"], meta.get("history", []), meta.get("metrics", {})
-        history.append({"resumed_from": start, "bank_checksum": model.bank.checksum() if model.bank else None})
+        history.append({"resumed_from": start, "bank_checksum": model.bank.checksum() if model.bank else None,
+                        "optimizer_checksum": optimizer_checksum(opt, sched)})
         if warm_start:
             _apply_hparams(cfg, model, opt, sched)
         if rank == 0:
@@ -142,8 +144,12 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
     best = max((h.get("dev_mrr@10", -1.0) for h in history if "dev_mrr@10" in h), default=-1.0)
     end = min(cfg.trainer.max_steps, stop_at or cfg.trainer.max_steps)
+    # a running digest of every global batch's rows since step 0: a resumed run that continues at
+    # the saved data position ends with the same digest as an uninterrupted one
+    data_digest = last_metrics.get("data_digest", "")
     for step in range(start, end):
         torch.manual_seed(_step_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
+        data_digest = rows_digest(data_digest, stream.global_rows(step))
         batch = augment_batch(stream.batch(step), aug, cfg.augment.apply_to, cfg.augment.dropout_views,
                               cfg.trainer.seed, step, rank)
         opt.zero_grad(set_to_none=True)
@@ -175,7 +181,8 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             t_log, n_since, loss_sum, loss_n = now, 0, 0.0, 0
         if done % cfg.trainer.checkpoint_every == 0 or done == end:
             metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": last_loss,
-                       "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0}
+                       "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0,
+                       "optimizer_checksum": optimizer_checksum(opt, sched), "data_digest": data_digest}
             if model.bank is not None:
                 metrics["bank_checksum"] = model.bank.checksum()
                 # every rank's checksum: the bank must be identical everywhere (reported by rank 0)
@@ -208,6 +215,11 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             else:
                 report(scalars, None)
     return last_metrics
+
+
+def rows_digest(previous: str, rows) -> str:
+    """Fold one global batch's row indices into the running data digest."""
+    return hashlib.sha256(previous.encode() + rows.astype("int64").tobytes()).hexdigest()[:16]
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
                              checkpoint_config=ckpt_cfg, callbacks=callbacks),
     )
     try:
-        result = trainer.fit()
+        result = _fit_interruptibly(trainer, run_dir)
     except Exception as e:  # Ray wraps worker errors: keep the root cause, drop Ray's frames
         raise TrainingError(f"training failed: {root_cause(e)}") from None
     if getattr(result, "error", None):
@@ -147,6 +149,48 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     plot_history(history, run_dir / "training.png", title=cfg.run.name)
     return TrainResult(run_dir, run_dir / "final", best_dir, metrics,
                        checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
+
+
+def _fit_interruptibly(trainer, run_dir: Path):
+    """``trainer.fit()``; on Ctrl-C the driver stops at once and the run stays resumable.
+
+    Ray Train's own SIGINT handler (installed when fit runs on the main thread) aborts the run and
+    exits with status 1 and no word of what happened. Fitting on a helper thread keeps Python's
+    KeyboardInterrupt on the main thread: the workers end with this process, every checkpoint
+    already registered stays, and the same command resumes from the latest one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            box["error"] = e
+
+    t = threading.Thread(target=fit, name="negatron-fit", daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.5)
+    except KeyboardInterrupt:
+        step = latest_registered_step(run_dir)
+        print("\nnegatron: training interrupted; " + (f"the latest checkpoint is step {step}" if step is not None
+              else "no checkpoint was saved yet"), file=sys.stderr, flush=True)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def latest_registered_step(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint Ray Train has registered for the run in ``run_dir``."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return max((int(c["metrics"]["step"]) for c in snap.get("checkpoint_results", [])), default=None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def root_cause(e: BaseException) -> str:

@@ -1,0 +1,65 @@
+"""The training driver interrupted with Ctrl-C (SIGINT), then the same command run again.
+
+This module starts no Ray of its own: each `negatron train` process runs the embedded local Ray,
+so only one Ray instance is alive at a time.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from negatron.cluster.config import load_config
+from tests.test_train_ray import _registered_checkpoints, check_resumes, expected_data_digest
+
+pytestmark = pytest.mark.ray
+
+
+def test_sigint_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir, stdlib_data):
+    overrides = [f"model.path={tiny_model_dir}", f"data.train={stdlib_data / 'train.parquet'}",
+                 f"data.dev={stdlib_data / 'dev'}", "data.max_dev_queries=20", "model.max_length=48",
+                 "trainer.num_workers=2", "trainer.batch_size=8", "trainer.cpus_per_worker=0.5",
+                 "optim.lr=1e-3", "trainer.max_steps=160", "trainer.checkpoint_every=20",
+                 "trainer.keep_checkpoints=100", "bank.size=50", "bank.momentum=0.5",
+                 f"run.storage_path={tmp_path}", "run.name=sigint"]
+    cmd = [sys.executable, "-m", "negatron.cluster.cli", "train", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "sigint"
+
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             cwd=tmp_path, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 300
+        while _registered_checkpoints(run_dir) < 2 and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, "the run ended before it could be interrupted:\n" + "".join(lines[-30:])
+        assert _registered_checkpoints(run_dir) >= 2, "no checkpoint in time:\n" + "".join(lines[-30:])
+        first.send_signal(signal.SIGINT)
+        rc = first.wait(120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    reader.join(10)
+    out = "".join(lines)
+    assert rc == 130, out[-3000:]
+    assert "interrupted" in out and "run the same command again to resume" in out, out[-2000:]
+    assert not (run_dir / "final").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    history = json.loads((run_dir / "history.json").read_text())
+    resumed = check_resumes(run_dir, history, 20)
+    assert len(resumed) == 1 and resumed[0] >= 40
+    final = json.loads((run_dir / "final" / "negatron.json").read_text())
+    assert final["step"] == 160
+    cfg = load_config(None, overrides)
+    assert final["metrics"]["data_digest"] == expected_data_digest(cfg, 160)
