@@ -127,6 +127,30 @@ def test_interrupted_experiment_resumes_without_redoing_finished_trials(tmp_path
     assert len(rows) == 4 and all(row["status"] == "TERMINATED" for row in rows), rows
 
 
+def test_a_failing_trial_is_errored_and_the_rest_completes(tmp_path, tiny_model_dir, task):
+    """One trial's training file lacks a column: that trial is ERROR with the message, the other
+    finishes and wins; running the experiment again redoes neither."""
+    from negatron.tune.results import format_rows
+
+    bad = tmp_path / "broken.parquet"
+    t = pq.read_table(task / "train.parquet")
+    pq.write_table(t.drop_columns(["positive"]), bad)
+    f = _config_file(tmp_path, tiny_model_dir, task, "faulty")
+    space = f"tune.space={{data.train: {{grid: [{task / 'train.parquet'}, {bad}]}}}}"
+    cfg = load_config(f, [space, "tune.scheduler=fifo", "trainer.max_steps=16"])
+    out = run_tune(cfg)
+    by_status = {r["status"]: r for r in out.rows}
+    assert set(by_status) == {"ERROR", "TERMINATED"}, out.rows
+    assert "missing column" in by_status["ERROR"]["error"] and "positive" in by_status["ERROR"]["error"]
+    assert "missing column" in format_rows(out.rows, cfg)
+    assert load_config(out.best_config_path).data.train == str(task / "train.parquet")
+    table = pq.read_table(out.experiment_dir / "results.parquet").to_pylist()
+    assert sorted(r["status"] for r in table) == ["ERROR", "TERMINATED"]
+    reports = _trial_reports(out.experiment_dir)
+    again = run_tune(cfg)  # same experiment: restored, nothing re-run
+    assert _trial_reports(out.experiment_dir) == reports
+    assert sorted(r["status"] for r in again.rows) == ["ERROR", "TERMINATED"]
+
 
 def test_pbt_exploits_and_mutated_values_survive_the_restore(tmp_path, tiny_model_dir, task):
     """Two trials, one that learns (lr 3e-3) and one that cannot (lr 1e-8): the weak one must copy
