@@ -92,6 +92,8 @@ class LimitsConfig(_Section):
 class ServeSection(_Section):
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
     port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(60.0, ge=0, description=(
+        "A request not answered within this many seconds gets an error instead of hanging (0 = no limit)."))
     startup_timeout_s: float = Field(600.0, gt=0, description=(
         "How long `negatron serve` waits for every deployment to be running before it gives up."))
     app_name: str = Field("negatron", pattern=r"^[A-Za-z0-9_\-]+$")

@@ -170,7 +170,7 @@ def serve_config_yaml(section: ServeSection) -> str:
     """A Ray Serve config file (``serve run`` / ``serve deploy`` / KubeRay ``serveConfigV2``)."""
     doc = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": section.host, "port": section.port},
+        "http_options": http_options(section),
         "applications": [{
             "name": section.app_name,
             "route_prefix": "/",
@@ -181,10 +181,17 @@ def serve_config_yaml(section: ServeSection) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def http_options(section: ServeSection) -> dict:
+    opts: dict = {"host": section.host, "port": section.port}
+    if section.request_timeout_s:
+        opts["request_timeout_s"] = section.request_timeout_s
+    return opts
+
+
 def start(section: ServeSection, blocking_wait_s: float | None = None) -> str:
     """Deploy on the connected Ray; returns the base URL once every deployment is healthy."""
     blocking_wait_s = section.startup_timeout_s if blocking_wait_s is None else blocking_wait_s
-    serve.start(http_options={"host": section.host, "port": section.port})
+    serve.start(http_options=http_options(section))
     serve.run(app_builder(section), name=section.app_name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + blocking_wait_s
     while True:
