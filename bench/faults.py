@@ -33,15 +33,15 @@ STEP_LINE = re.compile(r"\[negatron\] step (\d+)/")
 
 
 class StepWatcher:
-    """Stands in for stdout, where Ray prints the workers' log lines: remembers the highest step
-    logged and passes the text on to stderr (stdout is kept for the JSON)."""
+    """Stands in for stdout, where Ray prints the workers' log lines: remembers the step logged
+    last and passes the text on to stderr (stdout is kept for the JSON)."""
 
     def __init__(self, inner):
         self.inner, self.step = inner, 0
 
     def write(self, s: str) -> int:
         for m in STEP_LINE.finditer(s):
-            self.step = max(self.step, int(m.group(1)))
+            self.step = int(m.group(1))  # the latest line: after a resume the steps go back
         return self.inner.write(s)
 
     def flush(self) -> None:
@@ -96,6 +96,7 @@ def bench_training(args, tmp: Path) -> dict:
         clean = run_training(cfg("clean"))
         out["clean_wall_s"] = clean.metrics["wall_s"]
 
+        watcher.step = 0
         run_dir = tmp / "faulty"
         kills: list[dict] = []
         rng = random.Random(args.seed)

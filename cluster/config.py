@@ -38,12 +38,15 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     path: str = Field("default", min_length=1, description="Hugging Face folder, or 'default' for the packaged all-MiniLM-L6-v2.")
-    kind: Literal["bi-encoder", "cross-encoder"] = "bi-encoder"
+    kind: Literal["bi-encoder", "cross-encoder", "image"] = "bi-encoder"
     pooling: Literal["mean", "cls"] = "mean"
     projection_dim: int = Field(0, ge=0, description="Add a linear projection head of this size (0 = none).")
     normalize: bool = True
     max_length: int = Field(128, ge=8, le=8192)
     query_max_length: int = Field(0, ge=0, le=8192, description="Query-side max length (0 = model.max_length).")
+    image_size: int = Field(16, ge=4, le=512, description="kind image: inputs are resized to this square size.")
+    image_channels: Literal[1, 3] = Field(1, description="kind image: 1 (grey) or 3 (RGB) input channels.")
+    image_width: int = Field(32, ge=4, le=512, description="kind image: channels of the CNN's first stage.")
 
 
 class TrainerConfig(_Section):
@@ -103,6 +106,13 @@ class AugmentConfig(_Section):
     crop: bool = False
     crop_min_ratio: float = Field(0.5, gt=0.0, le=1.0)
     dropout_views: bool = Field(False, description="SimCSE: the query is the positive text itself; dropout makes the two views differ.")
+    strength: float = Field(0.5, ge=0.0, le=1.0, description="kind image: sets every image transform at once.")
+    image_crop_min: Optional[float] = Field(None, ge=0.05, le=1.0, description="Random resized crop: smallest area fraction.")
+    image_flip: Optional[float] = Field(None, ge=0.0, le=1.0, description="Horizontal flip probability (default 0).")
+    image_brightness: Optional[float] = Field(None, ge=0.0, le=1.0)
+    image_contrast: Optional[float] = Field(None, ge=0.0, le=1.0)
+    image_noise: Optional[float] = Field(None, ge=0.0, le=1.0, description="Gaussian noise std (pixels in 0..1).")
+    image_blur: Optional[float] = Field(None, ge=0.0, le=1.0, description="Probability of a 3x3 gaussian blur.")
 
 
 class RunConfig(_Section):

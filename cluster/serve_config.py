@@ -85,6 +85,8 @@ class LimitsConfig(_Section):
     max_texts: int = Field(256, ge=1, description="Texts per /v1/embeddings or /rerank request.")
     max_text_chars: int = Field(20000, ge=1, description="Characters per text.")
     max_top_k: int = Field(100, ge=1)
+    max_body_bytes: int = Field(8_000_000, ge=1024, description=(
+        "Largest request body; a bigger one is refused with 413 before it is parsed."))
     overlong: Literal["truncate", "reject"] = Field(
         "truncate", description="A text longer than the model's token limit: truncate it, or answer 413.")
 

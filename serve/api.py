@@ -12,6 +12,7 @@ the field; nothing from inside Ray reaches the client.
 
 import base64
 import hmac
+import json
 import logging
 import os
 from typing import Any, Literal, Optional, Union
@@ -20,6 +21,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -101,9 +103,88 @@ app = FastAPI(title="Negatron", version="0.1.0",
               description="Embeddings (OpenAI-compatible), reranking and retrieval from Negatron checkpoints.")
 
 
+class Guard:
+    """ASGI middleware that runs before routing and body parsing, so a refused request costs nothing:
+
+    - the API key (``Authorization: Bearer``, constant-time) on every route but ``/healthz``
+      (the OpenAPI schema and ``/docs`` included);
+    - the body size limit (``serve.limits.max_body_bytes``), from Content-Length when sent;
+      a chunked body is read up to the limit first and then handed on.
+
+    Settings live on the class: each Ingress replica is its own process and sets them at start.
+    """
+
+    api_key: Optional[bytes] = None
+    max_body_bytes: int = 8_000_000
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @staticmethod
+    async def _refuse(send, status: int, message: str, code: str, param: Optional[str] = None) -> None:
+        body = json.dumps(_error_body(status, message, param, code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and not scope.get("path", "").rstrip("/").endswith("/healthz"):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          "invalid_api_key")
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                return await self._refuse(send, 400, "invalid Content-Length header", "invalid_header")
+            if size > limit:
+                return await self._refuse(send, 413, f"the request body is {size} bytes; the limit is {limit}",
+                                          "body_too_large")
+        if declared is not None or scope.get("method") in ("GET", "HEAD"):
+            return await self.inner(scope, receive, send)
+        # no Content-Length (chunked): read up to the limit first, then replay the body
+        chunks, received = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunks.append(msg.get("body", b""))
+            received += len(chunks[-1])
+            if received > limit:
+                return await self._refuse(send, 413, f"the request body exceeds the limit of {limit} bytes",
+                                          "body_too_large")
+            if not msg.get("more_body"):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.inner(scope, replayed, send)
+
+
+app.add_middleware(Guard)
+
+
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(_error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Routing and body-reading errors (404, 405, an unreadable body) in the same JSON shape."""
+    code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return JSONResponse(_error_body(e.status_code, str(e.detail), None, code), status_code=e.status_code,
+                        headers=getattr(e, "headers", None))
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -180,23 +261,14 @@ class Ingress:
         if settings.get("reranker_path"):
             self.rr_tokenizer = AutoTokenizer.from_pretrained(settings["reranker_path"], local_files_only=True)
             self.rr_limit = int(settings.get("reranker_max_length") or 512)
-        self.api_key: Optional[str] = None
         env = settings.get("api_key_env") or ""
-        if env:
-            key = os.environ.get(env)
-            if not key:
-                raise RuntimeError(f"serve.api_key_env names {env!r}, but that environment variable is not set")
-            self.api_key = key
+        key = os.environ.get(env) if env else None
+        if env and not key:
+            raise RuntimeError(f"serve.api_key_env names {env!r}, but that environment variable is not set")
+        Guard.api_key = key.encode() if key else None
+        Guard.max_body_bytes = int(self.limits.get("max_body_bytes", Guard.max_body_bytes))
 
     # -- helpers --
-
-    def _auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
 
     def _check_texts(self, texts: list[str], param: str, tokenizer, limit: int, pair_with: Optional[str] = None,
                      single: bool = False) -> int:
@@ -273,14 +345,12 @@ class Ingress:
                 "reranker": self.reranker is not None, "search": self.retriever is not None}
 
     @app.get("/v1/models")
-    async def list_models(self, request: Request) -> dict:
-        self._auth(request)
+    async def list_models(self) -> dict:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "negatron"}
                                            for n in sorted(self.models)]}
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse)
-    async def embeddings(self, body: EmbeddingsRequest, request: Request) -> EmbeddingsResponse:
-        self._auth(request)
+    async def embeddings(self, body: EmbeddingsRequest) -> EmbeddingsResponse:
         name = self._model_name(body.model)
         single = isinstance(body.input, str)
         texts = [body.input] if single else list(body.input)
@@ -299,8 +369,7 @@ class Ingress:
         return EmbeddingsResponse(data=data, model=name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
     @app.post("/rerank", response_model=list[RerankResult], response_model_exclude_none=True)
-    async def rerank(self, body: RerankRequest, request: Request) -> list[RerankResult]:
-        self._auth(request)
+    async def rerank(self, body: RerankRequest) -> list[RerankResult]:
         if self.reranker is None:
             raise ApiError(404, "no reranker is deployed: start the server with --reranker or serve.reranker.path",
                            None, "no_reranker")
@@ -312,8 +381,7 @@ class Ingress:
                 for i in order]
 
     @app.post("/search", response_model=list[SearchResult], response_model_exclude_none=True)
-    async def search(self, body: SearchRequest, request: Request) -> list[SearchResult]:
-        self._auth(request)
+    async def search(self, body: SearchRequest) -> list[SearchResult]:
         if self.retriever is None:
             raise ApiError(404, "search is not enabled: start the server with --corpus or serve.retriever.corpus",
                            None, "no_index")

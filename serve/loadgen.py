@@ -82,10 +82,12 @@ class Load:
 def summarize(outcomes: list[Outcome], t_event: float) -> dict:
     """What clients saw around an event at ``t_event`` (time.time()).
 
-    recovery_s: from the event to the end of the last failed request, 0 when nothing failed.
+    recovery_s: from the event until the first request sent after it succeeded (requests may
+    queue for a replacement replica rather than fail); last_error_s: until the last failure ended.
     """
     after = [o for o in outcomes if o.end >= t_event]
     failed = [o for o in after if o.status != 200]
+    first_ok = min((o.end for o in outcomes if o.start >= t_event and o.status == 200), default=None)
     lat = sorted(o.end - o.start for o in outcomes if o.status == 200)
     return {
         "requests": len(outcomes),
@@ -95,7 +97,8 @@ def summarize(outcomes: list[Outcome], t_event: float) -> dict:
         "errors_5xx_other": sum(o.status is not None and o.status >= 500 and not o.json_error for o in failed),
         "errors_4xx": sum(o.status is not None and 400 <= o.status < 500 for o in failed),
         "errors_transport": sum(o.status is None for o in failed),
-        "recovery_s": round(max((o.end for o in failed), default=t_event) - t_event, 3),
+        "recovery_s": round(first_ok - t_event, 3) if first_ok is not None else None,
+        "last_error_s": round(max((o.end for o in failed), default=t_event) - t_event, 3),
         "max_latency_s": round(max((o.end - o.start for o in outcomes), default=0.0), 3),
         "p50_ok_latency_s": round(lat[len(lat) // 2], 4) if lat else None,
         "error_messages": sorted({o.error for o in failed})[:5],

@@ -50,6 +50,7 @@ def _cli(*args, env=None, timeout=600):
 
 
 def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir):
+    import httpx
     import psutil
 
     env = {**os.environ, "NEGATRON_CLUSTER_DIR": str(tmp_path / "state")}
@@ -78,6 +79,9 @@ def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir):
         status = _cli("jobs", "status", job_id, "--address", state["dashboard"], env=env, timeout=120)
         assert "SUCCEEDED" in status.stdout
         assert open(state["token_path"]).read().strip() not in out  # the token is never printed
+        # token authentication is on: the Jobs API refuses a request without the token
+        anon = httpx.get(state["dashboard"] + "/api/jobs/", timeout=30)
+        assert anon.status_code in (401, 403), anon.status_code
 
         bad = _cli("jobs", "list", "--address", "http://127.0.0.1:9", env=env, timeout=120)
         assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0

@@ -192,7 +192,60 @@ def test_malformed_json_and_auth(server):
     assert anon.post("/v1/embeddings", json={"input": "x"}).status_code == 401
     r = anon.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert anon.get("/openapi.json").status_code == 200
+    # every route but /healthz needs the key, the schema and docs included, bad bodies too
+    for method, path in [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/v1/models"), ("POST", "/rerank"),
+                         ("POST", "/search"), ("GET", "/nowhere")]:
+        r = anon.request(method, path, content=b"{not json")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+    assert server["client"].get("/openapi.json").status_code == 200
+
+
+def test_oversized_bodies_are_refused_before_parsing(server):
+    c = server["client"]
+    big = b'{"input": "' + b"x" * 9_000_000 + b'"}'
+    r = c.post("/v1/embeddings", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+
+    def chunks():  # no Content-Length: counted while streaming
+        yield b'{"input": "'
+        for _ in range(100):
+            yield b"y" * 100_000
+        yield b'"}'
+
+    r = c.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+    assert c.post("/v1/embeddings", json={"input": ["ok"]}).status_code == 200
+
+
+def test_api_fuzzed_from_its_openapi_schema(server):
+    """schemathesis draws valid and invalid requests for every operation of the served OpenAPI
+    schema: no 5xx, and every 4xx carries the JSON error body."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    spec = server["client"].get("/openapi.json").json()
+    schema = schemathesis.openapi.from_dict(spec)
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in ops} >= {"/v1/embeddings", "/rerank", "/search", "/healthz", "/v1/models"}
+    strategy = st.one_of(*[op.as_strategy(generation_mode=mode) for op in ops
+                           for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+    seen: dict[int, int] = {}
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def fuzz(case):
+        r = case.call(base_url=server["url"], headers=auth, timeout=60)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (case.method, case.path, case.body, r.text[:300])
+        if r.status_code >= 400:
+            assert "error" in r.json() and r.json()["error"]["message"], r.text[:300]
+
+    fuzz()
+    assert seen.get(200) and any(400 <= code < 500 for code in seen), seen
 
 
 def test_index_swaps_without_downtime(server, assets):
