@@ -29,11 +29,39 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_digits(args: argparse.Namespace) -> int:
+    from negatron.trainers.images import build_digits_dataset
+
+    info = build_digits_dataset(args.out, seed=args.seed)
+    print(f"built the digits image dataset in {args.out}: {info['images']} {info['size'][0]}x{info['size'][1]} images, "
+          f"{info['classes']} classes")
+    print(f"  train.parquet: {info['train']} images (id, image, label)   eval/: train {info['train']}, test {info['test']}")
+    return 0
+
+
+def _eval_images(args: argparse.Namespace) -> int:
+    from negatron.trainers.images import ImageEval, build_image_encoder
+
+    data = ImageEval.load(args.data)  # before loading any model
+    _torch_threads(args.threads)
+    metrics = data.evaluate(build_image_encoder(args.model), shots=args.shots)
+    metrics.update(model=args.model, data=str(args.data), train_images=len(data.train_y), test_images=len(data.test_y))
+    for k in ("knn_acc", "probe_acc", "fewshot_probe_acc"):
+        if k in metrics:
+            print(f"{k:>18}: {metrics[k]:.4f}")
+    if args.out:
+        _write_json(args.out, metrics)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from negatron.trainers.encoder import Encoder
     from negatron.trainers.evaluate import evaluate_encoder, format_table
+    from negatron.trainers.images import is_image_model
     from negatron.trainers.schema import check_eval_dir
 
+    if is_image_model(args.model):
+        return _eval_images(args)
     data = check_eval_dir(args.data)  # before loading any model
     _torch_threads(args.threads)
     encoder = Encoder.from_pretrained(args.model, max_length=args.max_length)
@@ -282,10 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", required=True, help="output folder")
     ds.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     ds.set_defaults(func=_cmd_data)
+    dd = dsub.add_parser("digits", help="scikit-learn's bundled handwritten digits as image Parquet (no download)")
+    dd.add_argument("--out", required=True, help="output folder")
+    dd.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    dd.set_defaults(func=_cmd_digits)
 
-    e = sub.add_parser("eval", help="retrieval metrics of a bi-encoder on an eval folder")
-    e.add_argument("--model", required=True, help="Hugging Face folder, Negatron checkpoint or run folder, or 'default'")
-    e.add_argument("--data", required=True, help="folder with queries/corpus/qrels.parquet")
+    e = sub.add_parser("eval", help="retrieval metrics of a bi-encoder (or k-NN/probe accuracy of an image encoder)")
+    e.add_argument("--model", required=True, help="Hugging Face folder, Negatron checkpoint or run folder, or 'default'; "
+                                                   "an image encoder folder, or 'cnn' for a random-init one")
+    e.add_argument("--data", required=True, help="folder with queries/corpus/qrels.parquet (images: train/test.parquet)")
+    e.add_argument("--shots", type=int, default=5, help="images: labelled images per class of the few-shot probe")
     e.add_argument("--out", help="write metrics JSON here")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")

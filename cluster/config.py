@@ -126,6 +126,8 @@ class EvalConfig(_Section):
     first_stage: str = Field("default", min_length=1, description=(
         "Cross-encoder training: the bi-encoder whose top rerank_depth dev candidates the reranker reorders."))
     rerank_depth: int = Field(20, ge=1, description="Cross-encoder dev checks: candidates reranked per query.")
+    knn_k: int = Field(20, ge=1, description="Image models: neighbours of the k-NN accuracy.")
+    probe_shots: int = Field(5, ge=0, description="Image models: labelled images per class of the few-shot probe (0 = off).")
 
 
 _DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}

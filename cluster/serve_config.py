@@ -87,6 +87,8 @@ class LimitsConfig(_Section):
     max_top_k: int = Field(100, ge=1)
     max_body_bytes: int = Field(8_000_000, ge=1024, description=(
         "Largest request body; a bigger one is refused with 413 before it is parsed."))
+    max_image_bytes: int = Field(2_000_000, ge=1024, description="Image models: largest encoded image.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Image models: largest width × height.")
     overlong: Literal["truncate", "reject"] = Field(
         "truncate", description="A text longer than the model's token limit: truncate it, or answer 413.")
 

@@ -90,6 +90,43 @@ class SearchRequest(BaseModel):
     rerank: bool = False
 
 
+class ImageEmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: Union[str, list[str]] = Field(..., description="A base64 PNG/JPEG image (or a data: URL), or a list of them.")
+    model: Optional[str] = Field(None, description="Served image model name; the default model if omitted.")
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def decode_image_b64(item: str, param: str, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """One base64 image → H×W (grey) or H×W×3 uint8, or an ApiError naming ``param``."""
+    import binascii
+    import io
+
+    from PIL import Image
+
+    if item.startswith("data:"):
+        item = item.split(",", 1)[1] if "," in item else ""
+    if len(item) > (max_bytes * 4) // 3 + 4:
+        raise ApiError(413, f"'{param}' is over {max_bytes} bytes", param, "image_too_large")
+    try:
+        raw = base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"'{param}' is not valid base64", param, "invalid_image") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format not in ("PNG", "JPEG"):
+                raise ApiError(400, f"'{param}' is a {im.format} image; send PNG or JPEG", param, "invalid_image")
+            if im.width * im.height > max_pixels:
+                raise ApiError(413, f"'{param}' is {im.width}x{im.height} pixels; the limit is {max_pixels}",
+                               param, "image_too_large")
+            im = im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16", "LA") else im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except ApiError:
+        raise
+    except Exception:  # PIL raises several types for bad bytes
+        raise ApiError(400, f"'{param}' is not a readable PNG or JPEG image", param, "invalid_image") from None
+
+
 class SearchResult(BaseModel):
     doc_id: str
     score: float
@@ -242,10 +279,10 @@ class Ingress:
         if settings.get("colocate"):  # the encoders run in this replica: no hop per request
             import torch
 
-            from negatron.trainers.encoder import Encoder
+            from negatron.trainers.encoder import load_encoder
 
             torch.set_num_threads(int(settings.get("torch_threads", 1)))
-            self.local = {n: Encoder.from_pretrained(p).eval() for n, p in settings["models"].items()}
+            self.local = {n: load_encoder(p).eval() for n, p in settings["models"].items()}
             batch = settings["batch"]
             self.chunk = int(batch["chunk_size"])
             self._local_embed.set_max_batch_size(int(batch["max_batch_size"]))
@@ -255,8 +292,10 @@ class Ingress:
         self.limits: dict[str, Any] = settings["limits"]
         self.rerank_depth = int(settings.get("rerank_depth", 50))
         self.dims: dict[str, int] = settings.get("dims", {})
-        self.tokenizers = {n: AutoTokenizer.from_pretrained(p, local_files_only=True) for n, p in self.models.items()}
-        self.token_limits = {n: int(settings.get("max_length") or settings["model_max_lengths"][n]) for n in self.models}
+        self.image_models = set(settings.get("image_models", []))
+        text = {n: p for n, p in self.models.items() if n not in self.image_models}
+        self.tokenizers = {n: AutoTokenizer.from_pretrained(p, local_files_only=True) for n, p in text.items()}
+        self.token_limits = {n: int(settings.get("max_length") or settings["model_max_lengths"][n]) for n in text}
         self.rr_tokenizer = None
         if settings.get("reranker_path"):
             self.rr_tokenizer = AutoTokenizer.from_pretrained(settings["reranker_path"], local_files_only=True)
@@ -330,7 +369,8 @@ class Ingress:
         for name, idx in by_model.items():
             enc = self.local[name]
             flat = [t for i in idx for t in items[i][1]]
-            emb = await asyncio.to_thread(enc.encode, flat, self.chunk, self.token_limits[name])  # N×D
+            emb = await asyncio.to_thread(enc.encode, flat, batch_size=self.chunk,
+                                          max_length=self.token_limits.get(name, 0))  # N×D
             start = 0
             for i in idx:
                 out[i] = emb[start:start + len(items[i][1])]
@@ -352,21 +392,52 @@ class Ingress:
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse)
     async def embeddings(self, body: EmbeddingsRequest) -> EmbeddingsResponse:
         name = self._model_name(body.model)
+        if name in self.image_models:
+            raise ApiError(400, f"model {name!r} embeds images: POST base64 images to /v1/images/embeddings",
+                           "model", "wrong_modality")
         single = isinstance(body.input, str)
         texts = [body.input] if single else list(body.input)
         tokens = self._check_texts(texts, "input", self.tokenizers[name], self.token_limits[name], single=single)
         if body.dimensions is not None and self.dims.get(name) and body.dimensions != self.dims[name]:
             raise ApiError(400, f"'dimensions' {body.dimensions} is not supported: {name} returns {self.dims[name]}",
                            "dimensions", "unsupported_dimensions")
+        return await self._embed(name, texts, body.encoding_format, tokens)
+
+    @app.post("/v1/images/embeddings", response_model=EmbeddingsResponse)
+    async def image_embeddings(self, body: ImageEmbeddingsRequest) -> EmbeddingsResponse:
+        name = self._model_name(body.model)
+        if name not in self.image_models:
+            raise ApiError(400, f"model {name!r} embeds text: POST texts to /v1/embeddings", "model", "wrong_modality")
+        single = isinstance(body.input, str)
+        items = [body.input] if single else list(body.input)
+        images = self._decode_images(items, single)
+        return await self._embed(name, images, body.encoding_format, 0)
+
+    async def _embed(self, name: str, inputs: list, encoding_format: str, tokens: int) -> EmbeddingsResponse:
+        """Texts or decoded images through the encoder (colocated or the Encoder deployment)."""
         if self.local:
-            emb = await self._local_embed((name, texts))
+            emb = await self._local_embed((name, inputs))
         else:
-            emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(texts))
-        if body.encoding_format == "base64":
+            emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(inputs))
+        if encoding_format == "base64":
             data = [EmbeddingItem(index=i, embedding=_f32_base64(v)) for i, v in enumerate(emb)]
         else:
             data = [EmbeddingItem(index=i, embedding=v.tolist()) for i, v in enumerate(emb)]
         return EmbeddingsResponse(data=data, model=name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    def _decode_images(self, items: list[str], single: bool) -> list[np.ndarray]:
+        """base64 PNG/JPEG (or data: URLs) → uint8 arrays; every size limit checked first."""
+        lim = self.limits
+        if not items:
+            raise ApiError(400, "'input' is empty: give at least one image", "input", "empty_input")
+        if len(items) > lim["max_texts"]:
+            raise ApiError(413, f"'input' has {len(items)} images; the limit is {lim['max_texts']} per request",
+                           "input", "too_many_inputs")
+        out = []
+        for i, item in enumerate(items):
+            at = "input" if single else f"input[{i}]"
+            out.append(decode_image_b64(item, at, lim["max_image_bytes"], lim["max_image_pixels"]))
+        return out
 
     @app.post("/rerank", response_model=list[RerankResult], response_model_exclude_none=True)
     async def rerank(self, body: RerankRequest) -> list[RerankResult]:

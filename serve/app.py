@@ -49,9 +49,13 @@ def deployment_options(scale: ScaleConfig, access_log: bool = True) -> dict[str,
 
 
 def _model_facts(folder: Path) -> tuple[int, int]:
-    """(default max length, embedding dim) of a bi-encoder folder, without loading weights."""
-    from negatron.trainers.encoder import _read_json, _read_st_settings
+    """(default max length, embedding dim) of a bi-encoder folder, without loading weights
+    (max length 0 for an image encoder)."""
+    from negatron.trainers.encoder import IMAGE_CONFIG, _read_json, _read_st_settings
 
+    image = _read_json(folder / IMAGE_CONFIG)
+    if isinstance(image, dict):
+        return 0, int(image.get("dim", 0))
     st = _read_st_settings(folder)
     hf = _read_json(folder / "config.json") or {}
     dim = st.get("projection_dim") or int(hf.get("hidden_size", 0))
@@ -80,6 +84,12 @@ def app_builder(args: ServeSection) -> Application:
     default_name = next(iter(names))
     facts = {n: _model_facts(p) for n, p in names.items()}
     models = {n: str(p) for n, p in names.items()}
+    from negatron.trainers.encoder import IMAGE_CONFIG
+
+    image_models = sorted(n for n, p in names.items() if (p / IMAGE_CONFIG).is_file())
+    if args.retriever.corpus and default_name in image_models:
+        raise ConfigError("serve.retriever.corpus: search embeds text, but the default model "
+                          f"{default_name!r} is an image encoder")
 
     encoder = None
     if not args.encoder.colocate:
@@ -116,7 +126,7 @@ def app_builder(args: ServeSection) -> Application:
         "reranker_max_length": args.reranker.max_length or _reranker_len(rr_path),
         "rerank_depth": args.retriever.rerank_depth, "api_key_env": args.api_key_env,
         "colocate": args.encoder.colocate, "batch": args.encoder.batch.model_dump(),
-        "torch_threads": args.encoder.scale.torch_threads,
+        "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
     }
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress

@@ -55,19 +55,20 @@ class EncoderDeployment:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, name: str):
-        from negatron.trainers.encoder import Encoder
+        from negatron.trainers.encoder import load_encoder
 
         if name not in self.paths:
             raise KeyError(f"unknown model {name!r}")
-        enc = await asyncio.to_thread(Encoder.from_pretrained, self.paths[name])
+        enc = await asyncio.to_thread(load_encoder, self.paths[name])  # text or image
         enc.eval()
         logger.info("Encoder: loaded %s from %s", name, self.paths[name])
         return enc
 
     def _max_len(self, enc) -> int:
-        return self.max_length or enc.max_length
+        return self.max_length or getattr(enc, "max_length", 0)
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
+    async def embed(self, texts: list) -> np.ndarray:
+        """Texts, or (for an image model) decoded images as uint8 arrays."""
         return await self._embed_batch(texts)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -75,7 +76,7 @@ class EncoderDeployment:
         # Serve splits batches by multiplexed model id, so one batch = one model.
         enc = await self.get_model(serve.get_multiplexed_model_id())
         flat = [t for texts in requests for t in texts]
-        emb = await asyncio.to_thread(enc.encode, flat, self.chunk, self._max_len(enc))  # N×D
+        emb = await asyncio.to_thread(enc.encode, flat, batch_size=self.chunk, max_length=self._max_len(enc))  # N×D
         out, start = [], 0
         for texts in requests:
             out.append(emb[start:start + len(texts)])

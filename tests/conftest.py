@@ -30,3 +30,14 @@ def tiny_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "model"
     make_tiny_encoder().save(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module (starting Ray costs ~15 s here); modules opt in with
+    ``pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]``."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -6,20 +6,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from negatron.cluster.config import ConfigError, load_config
 from negatron.trainers.train import run_training
 from tests.helpers import write_synthetic_task
 
-pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
 
 def test_mining_with_ray_actors_then_cross_encoder_trains_and_loads(tmp_path, tiny_model_dir):

@@ -37,6 +37,15 @@ def server(tmp_path_factory):
         yield sp
 
 
+def test_binds_to_loopback_only(server):
+    import psutil
+
+    port = int(server.url.rsplit(":", 1)[1])
+    listening = [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                 and c.status == psutil.CONN_LISTEN]
+    assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
+
+
 def test_serves_embeddings(server):
     assert httpx.post(server.url + "/v1/embeddings", json={"input": ["hello"]}, timeout=60).status_code == 401
     r = httpx.post(server.url + "/v1/embeddings", json={"input": ["hello"]}, headers=AUTH, timeout=60)

@@ -11,20 +11,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import ray
 
 from negatron.cluster.config import load_config
 from negatron.trainers.encoder import Encoder
 from negatron.trainers.train import run_training
 
-pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
 
 def _cfg(tmp_path, tiny_model_dir, stdlib_data, name, *extra):

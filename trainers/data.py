@@ -22,33 +22,16 @@ def stable_id(value) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
-class PairStream:
-    """Args:
-        table: pairs (query, positive, query_id, positive_id [, negatives, negative_ids]).
-        batch_size: B per worker.
-        rank, world: this worker and the worker count.
-        seed: permutation seed.
-        num_negatives: H hard negatives per row (0 = ignore the negatives column).
-    """
+class RowSchedule:
+    """Which rows global step s takes, and this rank's share (see the module docstring)."""
 
-    def __init__(self, table: pa.Table, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 num_negatives: int = 0):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} out of range for world size {world}")
-        self.n = table.num_rows
+        self.n = n
         self.b, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.queries = table.column("query").to_pylist()
-        self.positives = table.column("positive").to_pylist()
-        self.pos_ids = np.array([stable_id(v) for v in table.column("positive_id").to_pylist()], dtype=np.int64)
-        self.h = num_negatives if "negatives" in table.column_names else 0
-        if self.h:
-            self.negatives = [list(v or []) for v in table.column("negatives").to_pylist()]
-            if "negative_ids" in table.column_names:
-                self.neg_ids = [[stable_id(x) for x in (v or [])] for v in table.column("negative_ids").to_pylist()]
-            else:
-                self.neg_ids = [[stable_id("text:" + t) for t in v] for v in self.negatives]
         self._perm_cache: dict[int, np.ndarray] = {}
 
     @property
@@ -72,12 +55,40 @@ class PairStream:
         epochs, offsets = pos // self.n, pos % self.n
         return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
 
+    def local_rows(self, step: int) -> np.ndarray:
+        """This rank's B-slice of global batch ``step``."""
+        return self.global_rows(step)[self.rank * self.b:(self.rank + 1) * self.b]
+
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n
 
+
+class PairStream(RowSchedule):
+    """Args:
+        table: pairs (query, positive, query_id, positive_id [, negatives, negative_ids]).
+        batch_size: B per worker.
+        rank, world: this worker and the worker count.
+        seed: permutation seed.
+        num_negatives: H hard negatives per row (0 = ignore the negatives column).
+    """
+
+    def __init__(self, table: pa.Table, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 num_negatives: int = 0):
+        super().__init__(table.num_rows, batch_size, rank, world, seed)
+        self.queries = table.column("query").to_pylist()
+        self.positives = table.column("positive").to_pylist()
+        self.pos_ids = np.array([stable_id(v) for v in table.column("positive_id").to_pylist()], dtype=np.int64)
+        self.h = num_negatives if "negatives" in table.column_names else 0
+        if self.h:
+            self.negatives = [list(v or []) for v in table.column("negatives").to_pylist()]
+            if "negative_ids" in table.column_names:
+                self.neg_ids = [[stable_id(x) for x in (v or [])] for v in table.column("negative_ids").to_pylist()]
+            else:
+                self.neg_ids = [[stable_id("text:" + t) for t in v] for v in self.negatives]
+
     def batch(self, step: int) -> dict:
         """This rank's slice of global batch ``step``: texts, ids (tensor B) and hard negatives."""
-        rows = self.global_rows(step)[self.rank * self.b:(self.rank + 1) * self.b]
+        rows = self.local_rows(step)
         out = {
             "rows": rows,
             "query": [self.queries[i] for i in rows],

@@ -24,6 +24,9 @@ class ModelLoadError(ValueError):
     """A model folder is missing, incomplete or unreadable."""
 
 
+IMAGE_CONFIG = "negatron_image_encoder.json"  # marks an ImageEncoder folder (trainers/images.py)
+
+
 def resolve_model_path(path: str) -> Path:
     """'default' -> the packaged all-MiniLM-L6-v2 folder; otherwise an existing local folder.
 
@@ -38,11 +41,24 @@ def resolve_model_path(path: str) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise ModelLoadError(f"model folder not found: {p} (give a Hugging Face folder, a Negatron checkpoint, or 'default')")
-    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
-        p = p / "final"
-    if not (p / "config.json").is_file():
-        raise ModelLoadError(f"{p}: not a Hugging Face model folder (no config.json)")
+    marker = next((m for m in ("config.json", IMAGE_CONFIG) if (p / m).is_file()), None)
+    if marker is None:
+        marker = next((m for m in ("config.json", IMAGE_CONFIG) if (p / "final" / m).is_file()), None)
+        if marker is not None:
+            p = p / "final"
+    if marker is None:
+        raise ModelLoadError(f"{p}: not a Hugging Face model folder (no config.json) nor a Negatron image encoder")
     return p
+
+
+def load_encoder(path: str):
+    """A text ``Encoder`` or an ``ImageEncoder``, whichever the folder holds."""
+    folder = resolve_model_path(path)
+    if (folder / IMAGE_CONFIG).is_file():
+        from .images import ImageEncoder
+
+        return ImageEncoder.from_pretrained(folder)
+    return Encoder.from_pretrained(str(folder))
 
 
 def _read_json(path: Path) -> dict | list | None:

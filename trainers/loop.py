@@ -28,7 +28,19 @@ from .step import ContrastiveModel, augment_batch
 ReportFn = Callable[[dict, Optional[str]], None]
 
 
-def build_encoder(cfg: Config, path: str | None = None) -> Encoder:
+def primary_metric(cfg: Config) -> str:
+    """The dev metric that picks the best checkpoint: MRR@10 for text, k-NN accuracy for images."""
+    return "dev_knn_acc" if cfg.model.kind == "image" else "dev_mrr@10"
+
+
+def build_encoder(cfg: Config, path: str | None = None):
+    if cfg.model.kind == "image":
+        from .images import BUILTIN_CNN, build_image_encoder
+
+        src = path or (BUILTIN_CNN if cfg.model.path == "default" else cfg.model.path)
+        return build_image_encoder(src, seed=cfg.trainer.seed, channels=cfg.model.image_channels,
+                                   image_size=cfg.model.image_size, width=cfg.model.image_width,
+                                   dim=cfg.model.projection_dim or 64, normalize=cfg.model.normalize)
     return Encoder.from_pretrained(path or cfg.model.path, pooling=cfg.model.pooling,
                                    projection_dim=cfg.model.projection_dim, normalize=cfg.model.normalize,
                                    max_length=cfg.model.max_length)
@@ -99,8 +111,14 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         log(f"[negatron] {world} worker(s) on {len(set(worker_nodes))} node(s): "
             + ", ".join(f"rank {r} → {n[:8]}" for r, n in enumerate(worker_nodes)))
     table = pq.read_table(cfg.data.train)
-    stream = PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
-                        num_negatives=cfg.data.num_negatives)
+    image = cfg.model.kind == "image"
+    if image:
+        from .images import ImageAugmenter, ImageEval, ImageStream
+
+        stream = ImageStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed)
+    else:
+        stream = PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
+                            num_negatives=cfg.data.num_negatives)
     # fresh heads (a reranker's classifier, a projection) must start identical on every worker
     torch.manual_seed(cfg.trainer.seed)
     if cfg.model.kind == "cross-encoder":
@@ -114,9 +132,13 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         model = ContrastiveModel.from_config(encoder, cfg).to(device)
     model.train()
     opt, sched = make_optimizer(model, cfg)
-    aug = TextAugmenter(mask_prob=cfg.augment.mask_prob, delete_prob=cfg.augment.delete_prob,
-                        crop=cfg.augment.crop, crop_min_ratio=cfg.augment.crop_min_ratio,
-                        mask_token=encoder.tokenizer.mask_token or "[MASK]")
+    a = cfg.augment
+    if image:
+        aug = ImageAugmenter(a.strength, crop_min=a.image_crop_min, flip=a.image_flip, brightness=a.image_brightness,
+                             contrast=a.image_contrast, noise=a.image_noise, blur=a.image_blur)
+    else:
+        aug = TextAugmenter(mask_prob=a.mask_prob, delete_prob=a.delete_prob, crop=a.crop,
+                            crop_min_ratio=a.crop_min_ratio, mask_token=encoder.tokenizer.mask_token or "[MASK]")
     start, history, last_metrics = 0, [], {}
     if resume_dir:
         meta = load_training_state(resume_dir, model, opt, sched)
@@ -129,7 +151,9 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             bank = f", bank {model.bank.fill()}/{model.bank.size} sum {model.bank.checksum()}" if model.bank else ""
             log(f"[negatron] resumed from step {start}{bank}")
     dev = None
-    if rank == 0 and cfg.data.dev:
+    if rank == 0 and cfg.data.dev and image:
+        dev = ImageEval.load(cfg.data.dev)
+    elif rank == 0 and cfg.data.dev:
         from .schema import check_eval_dir
 
         dev = check_eval_dir(cfg.data.dev)
@@ -142,7 +166,8 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
 
     params = model.trainable_parameters()
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
-    best = max((h.get("dev_mrr@10", -1.0) for h in history if "dev_mrr@10" in h), default=-1.0)
+    key = primary_metric(cfg)
+    best = max((h[key] for h in history if key in h), default=-1.0)
     end = min(cfg.trainer.max_steps, stop_at or cfg.trainer.max_steps)
     # a running digest of every global batch's rows since step 0: a resumed run that continues at
     # the saved data position ends with the same digest as an uninterrupted one
@@ -150,8 +175,13 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     for step in range(start, end):
         torch.manual_seed(_step_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
         data_digest = rows_digest(data_digest, stream.global_rows(step))
-        batch = augment_batch(stream.batch(step), aug, cfg.augment.apply_to, cfg.augment.dropout_views,
-                              cfg.trainer.seed, step, rank)
+        if image:  # SimCLR: two independently augmented views of the same images
+            batch = stream.batch(step)
+            batch["query"] = aug(batch["query"], cfg.trainer.seed, step, rank, stream=0)
+            batch["positive"] = aug(batch["positive"], cfg.trainer.seed, step, rank, stream=1)
+        else:
+            batch = augment_batch(stream.batch(step), aug, cfg.augment.apply_to, cfg.augment.dropout_views,
+                                  cfg.trainer.seed, step, rank)
         opt.zero_grad(set_to_none=True)
         loss, state = model.loss(batch, step)
         if not torch.isfinite(loss):
@@ -192,17 +222,22 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             if rank == 0 and dev is not None:
                 from .evaluate import evaluate_encoder
 
-                if cfg.model.kind == "cross-encoder":
+                if image:
+                    m = dev.evaluate(model.encoder, k=cfg.eval.knn_k, shots=cfg.eval.probe_shots)
+                elif cfg.model.kind == "cross-encoder":
                     m = dev.evaluate(model.encoder, chunk_size=cfg.eval.batch_size)
                 else:
                     m = evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
                                          max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
                                          query_max_length=cfg.model.query_max_length or None, progress=False)
                 metrics.update({f"dev_{k}": v for k, v in m.items()})
-                history.append({"step": done, **{f"dev_{k}": m[k] for k in ("mrr@10", "recall@10", "ndcg@10")}})
-                best = max(best, m["mrr@10"])
-                log(f"[negatron] step {done} dev mrr@10 {m['mrr@10']:.4f} recall@10 {m['recall@10']:.4f} "
-                    f"(best {best:.4f})")
+                shown = (("knn_acc", "probe_acc", "fewshot_probe_acc") if image
+                         else ("mrr@10", "recall@10", "ndcg@10"))
+                shown = tuple(k for k in shown if k in m)
+                history.append({"step": done, **{f"dev_{k}": m[k] for k in shown}})
+                best = max(best, metrics[key])
+                log(f"[negatron] step {done} dev " + " ".join(f"{k} {m[k]:.4f}" for k in shown[:2])
+                    + f" (best {key[4:]} {best:.4f})")
                 model.encoder.train()
             last_metrics = metrics
             # lists (worker_nodes, bank_checksums) stay in the checkpoint's negatron.json: Ray's

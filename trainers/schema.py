@@ -21,7 +21,7 @@ class SchemaError(ValueError):
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: str  # "string" | "id" | "number" | "string_list"
+    kind: str  # "string" | "id" | "number" | "string_list" | "binary" | "integer"
     required: bool = True
     unique: bool = False
 
@@ -37,6 +37,7 @@ PAIRS = [
 QUERIES = [Column("query_id", "id", unique=True), Column("text", "string")]
 CORPUS = [Column("doc_id", "id", unique=True), Column("text", "string")]
 QRELS = [Column("query_id", "id"), Column("doc_id", "id"), Column("score", "number")]
+IMAGES = [Column("id", "id", unique=True), Column("image", "binary"), Column("label", "integer", required=False)]
 
 
 def _read(path: Path, columns: list[Column]) -> pa.Table:
@@ -64,6 +65,10 @@ def _type_ok(t: pa.DataType, kind: str) -> bool:
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
     if kind == "number":
         return pa.types.is_integer(t) or pa.types.is_floating(t)
+    if kind == "binary":
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+    if kind == "integer":
+        return pa.types.is_integer(t)
     if kind == "string_list":
         return (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
             pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type))
@@ -71,7 +76,7 @@ def _type_ok(t: pa.DataType, kind: str) -> bool:
 
 
 _EXPECTED = {"string": "string", "id": "string or integer", "number": "integer or float",
-             "string_list": "list<string>"}
+             "string_list": "list<string>", "binary": "binary (PNG/JPEG bytes)", "integer": "integer"}
 
 
 def check_table(path: str | Path, columns: list[Column]) -> pa.Table:
@@ -120,6 +125,14 @@ def check_pairs(path: str | Path) -> pa.Table:
         b = pc.list_value_length(table.column("negative_ids"))
         if not pc.all(pc.equal(pc.fill_null(a, 0), pc.fill_null(b, 0))).as_py():
             raise SchemaError(f"{path}: columns 'negatives' and 'negative_ids' have different lengths in some rows")
+    return table
+
+
+def check_images(path: str | Path, labels: bool = False) -> pa.Table:
+    """Validate an images file (id, image bytes [, label]); ``labels``: the label column is required."""
+    table = check_table(path, IMAGES)
+    if labels and "label" not in table.column_names:
+        raise SchemaError(f"{path}: missing column 'label' (the k-NN and linear-probe metrics need labels)")
     return table
 
 

@@ -39,6 +39,8 @@ def validate_inputs(cfg: Config) -> None:
     from .encoder import resolve_model_path
     from .schema import check_eval_dir, check_pairs
 
+    if cfg.model.kind == "image":
+        return _validate_image_inputs(cfg)
     if not cfg.data.train:
         raise ConfigError("data.train: not set (a pairs Parquet with query, positive, query_id, positive_id)")
     table = check_pairs(cfg.data.train)
@@ -53,6 +55,34 @@ def validate_inputs(cfg: Config) -> None:
         resolve_model_path(cfg.eval.first_stage)
 
 
+def _validate_image_inputs(cfg: Config) -> None:
+    from .images import ImageAugmenter, decode_images, is_image_model
+    from .schema import SchemaError, check_images
+
+    if not cfg.data.train:
+        raise ConfigError("data.train: not set (an images Parquet with id, image; `negatron data digits` makes one)")
+    table = check_images(cfg.data.train)
+    try:
+        decode_images(table.column("image").slice(0, 64).to_pylist())
+    except ValueError as e:
+        raise SchemaError(f"{cfg.data.train}: column 'image': {e}") from None
+    global_batch = cfg.trainer.batch_size * cfg.trainer.num_workers
+    if table.num_rows < global_batch:
+        raise ConfigError(f"trainer.batch_size × trainer.num_workers = {global_batch} exceeds the "
+                          f"{table.num_rows} images in {cfg.data.train}")
+    if cfg.data.dev:
+        for name in ("train", "test"):
+            check_images(Path(cfg.data.dev) / f"{name}.parquet", labels=True)
+    if cfg.model.path != "default" and not is_image_model(cfg.model.path):
+        raise ConfigError(f"model.path: {cfg.model.path!r} is not an image encoder folder "
+                          "(use 'cnn' for a new one, or a folder written by an image training run)")
+    a = cfg.augment
+    try:
+        ImageAugmenter(a.strength, crop_min=a.image_crop_min)
+    except ValueError as e:
+        raise ConfigError(f"augment: {e}") from None
+
+
 def absolute_paths(cfg: Config) -> Config:
     """Make paths absolute so workers (other processes, other cwd) find them."""
     upd = {}
@@ -60,7 +90,7 @@ def absolute_paths(cfg: Config) -> Config:
         v = getattr(cfg.data, key)
         if v:
             upd[f"data.{key}"] = str(Path(v).resolve())
-    if cfg.model.path != "default":
+    if cfg.model.path not in ("default", "cnn"):
         upd["model.path"] = str(Path(cfg.model.path).resolve())
     if cfg.eval.first_stage != "default":
         upd["eval.first_stage"] = str(Path(cfg.eval.first_stage).resolve())
@@ -91,7 +121,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
 
     from negatron.cluster.local import ensure_ray
 
-    from .loop import train_loop_per_worker
+    from .loop import primary_metric, train_loop_per_worker
 
     validate_inputs(cfg)
     cfg = absolute_paths(cfg)
@@ -99,7 +129,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     ckpt_cfg = (CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints,
-                                 checkpoint_score_attribute="dev_mrr@10", checkpoint_score_order="max")
+                                 checkpoint_score_attribute=primary_metric(cfg), checkpoint_score_order="max")
                 if cfg.data.dev else CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -126,7 +156,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         _copy_model(Path(d), run_dir / "final")
     best_dir = None
     if cfg.data.dev:
-        best = result.get_best_checkpoint("dev_mrr@10", "max")
+        best = result.get_best_checkpoint(primary_metric(cfg), "max")
         if best is not None:
             best_dir = run_dir / "best"
             with best.as_directory() as d:
@@ -146,7 +176,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     })
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    plot_history(history, run_dir / "training.png", title=cfg.run.name)
+    plot_history(history, run_dir / "training.png", title=cfg.run.name, metric=primary_metric(cfg))
     return TrainResult(run_dir, run_dir / "final", best_dir, metrics,
                        checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
 
@@ -206,15 +236,16 @@ def root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {last}" if type(e).__name__ not in last else last
 
 
-def plot_history(history: list[dict], out: Path, title: str = "") -> Path | None:
-    """Loss and dev MRR@10 over steps, as a PNG."""
+def plot_history(history: list[dict], out: Path, title: str = "", metric: str = "dev_mrr@10") -> Path | None:
+    """Loss and the dev metric (MRR@10, or probe accuracy for images) over steps, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [h for h in history if "loss" in h]
-    dev = [h for h in history if "dev_mrr@10" in h]
+    dev = [h for h in history if metric in h]
+    label = "dev " + metric.removeprefix("dev_").replace("mrr@10", "MRR@10")
     if not train and not dev:
         return None
     fig, ax1 = plt.subplots(figsize=(7, 4))
@@ -224,8 +255,8 @@ def plot_history(history: list[dict], out: Path, title: str = "") -> Path | None
     ax1.set_ylabel("train loss", color="tab:blue")
     if dev:
         ax2 = ax1.twinx()
-        ax2.plot([h["step"] for h in dev], [h["dev_mrr@10"] for h in dev], "o-", color="tab:orange", label="dev MRR@10")
-        ax2.set_ylabel("dev MRR@10", color="tab:orange")
+        ax2.plot([h["step"] for h in dev], [h[metric] for h in dev], "o-", color="tab:orange", label=label)
+        ax2.set_ylabel(label, color="tab:orange")
     ax1.set_title(f"negatron {title}".strip())
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -38,6 +38,11 @@ def check_space(cfg: Config) -> None:
         raise ConfigError("tune.space: empty; give at least one key, e.g. loss.temperature: {loguniform: [0.01, 0.5]}")
     if not cfg.data.dev:
         raise ConfigError("data.dev: Tune needs a dev eval folder to report tune.metric")
+    image_metrics = ("dev_knn_acc", "dev_probe_acc", "dev_fewshot_probe_acc")
+    if (cfg.model.kind == "image") != (cfg.tune.metric in image_metrics):
+        want = ", ".join(image_metrics) if cfg.model.kind == "image" else "dev_mrr@10, dev_recall@10, dev_ndcg@10, ..."
+        raise ConfigError(f"tune.metric: {cfg.tune.metric!r} is not reported for model.kind {cfg.model.kind!r}; "
+                          f"use one of {want}")
     for key, spec in cfg.tune.space.items():
         kind, values = next(iter(spec.items()))
         for v in values:
