@@ -4,6 +4,7 @@ answer is a valid object or an error that names the problem, never a crash from 
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from negatron.cluster.config import Config, ConfigError, all_keys, dump_yaml, lo
 from negatron.trainers.schema import PAIRS, SchemaError, check_pairs
 
 KEYS = all_keys()
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# NEGATRON_HYPOTHESIS_EXAMPLES raises the bound for a longer local search
+SETTINGS = settings(max_examples=int(os.environ.get("NEGATRON_HYPOTHESIS_EXAMPLES", "150")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))

@@ -234,7 +234,7 @@ def test_api_fuzzed_from_its_openapi_schema(server):
     seen: dict[int, int] = {}
     auth = {"Authorization": f"Bearer {KEY}"}
 
-    @settings(max_examples=150, deadline=None, database=None,
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=strategy)
     def fuzz(case):
