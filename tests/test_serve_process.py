@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     env = {"NEGATRON_PROC_KEY": KEY}
     port = free_port()
     sp = ServeProcess(["--model", str(root / "enc"), "--port", str(port), "--api-key-env", "NEGATRON_PROC_KEY",
-                       "serve.encoder.scale.num_cpus=0.25", "serve.request_timeout_s=20"], cwd=root, env=env)
+                       "serve.encoder.scale.num_cpus=0.25", "serve.request_timeout_s=60"], cwd=root, env=env)
     with sp:
         url = sp.wait_ready(300)
         assert url == f"http://127.0.0.1:{port}"
