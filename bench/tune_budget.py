@@ -11,6 +11,7 @@ Target: ASHA within 0.01 MRR@10 of the full run's best in <= 50% of its time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -50,7 +51,8 @@ def main() -> None:
             for sched in ("asha", "fifo"):
                 c = cfg.replace({"tune.scheduler": sched, "run.name": f"budget-{sched}"})
                 t0 = time.perf_counter()
-                res = run_tune(c, presets=presets)
+                with contextlib.redirect_stdout(sys.stderr):  # Tune's tables: stdout stays JSON
+                    res = run_tune(c, presets=presets)
                 wall = time.perf_counter() - t0
                 out["runs"][sched] = {
                     "wall_s": round(wall, 1), "best_dev_mrr@10": res.best_metric,
