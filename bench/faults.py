@@ -51,32 +51,13 @@ class StepWatcher:
         return getattr(self.inner, name)
 
 
-def train_pids() -> list[int]:
-    import psutil
-
-    out = []
-    for p in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
-
-
-def registered(run_dir: Path) -> int:
-    try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def bench_training(args, tmp: Path) -> dict:
     import ray
 
     from negatron.cluster.config import load_config
     from negatron.trainers.stdlib_data import build_stdlib_dataset
-    from negatron.trainers.train import run_training
+    from negatron.serve.loadgen import tagged_pids
+    from negatron.trainers.train import registered_steps, run_training
 
     data = tmp / "data"
     build_stdlib_dataset(data)
@@ -105,8 +86,8 @@ def bench_training(args, tmp: Path) -> dict:
             need, seen = 1, set()
             deadline = time.time() + 3600
             while len(kills) < 2 and time.time() < deadline:
-                pids = [p for p in train_pids() if p not in seen]
-                n = registered(run_dir)
+                pids = [p for p in tagged_pids("RayTrainWorker", os.getpid()) if p not in seen]
+                n = len(registered_steps(run_dir))
                 if n >= need and len(pids) == 2:
                     # a random moment within the next checkpoint interval
                     time.sleep(rng.uniform(0.2, 0.8) * args.every * clean.metrics["wall_s"] / args.steps)

@@ -105,19 +105,26 @@ def summarize(outcomes: list[Outcome], t_event: float) -> dict:
     }
 
 
-def replica_pids(app: str, deployment: str) -> list[int]:
-    """PIDs of this machine's Serve replica processes of ``app``/``deployment`` (by process title)."""
+def tagged_pids(tag: str, children_of: int | None = None) -> list[int]:
+    """PIDs of processes whose command line contains ``tag`` (Ray sets process titles such as
+    ``ray::RayTrainWorker`` or ``ServeReplica:app:Deployment``); only descendants of
+    ``children_of`` when given."""
     import psutil
 
-    tag = f"ServeReplica:{app}:{deployment}"
+    procs = psutil.Process(children_of).children(recursive=True) if children_of else psutil.process_iter()
     out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in procs:
         try:
-            if any(tag in part for part in (p.info["cmdline"] or [])):
-                out.append(p.info["pid"])
-        except (psutil.Error, TypeError):
+            if any(tag in part for part in p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
             continue
     return out
+
+
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """PIDs of this machine's Serve replica processes of ``app``/``deployment``."""
+    return tagged_pids(f"ServeReplica:{app}:{deployment}")
 
 
 def free_port() -> int:

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from negatron.cluster.config import load_config
-from tests.test_train_ray import _registered_checkpoints, check_resumes, expected_data_digest
+from negatron.trainers.train import registered_steps
+from tests.test_train_ray import check_resumes, expected_data_digest
 
 pytestmark = pytest.mark.ray
 
@@ -38,10 +39,10 @@ def test_sigint_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir,
     reader.start()
     try:
         deadline = time.time() + 300
-        while _registered_checkpoints(run_dir) < 2 and first.poll() is None and time.time() < deadline:
+        while len(registered_steps(run_dir)) < 2 and first.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert first.poll() is None, "the run ended before it could be interrupted:\n" + "".join(lines[-30:])
-        assert _registered_checkpoints(run_dir) >= 2, "no checkpoint in time:\n" + "".join(lines[-30:])
+        assert len(registered_steps(run_dir)) >= 2, "no checkpoint in time:\n" + "".join(lines[-30:])
         first.send_signal(signal.SIGINT)
         rc = first.wait(120)
     finally:

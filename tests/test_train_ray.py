@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from negatron.cluster.config import load_config
 from negatron.trainers.encoder import Encoder
-from negatron.trainers.train import run_training
+from negatron.serve.loadgen import tagged_pids
+from negatron.trainers.train import registered_steps, run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
@@ -56,26 +56,6 @@ def test_two_workers_train_and_checkpoint_loads_everywhere(tmp_path, tiny_model_
         h = hf(**b).last_hidden_state
     mean = (h * b["attention_mask"][..., None]).sum(1) / b["attention_mask"].sum(1, keepdim=True)
     np.testing.assert_allclose(torch.nn.functional.normalize(mean, dim=-1).numpy(), ours, atol=1e-5)
-
-
-def _train_worker_pids() -> list[int]:
-    me = psutil.Process(os.getpid())
-    out = []
-    for p in me.children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
-
-
-def _registered_checkpoints(run_dir: Path) -> int:
-    snap = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snap.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def expected_data_digest(cfg, steps: int) -> str:
@@ -125,8 +105,8 @@ def test_two_worker_sigkills_resume_from_checkpoints(tmp_path, tiny_model_dir, s
         while len(killed) < 2 and time.time() < deadline:
             # kill once the controller has registered a new checkpoint (it polls workers, so a
             # checkpoint folder on disk alone may still be unknown to it), at a random step after it
-            n = _registered_checkpoints(run_dir)
-            pids = [p for p in _train_worker_pids() if p not in seen]
+            n = len(registered_steps(run_dir))
+            pids = [p for p in tagged_pids("RayTrainWorker", os.getpid()) if p not in seen]
             if n >= need and len(pids) == 2:
                 time.sleep(rng.uniform(0.0, 1.0))
                 victim = rng.choice(pids)

@@ -214,13 +214,19 @@ def _fit_interruptibly(trainer, run_dir: Path):
     return box["result"]
 
 
-def latest_registered_step(run_dir: Path) -> int | None:
-    """The step of the newest checkpoint Ray Train has registered for the run in ``run_dir``."""
+def registered_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered for the run in ``run_dir`` (its snapshot
+    file; a checkpoint folder on disk alone may not be registered yet)."""
     try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return max((int(c["metrics"]["step"]) for c in snap.get("checkpoint_results", [])), default=None)
+        snap = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+        return [int(c["metrics"]["step"]) for c in snap.get("checkpoint_results", [])]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return []
+
+
+def latest_registered_step(run_dir: Path) -> int | None:
+    """The step of the newest registered checkpoint of the run in ``run_dir``."""
+    return max(registered_steps(run_dir), default=None)
 
 
 def root_cause(e: BaseException) -> str:
