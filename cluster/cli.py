@@ -85,13 +85,27 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _eval_two_stage(args: argparse.Namespace, encoder, data) -> int:
-    from negatron.trainers.cross_encoder import CrossEncoder
+    from negatron.trainers.cross_encoder import RERANK_FILE, CrossEncoder, saved_rerank_weight
     from negatron.trainers.evaluate import evaluate_two_stage, format_table
 
+    weight, source = args.rerank_weight, "--rerank-weight"
+    if weight is None:
+        try:
+            weight, source = saved_rerank_weight(args.reranker), f"{args.reranker}/{RERANK_FILE}"
+        except ValueError as e:
+            raise ConfigError(f"--reranker: {e}") from None
+        if weight is None:
+            weight, source = 1.0, "default"
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"--rerank-weight must be in [0, 1], got {weight:g}")
     reranker = CrossEncoder.from_pretrained(args.reranker)
-    out = evaluate_two_stage(encoder, reranker, data, depth=args.rerank_depth, batch_size=args.batch_size)
+    out = evaluate_two_stage(encoder, reranker, data, depth=args.rerank_depth, batch_size=args.batch_size,
+                             weights=(weight,))
     out["model"], out["reranker"], out["data"] = args.model, args.reranker, str(args.data)
-    print(format_table({"bi-encoder": out["retrieval"], f"+ reranker@{args.rerank_depth}": out["reranked"]}))
+    label = f"+ reranker@{args.rerank_depth}" + (f" (w={weight:g})" if weight != 1.0 else "")
+    print(format_table({"bi-encoder": out["retrieval"], label: out["reranked"]}))
+    if weight != 1.0:
+        print(f"reranker weight {weight:g} ({source}): z-scored reranker logits fused with the bi-encoder's scores")
     print(f"{out['retrieval']['num_queries']} queries, {out['retrieval']['num_docs']} docs; reranking "
           f"{out['reranked']['rerank_s']:.1f}s")
     if args.out:
@@ -187,13 +201,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def reranker_stage(cfg, bi_encoder: Path, data_dir: Path, out: Path, address: str | None = None,
-                   steps: int = 120, depth: int = 20, init: str | None = None) -> dict:
+                   steps: int = 300, depth: int = 20, init: str | None = None) -> dict:
     """Mine hard negatives with the fine-tuned bi-encoder, train a cross-encoder on them with Ray
     Train (from ``init``, a cross-encoder folder, or else the fine-tuned bi-encoder with a fresh
     scoring head), rerank the test top ``depth``."""
-    from negatron.trainers.cross_encoder import CrossEncoder
+    from negatron.trainers.cross_encoder import RERANK_FILE, CrossEncoder
     from negatron.trainers.encoder import Encoder
-    from negatron.trainers.evaluate import evaluate_two_stage, format_table
+    from negatron.trainers.evaluate import RerankEval, evaluate_two_stage, format_table
     from negatron.trainers.mine import mine
     from negatron.trainers.train import run_training
 
@@ -202,24 +216,46 @@ def reranker_stage(cfg, bi_encoder: Path, data_dir: Path, out: Path, address: st
                  max_length=cfg.model.max_length, workers=cfg.trainer.num_workers, cpus_per_worker=cfg.trainer.cpus_per_worker)
     print(f"      {stats['pairs']} pairs, {stats['negatives_per_query_mean']:.1f} negatives each ({stats['wall_s']:.0f}s)",
           flush=True)
-    ce_cfg = cfg.replace({
-        "model.kind": "cross-encoder", "model.path": init or str(bi_encoder), "model.max_length": 192,
-        "data.train": str(out / "mined.parquet"), "data.num_negatives": 3, "bank.size": 0, "bank.momentum": 0.0,
-        "augment.mask_prob": 0.0, "augment.delete_prob": 0.0, "augment.crop": False, "augment.dropout_views": False,
-        "trainer.batch_size": 4, "trainer.max_steps": steps, "trainer.checkpoint_every": steps,
-        "optim.lr": 3e-5, "optim.warmup_steps": max(1, steps // 10), "loss.temperature": 1.0,
-        "loss.learnable_temperature": False, "eval.first_stage": str(bi_encoder), "eval.rerank_depth": depth,
-        "data.max_dev_queries": 100, "run.name": f"{cfg.run.name}-reranker"})
+    ce_cfg = cfg.replace(reranker_recipe(cfg, bi_encoder, out / "mined.parquet", steps, depth, init))
     print(f"[6/7] training a cross-encoder reranker: {steps} steps, {ce_cfg.trainer.num_workers} Ray Train workers, "
-          f"1 positive + 3 hard negatives per query", flush=True)
+          f"in-batch negatives for {ce_cfg.data.hard_negatives_after} steps, then 1 positive + "
+          f"{ce_cfg.data.num_negatives} hard + {ce_cfg.data.in_batch_negatives} in-batch negatives per query", flush=True)
     res = run_training(ce_cfg, address=address)
+    reranker = CrossEncoder.from_pretrained(res.final_dir)
+    qlen = cfg.model.query_max_length or None
+    bi = Encoder.from_pretrained(str(bi_encoder))
+    print(f"      choosing the fusion weight on {cfg.data.dev} (top {depth})", flush=True)
+    dev = RerankEval(bi, cfg.data.dev, depth=depth, query_max_length=qlen)
+    weight, curve = dev.choose_weight(reranker)
+    (Path(res.final_dir) / RERANK_FILE).write_text(json.dumps(
+        {"rerank_weight": weight, "first_stage": str(bi_encoder), "rerank_depth": depth,
+         "chosen_on": str(cfg.data.dev), "dev_mrr@10_by_weight": curve}, indent=2) + "\n")
     print(f"[7/7] two-stage evaluation on {cfg.data.test}: bi-encoder top {depth} reranked", flush=True)
-    two = evaluate_two_stage(Encoder.from_pretrained(str(bi_encoder)), CrossEncoder.from_pretrained(res.final_dir),
-                             cfg.data.test, depth=depth, query_max_length=cfg.model.query_max_length or None)
+    two = evaluate_two_stage(bi, reranker, cfg.data.test, depth=depth, query_max_length=qlen,
+                             weights=(1.0, weight))
+    two["rerank_weight"], two["dev_mrr@10_by_weight"] = weight, curve
     (out / "two_stage.json").write_text(json.dumps(two, indent=2) + "\n")
-    print(format_table({"bi-encoder": two["retrieval"], f"+ reranker@{depth}": two["reranked"]}))
+    print(format_table({"bi-encoder": two["retrieval"], f"+ reranker@{depth}": two["reranked"],
+                        f"+ reranker@{depth}, w={weight:g}": two[f"reranked@w={weight:g}"]}))
+    print(f"w = fusion weight of the reranker's z-scored logits with the bi-encoder's scores, chosen on dev "
+          f"(saved in {Path(res.final_dir) / RERANK_FILE}; `negatron eval --reranker` uses it)")
     print(f"reranker in {res.final_dir}")
     return {"mined": stats, "reranker": str(res.final_dir), **two}
+
+
+def reranker_recipe(cfg, bi_encoder: Path, mined: Path, steps: int, depth: int, init: str | None = None) -> dict:
+    """Overrides that turn the bi-encoder config into the reranker's (measured on the stdlib data:
+    from hard negatives alone a fresh head stays at chance; a fast head and in-batch negatives first
+    get it learning within ~50 steps)."""
+    return {
+        "model.kind": "cross-encoder", "model.path": init or str(bi_encoder), "model.max_length": 128,
+        "data.train": str(mined), "data.num_negatives": 2, "data.in_batch_negatives": 1,
+        "data.hard_negatives_after": steps // 5, "bank.size": 0, "bank.momentum": 0.0,
+        "augment.mask_prob": 0.0, "augment.delete_prob": 0.0, "augment.crop": False, "augment.dropout_views": False,
+        "trainer.batch_size": 4, "trainer.max_steps": steps, "trainer.checkpoint_every": steps,
+        "optim.lr": 1e-4, "optim.head_lr": 0.0 if init else 2e-3, "optim.warmup_steps": max(1, steps // 10),
+        "loss.temperature": 1.0, "loss.learnable_temperature": False, "eval.first_stage": str(bi_encoder),
+        "eval.rerank_depth": depth, "data.max_dev_queries": 100, "run.name": f"{cfg.run.name}-reranker"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -326,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="torch threads")
     e.add_argument("--reranker", help="cross-encoder folder: rerank the bi-encoder's top --rerank-depth, report both stages")
     e.add_argument("--rerank-depth", type=int, default=50, help="candidates the reranker reorders (default 50)")
+    e.add_argument("--rerank-weight", type=float, default=None,
+                   help="fuse reranker and bi-encoder scores: w*z(reranker) + (1-w)*z(bi-encoder), w in [0, 1] "
+                        "(default: the weight saved in the reranker's negatron_rerank.json, else 1 = reranker alone)")
     e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train", help="contrastive training on Ray Train")
@@ -398,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=None, help="torch threads for the driver's evaluations")
     q.add_argument("--with-reranker", action="store_true",
                    help="then mine hard negatives, train a cross-encoder reranker and evaluate both stages")
-    q.add_argument("--reranker-steps", type=int, default=120, help="reranker training steps (default 120)")
+    q.add_argument("--reranker-steps", type=int, default=300, help="reranker training steps (default 300)")
     q.add_argument("--rerank-depth", type=int, default=20, help="test candidates the reranker reorders (default 20)")
     q.add_argument("--reranker-init", default=None,
                    help="start the reranker from this cross-encoder folder (default: the fine-tuned bi-encoder "

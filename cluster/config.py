@@ -34,6 +34,12 @@ class DataConfig(_Section):
     max_dev_queries: int = Field(0, ge=0, description="Evaluate on at most this many dev queries (0 = all).")
     max_dev_docs: int = Field(0, ge=0, description="Dev corpus cap: judged docs of the kept queries + distractors (0 = all).")
     num_negatives: int = Field(1, ge=0, le=64, description="Hard negatives per row taken from a 'negatives' column (0 = ignore it).")
+    in_batch_negatives: int = Field(0, ge=0, le=64, description=(
+        "Cross-encoder: other rows' positives from the worker's batch added to each query's group "
+        "(easy negatives next to the hard ones)."))
+    hard_negatives_after: int = Field(0, ge=0, description=(
+        "Cross-encoder: steps trained on in-batch negatives only before the hard negatives join "
+        "(a fresh scoring head learns easy pairs first)."))
 
 
 class ModelConfig(_Section):
@@ -70,6 +76,9 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear"] = "linear"
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+    head_lr: float = Field(0.0, ge=0, le=1.0, description=(
+        "Cross-encoder: learning rate of the scoring head (pooler + classifier), which starts fresh "
+        "from a bi-encoder (0 = optim.lr)."))
 
 
 class LossConfig(_Section):

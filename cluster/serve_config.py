@@ -77,6 +77,9 @@ class RetrieverServe(_Section):
     ivf_nprobe: int = Field(16, ge=1)
     cache_dir: str = Field("", description="Where built indexes are cached (empty = <corpus folder>/.negatron_index).")
     rerank_depth: int = Field(50, ge=1, description="Candidates the reranker rescores when a search asks for rerank.")
+    rerank_weight: float | None = Field(None, ge=0, le=1, description=(
+        "Reranked search orders by w*z(reranker logit) + (1-w)*z(retrieval score) over the candidates "
+        "(null = the weight saved with the reranker, negatron_rerank.json, else 1 = the reranker alone)."))
     scale: ScaleConfig = ScaleConfig()
     batch: BatchConfig = BatchConfig(max_batch_size=16)
 

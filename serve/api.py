@@ -134,6 +134,24 @@ class SearchResult(BaseModel):
     retrieval_score: Optional[float] = Field(None, description="The bi-encoder score when reranked.")
 
 
+def rerank_order(retrieval: list[float], probs: np.ndarray, weight: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the scores results are sorted by, the top_k candidate order) for a reranked search.
+
+    weight 1: the reranker's probabilities. Below 1: the reranker's logits (from its probabilities)
+    and the retrieval scores, each z-scored over the candidates, mixed as weight : 1 - weight —
+    the fusion ``negatron eval --rerank-weight`` measures.
+    """
+    from negatron.trainers.evaluate import fuse_scores
+
+    probs = np.asarray(probs, dtype=np.float64)
+    if weight >= 1.0:
+        final = probs
+    else:
+        p = np.clip(probs, 1e-12, 1 - 1e-12)
+        final = fuse_scores(np.asarray(retrieval, dtype=np.float64), np.log(p) - np.log1p(-p), weight)
+    return final, np.argsort(-final, kind="stable")[:top_k]
+
+
 # -- the app --------------------------------------------------------------------------------------
 
 app = FastAPI(title="Negatron", version="0.1.0",
@@ -291,6 +309,7 @@ class Ingress:
         self.default_model: str = settings["default_model"]
         self.limits: dict[str, Any] = settings["limits"]
         self.rerank_depth = int(settings.get("rerank_depth", 50))
+        self.rerank_weight = float(settings.get("rerank_weight", 1.0))
         self.dims: dict[str, int] = settings.get("dims", {})
         self.image_models = set(settings.get("image_models", []))
         text = {n: p for n, p in self.models.items() if n not in self.image_models}
@@ -466,8 +485,8 @@ class Ingress:
         if not body.rerank or not hits:
             return [SearchResult(doc_id=d, score=s, text=t) for d, s, t in hits[: body.top_k]]
         scores = await self._call("the reranker", self.reranker.score.remote(body.query, [t for _, _, t in hits]))
-        order = np.argsort(-scores, kind="stable")[: body.top_k]
-        return [SearchResult(doc_id=hits[i][0], score=float(scores[i]), text=hits[i][2], retrieval_score=hits[i][1])
+        final, order = rerank_order([s for _, s, _ in hits], scores, self.rerank_weight, body.top_k)
+        return [SearchResult(doc_id=hits[i][0], score=float(final[i]), text=hits[i][2], retrieval_score=hits[i][1])
                 for i in order]
 
     def _check_query(self, query: str) -> None:

@@ -124,13 +124,29 @@ def app_builder(args: ServeSection) -> Application:
         "max_length": args.encoder.max_length, "model_max_lengths": {n: f[0] for n, f in facts.items()},
         "dims": {n: f[1] for n, f in facts.items()}, "reranker_path": rr_path,
         "reranker_max_length": args.reranker.max_length or _reranker_len(rr_path),
-        "rerank_depth": args.retriever.rerank_depth, "api_key_env": args.api_key_env,
+        "rerank_depth": args.retriever.rerank_depth, "rerank_weight": _rerank_weight(args, rr_path),
+        "api_key_env": args.api_key_env,
         "colocate": args.encoder.colocate, "batch": args.encoder.batch.model_dump(),
         "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
     }
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress
     return Ingress.options(**deployment_options(ingress_scale, args.access_log)).bind(encoder, reranker, retriever, settings)
+
+
+def _rerank_weight(args, rr_path: str) -> float:
+    """serve.retriever.rerank_weight, else the weight saved with the reranker, else 1."""
+    from negatron.trainers.cross_encoder import saved_rerank_weight
+
+    if args.retriever.rerank_weight is not None:
+        return float(args.retriever.rerank_weight)
+    if not rr_path:
+        return 1.0
+    try:
+        w = saved_rerank_weight(rr_path)
+    except ValueError as e:
+        raise ConfigError(f"serve.reranker.path: {e}") from None
+    return 1.0 if w is None else w
 
 
 def served_name(path: str, folder: Path) -> str:

@@ -74,3 +74,130 @@ def test_two_stage_eval_returns_both_metric_sets(tmp_path):
     # reordering the top 10 cannot change Recall@10 or Recall@100
     assert out["reranked"]["recall@10"] == pytest.approx(out["retrieval"]["recall@10"])
     assert out["reranked"]["recall@100"] == pytest.approx(out["retrieval"]["recall@100"])
+
+
+def test_build_groups_adds_in_batch_negatives_and_can_hold_back_hard_ones():
+    batch = {"query": ["q0", "q1", "q2"], "positive": ["p0", "p1", "p2"], "pos_ids": torch.tensor([10, 11, 10]),
+             "negatives": ["n0", "n1", "n2"], "neg_valid": torch.tensor([True, True, True])}
+    q, t, mask = build_groups(batch, in_batch=1)
+    # row 0: next rows cyclically, skipping row 2 (same id 10) -> p1; row 2 skips row 0 -> p1
+    assert t == ["p0", "n0", "p1", "p1", "n1", "p2", "p2", "n2", "p1"] and mask.all()
+    q, t, mask = build_groups(batch, in_batch=1, hard=False)  # the warm-up phase: in-batch only
+    assert "n0" not in t and "n1" not in t and "n2" not in t
+    assert t[:2] == ["p0", "p1"] and t[3:6] == ["p1", "p2", "p0"]
+    assert mask.tolist() == [[True, True, False], [True, True, True], [True, True, False]]
+
+
+def test_fuse_scores_interpolates_between_the_two_orders():
+    from negatron.trainers.evaluate import fuse_scores
+
+    first = np.array([0.9, 0.8, 0.1])  # bi-encoder: 0 > 1 > 2
+    second = np.array([-2.0, 5.0, 1.0])  # reranker: 1 > 2 > 0
+    assert list(np.argsort(-fuse_scores(first, second, 1.0))) == [1, 2, 0]
+    assert list(np.argsort(-fuse_scores(first, second, 0.0))) == [0, 1, 2]
+    assert list(np.argsort(-fuse_scores(first, second, 0.5))) == [1, 0, 2]
+    # z-scores: shifting or scaling either stage's scores changes nothing
+    np.testing.assert_allclose(fuse_scores(first, second, 0.3), fuse_scores(first * 10 + 3, second / 7 - 1, 0.3))
+    assert np.all(fuse_scores(np.ones(3), np.ones(3), 0.5) == 0)  # constant lists: no NaN
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fuse_scores(first, second, 1.5)
+
+
+def test_weight_zero_keeps_the_first_stage_and_choose_weight_reports_a_curve(tmp_path):
+    from negatron.trainers.cross_encoder import CrossEncoder
+    from negatron.trainers.evaluate import RerankEval, evaluate_two_stage
+
+    task = write_synthetic_task(tmp_path / "task")
+    enc, ce = make_tiny_encoder(), CrossEncoder.from_pretrained(make_tiny_cross_encoder(tmp_path / "ce"))
+    out = evaluate_two_stage(enc, ce, str(task / "dev"), depth=10, progress=False, weights=(1.0, 0.0))
+    assert out["reranked@w=0"]["rerank_weight"] == 0.0
+    for k in ("recall@1", "mrr@10", "ndcg@10"):
+        assert out["reranked@w=0"][k] == pytest.approx(out["retrieval"][k])
+    ev = RerankEval(enc, str(task / "dev"), depth=10)
+    w, curve = ev.choose_weight(ce, grid=(0.0, 0.5, 1.0))
+    assert set(curve) == {0.0, 0.5, 1.0} and curve[w] == max(curve.values())
+    assert curve[0.0] == pytest.approx(out["retrieval"]["mrr@10"])
+
+
+def test_cross_encoder_head_gets_its_own_learning_rate_through_a_pbt_update(tmp_path):
+    from negatron.cluster.config import load_config
+    from negatron.trainers.cross_encoder import CrossEncoder
+    from negatron.trainers.loop import _apply_hparams, make_optimizer
+    from negatron.trainers.rerank_step import CrossEncoderModel
+
+    ce = CrossEncoder.for_training(str(make_tiny_cross_encoder(tmp_path / "ce")), max_length=32)
+    cfg = load_config(None, ["model.kind=cross-encoder", "bank.size=0", "optim.lr=1e-4", "optim.head_lr=2e-3",
+                             "optim.warmup_steps=0"])
+    model = CrossEncoderModel.from_config(ce, cfg)
+    opt, sched = make_optimizer(model, cfg)
+    head_ids = {id(p) for n, p in ce.named_parameters() if "classifier" in n or "pooler" in n}
+    for g in opt.param_groups:
+        assert all((id(p) in head_ids) == g["head"] for p in g["params"])
+        assert g["lr"] == pytest.approx(2e-3 if g["head"] else 1e-4)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(ce.parameters()))
+    _apply_hparams(cfg.replace({"optim.lr": 5e-5, "optim.head_lr": 1e-3}), model, opt, sched)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([5e-5, 1e-3])
+    plain = make_optimizer(model, cfg.replace({"optim.head_lr": 0.0}))[0]
+    assert {g["lr"] for g in plain.param_groups} == {1e-4} and not any(g["head"] for g in plain.param_groups)
+
+
+def test_reranked_search_order_uses_the_fusion_weight():
+    from negatron.serve.api import rerank_order
+    from negatron.trainers.evaluate import fuse_scores
+
+    retrieval = [0.9, 0.8, 0.7, 0.1]
+    probs = np.array([0.2, 0.9, 0.6, 0.95])
+    final, order = rerank_order(retrieval, probs, 1.0, 3)
+    assert list(order) == [3, 1, 2] and np.allclose(final, probs)  # the reranker alone
+    assert list(rerank_order(retrieval, probs, 0.0, 4)[1]) == [0, 1, 2, 3]  # the retrieval order
+    final, order = rerank_order(retrieval, probs, 0.5, 4)
+    logits = np.log(probs / (1 - probs))
+    np.testing.assert_allclose(final, fuse_scores(np.array(retrieval), logits, 0.5))
+    assert list(order) == list(np.argsort(-final, kind="stable"))
+    assert np.isfinite(rerank_order(retrieval, np.array([1.0, 0.0, 0.5, 0.5]), 0.5, 4)[0]).all()  # saturated
+
+
+def test_saved_rerank_weight_is_read_validated_and_used_by_serve(tmp_path):
+    import json
+
+    from negatron.cluster.config import ConfigError, load_config
+    from negatron.serve.app import _rerank_weight
+    from negatron.trainers.cross_encoder import RERANK_FILE, saved_rerank_weight
+
+    ce = make_tiny_cross_encoder(tmp_path / "run" / "final")
+    serve = load_config(None, []).serve
+    assert saved_rerank_weight(ce) is None and _rerank_weight(serve, str(ce)) == 1.0
+    (ce / RERANK_FILE).write_text(json.dumps({"rerank_weight": 0.4}))
+    assert saved_rerank_weight(ce) == 0.4 and saved_rerank_weight(tmp_path / "run") == 0.4  # run folder too
+    assert _rerank_weight(serve, str(ce)) == 0.4
+    assert _rerank_weight(load_config(None, ["serve.retriever.rerank_weight=0.7"]).serve, str(ce)) == 0.7
+    assert _rerank_weight(serve, "") == 1.0  # no reranker
+    (ce / RERANK_FILE).write_text(json.dumps({"rerank_weight": 3}))
+    with pytest.raises(ConfigError, match=r"negatron_rerank.json: rerank_weight must be in \[0, 1\], got 3"):
+        _rerank_weight(serve, str(ce))
+    (ce / RERANK_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="negatron_rerank.json: unreadable rerank_weight"):
+        saved_rerank_weight(ce)
+
+
+def test_eval_cli_fuses_with_the_saved_weight_and_refuses_a_bad_one(tmp_path, capsys):
+    import json
+
+    from negatron.cluster.cli import main
+    from negatron.trainers.cross_encoder import RERANK_FILE
+
+    task = write_synthetic_task(tmp_path / "task")
+    make_tiny_encoder().save(tmp_path / "bi")
+    ce = make_tiny_cross_encoder(tmp_path / "ce")
+    base = ["eval", "--model", str(tmp_path / "bi"), "--data", str(task / "dev"), "--reranker", str(ce),
+            "--rerank-depth", "10"]
+    assert main(base + ["--rerank-weight", "3"]) == 2
+    assert "--rerank-weight must be in [0, 1], got 3" in capsys.readouterr().err
+    (ce / RERANK_FILE).write_text(json.dumps({"rerank_weight": 0.0}))
+    assert main(base + ["--out", str(tmp_path / "two.json")]) == 0
+    assert f"weight 0 ({ce}/{RERANK_FILE})" in capsys.readouterr().out
+    out = json.loads((tmp_path / "two.json").read_text())
+    assert out["reranked"]["rerank_weight"] == 0.0
+    assert out["reranked"]["mrr@10"] == pytest.approx(out["retrieval"]["mrr@10"])  # weight 0 = first stage
+    (ce / RERANK_FILE).write_text("[]")
+    assert main(base) == 2 and "unreadable rerank_weight" in capsys.readouterr().err

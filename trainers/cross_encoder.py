@@ -15,6 +15,30 @@ from torch import nn
 
 from .encoder import ModelLoadError, _read_json
 
+RERANK_FILE = "negatron_rerank.json"  # in a reranker folder: the fusion weight chosen on dev
+
+
+def saved_rerank_weight(reranker: str | Path) -> float | None:
+    """The fusion weight stored with a reranker (``negatron quickstart --with-reranker`` chooses it
+    on dev), or None.
+
+    Raises:
+        ValueError: the file exists but holds no weight in [0, 1].
+    """
+    import json
+
+    folder = Path(reranker)
+    for f in (folder / RERANK_FILE, folder / "final" / RERANK_FILE):
+        if f.is_file():
+            try:
+                w = float(json.loads(f.read_text())["rerank_weight"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{f}: unreadable rerank_weight ({type(e).__name__}: {e})") from None
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"{f}: rerank_weight must be in [0, 1], got {w}")
+            return w
+    return None
+
 
 class CrossEncoder(nn.Module):
     """Args:
@@ -104,8 +128,9 @@ class CrossEncoder(nn.Module):
 
     @torch.no_grad()
     def score(self, queries: Sequence[str], texts: Sequence[str], chunk_size: int = 32,
-              max_length: int | None = None) -> np.ndarray:
-        """Scores in (0, 1) for N pairs, in input order; pairs run in length-sorted chunks."""
+              max_length: int | None = None, raw: bool = False) -> np.ndarray:
+        """Scores in (0, 1) for N pairs (raw logits with ``raw``), in input order; pairs run in
+        length-sorted chunks."""
         if len(queries) != len(texts):
             raise ValueError(f"{len(queries)} queries but {len(texts)} texts")
         was_training = self.training
@@ -115,6 +140,7 @@ class CrossEncoder(nn.Module):
         for start in range(0, len(texts), chunk_size):
             idx = order[start:start + chunk_size]
             logit = self.logits([queries[i] for i in idx], [texts[i] for i in idx], max_length)  # b
-            out[idx] = torch.sigmoid(logit.float()).cpu().numpy()  # 2 labels: sigmoid(l1-l0) = softmax[1]
+            logit = logit.float()
+            out[idx] = (logit if raw else torch.sigmoid(logit)).cpu().numpy()  # 2 labels: sigmoid(l1-l0) = softmax[1]
         self.train(was_training)
         return out

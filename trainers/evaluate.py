@@ -50,9 +50,9 @@ def _retrieve(encoder, qtexts, docs, batch_size, top_k, query_max_length, progre
     q_emb = encoder.encode(qtexts, batch_size=batch_size, max_length=query_max_length,
                            progress="queries" if progress else None)
     t2 = time.perf_counter()
-    _, idx = exact_search(doc_emb, q_emb, top_k)
+    scores, idx = exact_search(doc_emb, q_emb, top_k)
     t3 = time.perf_counter()
-    return idx, {"encode_corpus_s": round(t1 - t0, 3), "encode_queries_s": round(t2 - t1, 3),
+    return scores, idx, {"encode_corpus_s": round(t1 - t0, 3), "encode_queries_s": round(t2 - t1, 3),
                  "search_s": round(t3 - t2, 4)}
 
 
@@ -70,11 +70,34 @@ def evaluate_encoder(encoder, data: EvalData | str, batch_size: int = 64, top_k:
     if isinstance(data, str):
         data = check_eval_dir(data)
     qids, qtexts, doc_ids, docs, qrels = _subset(data, max_queries, max_docs)
-    idx, timing = _retrieve(encoder, qtexts, docs, batch_size, top_k, query_max_length, progress)
+    _, idx, timing = _retrieve(encoder, qtexts, docs, batch_size, top_k, query_max_length, progress)
     run = {q: [doc_ids[j] for j in row if j >= 0] for q, row in zip(qids, idx)}
     metrics = evaluate_run(run, qrels)
     metrics.update({"num_docs": len(docs), **timing})
     return metrics
+
+
+WEIGHT_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # fusion weights tried on dev
+
+
+def fuse_scores(first: np.ndarray, second: np.ndarray, weight: float) -> np.ndarray:
+    """One query's candidates: ``weight`` · z(second) + (1 − weight) · z(first).
+
+    z standardises a score list over the query's candidates (mean 0, std 1; constant lists give 0),
+    so bi-encoder cosines and cross-encoder logits mix on one scale. weight 1 = rerank by the
+    second stage alone; 0 = keep the first-stage order.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"rerank weight must be in [0, 1], got {weight}")
+
+    def z(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        sd = x.std()
+        return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+
+    if weight == 1.0:
+        return np.asarray(second, dtype=np.float64)
+    return weight * z(second) + (1.0 - weight) * z(first)
 
 
 class RerankEval:
@@ -88,39 +111,74 @@ class RerankEval:
         if isinstance(data, str):
             data = check_eval_dir(data)
         self.qids, self.qtexts, self.doc_ids, self.docs, self.qrels = _subset(data, max_queries, max_docs)
-        idx, self.timing = _retrieve(first_stage, self.qtexts, self.docs, batch_size, max(depth, 100),
-                                     query_max_length, progress)
+        scores, idx, self.timing = _retrieve(first_stage, self.qtexts, self.docs, batch_size, max(depth, 100),
+                                             query_max_length, progress)
         self.first_run = {q: [self.doc_ids[j] for j in row if j >= 0] for q, row in zip(self.qids, idx)}
         self.candidates = [[int(j) for j in row[:depth] if j >= 0] for row in idx]
+        self.first_scores = [np.asarray(s[:len(c)], dtype=np.float64) for s, c in zip(scores, self.candidates)]
         self.depth = depth
 
     def first_stage_metrics(self) -> dict[str, float]:
         return {**evaluate_run(self.first_run, self.qrels), "num_docs": len(self.docs), **self.timing}
 
-    def evaluate(self, reranker, chunk_size: int = 32) -> dict[str, float]:
-        """Metrics after reordering each query's top ``depth`` by ``reranker.score``; the rest keep
-        their first-stage order below them (so Recall@100 compares like for like)."""
-        t0 = time.perf_counter()
+    def rerank_scores(self, reranker, chunk_size: int = 32) -> list[np.ndarray]:
+        """The reranker's raw logits for every query's candidates (one array per query)."""
         pairs_q = [self.qtexts[i] for i, c in enumerate(self.candidates) for _ in c]
         pairs_d = [self.docs[j] for c in self.candidates for j in c]
-        scores = reranker.score(pairs_q, pairs_d, chunk_size=chunk_size) if pairs_q else np.zeros(0)
-        run, start = {}, 0
-        for q, cand in zip(self.qids, self.candidates):
-            s = scores[start:start + len(cand)]
+        flat = reranker.score(pairs_q, pairs_d, chunk_size=chunk_size, raw=True) if pairs_q else np.zeros(0)
+        out, start = [], 0
+        for cand in self.candidates:
+            out.append(np.asarray(flat[start:start + len(cand)], dtype=np.float64))
             start += len(cand)
+        return out
+
+    def metrics_for(self, scores: list[np.ndarray], weight: float = 1.0) -> dict[str, float]:
+        """Metrics after reordering each query's top ``depth`` by the fused scores; the rest keep
+        their first-stage order below them (so Recall@100 compares like for like)."""
+        run = {}
+        for q, cand, first, second in zip(self.qids, self.candidates, self.first_scores, scores):
+            s = fuse_scores(first, second, weight)
             top = [self.doc_ids[cand[i]] for i in np.argsort(-s, kind="stable")]
             run[q] = top + [d for d in self.first_run[q] if d not in set(top)]
         m = evaluate_run(run, self.qrels)
-        m.update({"num_docs": len(self.docs), "rerank_depth": self.depth, "rerank_s": round(time.perf_counter() - t0, 3)})
+        m.update({"num_docs": len(self.docs), "rerank_depth": self.depth, "rerank_weight": weight})
         return m
+
+    def evaluate(self, reranker, chunk_size: int = 32, weight: float = 1.0) -> dict[str, float]:
+        """Metrics of the reranked top ``depth`` (fused with the first stage unless weight is 1)."""
+        t0 = time.perf_counter()
+        scores = self.rerank_scores(reranker, chunk_size)
+        m = self.metrics_for(scores, weight)
+        m["rerank_s"] = round(time.perf_counter() - t0, 3)
+        return m
+
+    def choose_weight(self, reranker, grid: Sequence[float] = WEIGHT_GRID,
+                      key: str = "mrr@10") -> tuple[float, dict[float, float]]:
+        """The fusion weight with the best ``key`` on this data (ties go to the larger weight),
+        and the whole curve. Use dev data; report test with the chosen weight."""
+        scores = self.rerank_scores(reranker)
+        curve = {float(w): self.metrics_for(scores, float(w))[key] for w in grid}
+        best = max(curve, key=lambda w: (round(curve[w], 12), w))
+        return best, curve
 
 
 def evaluate_two_stage(encoder, reranker, data: EvalData | str, depth: int = 50, batch_size: int = 64,
-                       query_max_length: int | None = None, progress: bool = True) -> dict[str, dict]:
-    """Bi-encoder retrieval, then cross-encoder reranking of the top ``depth``: both metric sets."""
+                       query_max_length: int | None = None, progress: bool = True,
+                       weights: Sequence[float] = (1.0,)) -> dict[str, dict]:
+    """Bi-encoder retrieval, then cross-encoder reranking of the top ``depth``: both metric sets.
+
+    ``reranked`` uses the first of ``weights``; every further weight adds ``reranked@w=<w>``
+    (the reranker's scores are computed once).
+    """
     ev = RerankEval(encoder, data, depth=depth, batch_size=batch_size, query_max_length=query_max_length,
                     progress=progress)
-    return {"retrieval": ev.first_stage_metrics(), "reranked": ev.evaluate(reranker)}
+    t0 = time.perf_counter()
+    scores = ev.rerank_scores(reranker)
+    rerank_s = round(time.perf_counter() - t0, 3)
+    out = {"retrieval": ev.first_stage_metrics()}
+    for i, w in enumerate(weights):
+        out["reranked" if i == 0 else f"reranked@w={w:g}"] = {**ev.metrics_for(scores, float(w)), "rerank_s": rerank_s}
+    return out
 
 
 def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str] = METRIC_KEYS) -> str:

@@ -47,13 +47,17 @@ def build_encoder(cfg: Config, path: str | None = None):
 
 
 def make_optimizer(model: ContrastiveModel, cfg: Config):
-    decay, no_decay = [], []
+    head_lr = cfg.optim.head_lr if cfg.model.kind == "cross-encoder" else 0.0
+    buckets: dict[tuple[bool, bool], list] = {}
     for name, p in model.encoder.named_parameters():
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "bias" in name
+        head = bool(head_lr) and _is_scoring_head(name)
+        buckets.setdefault((head, no_decay), []).append(p)
+    groups = [{"params": ps, "weight_decay": 0.0 if nd else cfg.optim.weight_decay, "head": head,
+               "lr": head_lr if head else cfg.optim.lr} for (head, nd), ps in sorted(buckets.items())]
     if isinstance(model.temperature.log_scale, torch.nn.Parameter):
-        groups.append({"params": [model.temperature.log_scale], "weight_decay": 0.0})
+        groups.append({"params": [model.temperature.log_scale], "weight_decay": 0.0, "head": False,
+                       "lr": cfg.optim.lr})
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     warm, total = cfg.optim.warmup_steps, cfg.trainer.max_steps
 
@@ -67,6 +71,15 @@ def make_optimizer(model: ContrastiveModel, cfg: Config):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _is_scoring_head(name: str) -> bool:
+    """A sequence-classification model's head: the pooler and the classifier (fresh from a bi-encoder)."""
+    return any(f".{part}." in f".{name}" for part in ("pooler", "classifier"))
+
+
+def _group_lr(cfg: Config, group: dict) -> float:
+    return cfg.optim.head_lr if group.get("head") and cfg.optim.head_lr else cfg.optim.lr
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31)
 
@@ -77,11 +90,11 @@ def _apply_hparams(cfg: Config, model: ContrastiveModel, opt, sched) -> None:
 
     with torch.no_grad():
         model.temperature.log_scale.fill_(math.log(1.0 / cfg.loss.temperature))
-    sched.base_lrs = [cfg.optim.lr for _ in opt.param_groups]
+    sched.base_lrs = [_group_lr(cfg, g) for g in opt.param_groups]
     factor = sched.lr_lambdas[0](sched.last_epoch)
     for group in opt.param_groups:
-        group["initial_lr"] = cfg.optim.lr
-        group["lr"] = cfg.optim.lr * factor
+        group["initial_lr"] = _group_lr(cfg, group)
+        group["lr"] = group["initial_lr"] * factor
 
 
 def _log(line: str) -> None:

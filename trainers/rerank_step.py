@@ -1,9 +1,12 @@
 """One cross-encoder (reranker) training step: a listwise contrastive loss.
 
 Each query's group is its positive followed by its hard negatives (the pairs file's ``negatives``
-column, e.g. from ``negatron mine``); a row without hard negatives borrows other queries'
-positives from the local batch. The loss is the cross-entropy of softmax(scores / τ) with the
-positive at index 0. Workers average gradients, so N workers × B rows train like 1 × N·B.
+column, e.g. from ``negatron mine``) and ``data.in_batch_negatives`` other queries' positives from
+the local batch; a row without hard negatives borrows at least ``IN_BATCH_FALLBACK`` of those. For
+the first ``data.hard_negatives_after`` steps groups hold in-batch negatives only: a fresh scoring
+head learns the easy pairs first (from hard negatives alone it stayed at chance). The loss is the
+cross-entropy of softmax(scores / τ) with the positive at index 0. Workers average gradients, so
+N workers × B rows train like 1 × N·B.
 """
 
 from __future__ import annotations
@@ -28,19 +31,23 @@ def listwise_loss(scores: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor
     return F.cross_entropy(logits, target)
 
 
-def build_groups(batch: dict) -> tuple[list[str], list[str], torch.Tensor]:
-    """Flatten a PairStream batch into (queries, texts) pairs laid out as a B×M grid + validity mask."""
+def build_groups(batch: dict, in_batch: int = 0, hard: bool = True) -> tuple[list[str], list[str], torch.Tensor]:
+    """Flatten a PairStream batch into (queries, texts) pairs laid out as a B×M grid + validity mask.
+
+    Row i's in-batch negatives are the positives of rows i+1, i+2, … (cyclically) with another id.
+    """
     queries, positives, ids = batch["query"], batch["positive"], batch["pos_ids"].tolist()
     b = len(queries)
     negs: list[list[str]] = [[] for _ in range(b)]
-    if batch.get("negatives"):
+    if hard and batch.get("negatives"):
         h = len(batch["negatives"]) // b
         valid = batch["neg_valid"].tolist()
         for i in range(b):
             negs[i] = [batch["negatives"][i * h + j] for j in range(h) if valid[i * h + j]]
     for i in range(b):
-        if not negs[i]:
-            negs[i] = [positives[j] for j in range(b) if ids[j] != ids[i]][:IN_BATCH_FALLBACK]
+        want = max(in_batch, 0 if negs[i] else IN_BATCH_FALLBACK)
+        others = [positives[(i + k) % b] for k in range(1, b) if ids[(i + k) % b] != ids[i]]
+        negs[i] += others[:want]
     m = 1 + max(len(n) for n in negs)
     q_flat, t_flat, mask = [], [], torch.zeros(b, m, dtype=torch.bool)
     for i in range(b):
@@ -56,8 +63,10 @@ class CrossEncoderModel(nn.Module):
     """The trainer's view of a reranker: same interface as ContrastiveModel (no bank)."""
 
     def __init__(self, encoder: CrossEncoder, temperature: float = 1.0, learnable_temperature: bool = False,
-                 min_temperature: float = 0.01):
+                 min_temperature: float = 0.01, in_batch_negatives: int = 0, hard_negatives_after: int = 0):
         super().__init__()
+        self.in_batch_negatives = in_batch_negatives
+        self.hard_negatives_after = hard_negatives_after
         self.encoder = encoder
         self.temperature = Temperature(temperature, learnable_temperature, min_temperature)
         self.bank = None
@@ -65,7 +74,8 @@ class CrossEncoderModel(nn.Module):
 
     @classmethod
     def from_config(cls, encoder: CrossEncoder, cfg) -> "CrossEncoderModel":
-        return cls(encoder, cfg.loss.temperature, cfg.loss.learnable_temperature, cfg.loss.min_temperature)
+        return cls(encoder, cfg.loss.temperature, cfg.loss.learnable_temperature, cfg.loss.min_temperature,
+                   cfg.data.in_batch_negatives, cfg.data.hard_negatives_after)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.encoder.parameters())
@@ -74,7 +84,7 @@ class CrossEncoderModel(nn.Module):
         return params
 
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        q, t, valid = build_groups(batch)
+        q, t, valid = build_groups(batch, self.in_batch_negatives, hard=step >= self.hard_negatives_after)
         b, m = valid.shape
         scores = self.encoder.logits(q, t).view(b, m)  # B×M
         return listwise_loss(scores, valid.to(scores.device), self.temperature.scale()), {}
