@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main() -> None:
+def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "tune_quickstart.yaml"))
     ap.add_argument("--trials", type=int, default=6)
@@ -51,8 +51,7 @@ def main() -> None:
             for sched in ("asha", "fifo"):
                 c = cfg.replace({"tune.scheduler": sched, "run.name": f"budget-{sched}"})
                 t0 = time.perf_counter()
-                with contextlib.redirect_stdout(sys.stderr):  # Tune's tables: stdout stays JSON
-                    res = run_tune(c, presets=presets)
+                res = run_tune(c, presets=presets)
                 wall = time.perf_counter() - t0
                 out["runs"][sched] = {
                     "wall_s": round(wall, 1), "best_dev_mrr@10": res.best_metric,
@@ -74,8 +73,13 @@ def main() -> None:
     a, f = out["runs"]["asha"], out["runs"]["fifo"]
     out["time_ratio_asha_vs_full"] = a["wall_s"] / f["wall_s"]
     out["mrr_gap_full_minus_asha"] = f["best_dev_mrr@10"] - a["best_dev_mrr@10"]
-    print(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    # Tune's tables and Ray's forwarded worker lines (which can arrive after a run returns) go to
+    # stderr for the whole run: stdout holds only the JSON
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        result = main()
+    real_stdout.write(json.dumps(result, indent=2) + "\n")

@@ -50,3 +50,26 @@ def test_mining_with_ray_actors_then_cross_encoder_trains_and_loads(tmp_path, ti
 def test_cross_encoder_config_rejects_a_bank(tmp_path):
     with pytest.raises(ConfigError, match="memory bank is for bi-encoders"):
         load_config(None, ["model.kind=cross-encoder", "bank.size=128"])
+
+
+def test_quickstart_reranker_stage_saves_a_dev_chosen_weight_that_eval_uses(tmp_path, tiny_model_dir, capsys):
+    from negatron.cluster.cli import main, reranker_stage
+    from negatron.trainers.cross_encoder import RERANK_FILE, saved_rerank_weight
+
+    task = write_synthetic_task(tmp_path / "task", n_train=64)
+    cfg = load_config(None, [f"data.train={task / 'train.parquet'}", f"data.dev={task / 'dev'}",
+                             f"data.test={task / 'dev'}", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5",
+                             "trainer.log_every_s=60", f"run.storage_path={tmp_path / 'runs'}", "run.name=qs"])
+    rr = reranker_stage(cfg, tiny_model_dir, task, tmp_path, steps=10, depth=10)
+    w = rr["rerank_weight"]
+    assert saved_rerank_weight(rr["reranker"]) == w and set(rr["dev_mrr@10_by_weight"]) == {i / 10 for i in range(11)}
+    assert rr["dev_mrr@10_by_weight"][w] == max(rr["dev_mrr@10_by_weight"].values())
+    # the test set is the dev set here, so the fused test MRR@10 is the chosen dev value
+    assert rr[f"reranked@w={w:g}"]["mrr@10"] == pytest.approx(rr["dev_mrr@10_by_weight"][w])
+    saved = json.loads((tmp_path / "runs" / "qs-reranker" / "final" / RERANK_FILE).read_text())
+    assert saved["rerank_depth"] == 10 and saved["first_stage"] == str(tiny_model_dir)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(task / "dev"), "--reranker", rr["reranker"],
+                 "--rerank-depth", "10", "--out", str(tmp_path / "two.json")]) == 0
+    assert json.loads((tmp_path / "two.json").read_text())["reranked"]["mrr@10"] == pytest.approx(
+        rr[f"reranked@w={w:g}"]["mrr@10"])
