@@ -6,6 +6,14 @@ Both experiments run the identical list of configurations (drawn once from the c
 ``tune.space`` with a seed), each trial a 2-worker Ray Train run on the stdlib data. Reported:
 wall time of each, the best dev MRR@10 each finds, and the ratios.
 Target: ASHA within 0.01 MRR@10 of the full run's best in <= 50% of its time.
+
+Measured setting that meets it (``docs/tune_budget_recheck_result.json``)::
+
+    .venv/bin/python bench/tune_budget.py trainer.max_steps=64 tune.reduction_factor=3 \
+        tune.max_concurrent_trials=6 trainer.cpus_per_worker=0.25
+
+Every trial starts at once, so trials reach each rung together and ASHA's rechecks (see
+``negatron.tune.schedulers``) cut the weak ones right there.
 """
 
 from __future__ import annotations
@@ -46,7 +54,11 @@ def main() -> dict:
                                         f"run.storage_path={tmp / 'exp'}", *args.overrides])
         presets = sample_presets(cfg, args.trials, args.seed)
         ensure_ray()
-        out = {"config": os.path.relpath(args.config, Path(__file__).resolve().parent.parent), "trials": args.trials, "presets": presets, "runs": {}}
+        out = {"config": os.path.relpath(args.config, Path(__file__).resolve().parent.parent), "trials": args.trials,
+               "overrides": args.overrides, "max_concurrent_trials": cfg.tune.max_concurrent_trials,
+               "asha": {"reduction_factor": cfg.tune.reduction_factor, "grace_period": cfg.tune.grace_period,
+                        "recheck": cfg.tune.asha_recheck},
+               "presets": presets, "runs": {}}
         try:
             for sched in ("asha", "fifo"):
                 c = cfg.replace({"tune.scheduler": sched, "run.name": f"budget-{sched}"})

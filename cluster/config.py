@@ -153,6 +153,9 @@ class TuneSection(_Section):
     max_concurrent_trials: int = Field(2, ge=1)
     grace_period: int = Field(1, ge=1, description="ASHA: reports (checkpoints) before a trial can be stopped.")
     reduction_factor: int = Field(2, ge=2)
+    asha_recheck: bool = Field(True, description=(
+        "ASHA: when a later trial reaches a rung, stop running trials no longer in its top "
+        "1/reduction_factor (Ray's ASHA promotes first arrivals unconditionally)."))
     perturbation_interval: int = Field(2, ge=1, description="PBT: reports between exploit/explore.")
     trial_cpus: float = Field(0.1, gt=0, description="CPU share of each trial's driver.")
     seed: int = 0
