@@ -139,14 +139,14 @@ def stdlib_windows(n: int, lines: int = 12, stride: int = 6) -> tuple[list[str],
 
 
 def section_for(model: str, port: int, batch: int, threads: int, corpus: str = "", cache: str = "",
-                max_length: int = 128, colocate: bool = False):
+                max_length: int = 128, colocate: bool = False, batch_wait_s: float = 0.05):
     from negatron.cluster.config import load_config
     from negatron.serve.app import resolve_section
 
     cfg = load_config(None, [
         f"serve.encoder.path={model}", f"serve.port={port}", f"serve.encoder.max_length={max_length}",
         "serve.encoder.scale.num_cpus=1", f"serve.encoder.scale.torch_threads={threads}",
-        f"serve.encoder.batch.max_batch_size={batch}", "serve.encoder.batch.batch_wait_timeout_s=0.005",
+        f"serve.encoder.batch.max_batch_size={batch}", f"serve.encoder.batch.batch_wait_timeout_s={batch_wait_s}",
         "serve.encoder.scale.max_ongoing_requests=64", "serve.ingress.max_ongoing_requests=512",
         f"serve.retriever.corpus={corpus}", f"serve.retriever.cache_dir={cache}",
         f"serve.retriever.scale.torch_threads={threads}", "serve.retriever.scale.num_cpus=1",
@@ -155,7 +155,7 @@ def section_for(model: str, port: int, batch: int, threads: int, corpus: str = "
     return resolve_section(cfg)
 
 
-def main() -> None:
+def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
     ap.add_argument("--seconds", type=float, default=20.0)
@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain server (torch's default here)")
     ap.add_argument("--replica-threads", type=int, default=1,
                     help="torch threads per Negatron replica (serve.*.scale.torch_threads; 1 avoids OpenMP spinning)")
+    ap.add_argument("--batch-wait-s", type=float, default=0.05,
+                    help="serve.encoder.batch.batch_wait_timeout_s (waited only while other requests are in flight)")
     ap.add_argument("--search-max-length", type=int, default=32, help="token limit of the search corpus and queries")
     ap.add_argument("--search-docs", type=int, default=100_000)
     ap.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"])
@@ -181,7 +183,8 @@ def main() -> None:
     queries, _ = stdlib_windows(400, lines=1, stride=37)  # short, varied single-line texts
     bodies = [{"input": q, "model": "default"} for q in queries]
     out: dict = {"model": args.model, "seconds_per_point": args.seconds, "torch_threads": args.threads,
-                 "cpus": os.cpu_count(), "texts_per_request": 1, "results": {}}
+                 "cpus": os.cpu_count(), "texts_per_request": 1, "batch_wait_s": args.batch_wait_s,
+                 "results": {}}
 
     # (c) plain FastAPI + sentence-transformers, alone on the machine
     with tempfile.TemporaryDirectory() as d:
@@ -206,7 +209,8 @@ def main() -> None:
         for name, batch, colo in [("negatron_batched", 32, False), ("negatron_unbatched", 1, False),
                                   ("negatron_colocated_batched", 32, True), ("negatron_colocated_unbatched", 1, True)]:
             port = free_port()
-            url = start(section_for(args.model, port, batch, args.replica_threads, colocate=colo))
+            url = start(section_for(args.model, port, batch, args.replica_threads, colocate=colo,
+                                    batch_wait_s=args.batch_wait_s))
             out["results"][name] = [asyncio.run(load(url, "/v1/embeddings", bodies, c, args.seconds)) for c in conc]
             print(json.dumps({name: out["results"][name]}), file=sys.stderr)
             serve.shutdown()
@@ -256,8 +260,15 @@ def main() -> None:
             "targets_met": a["texts_per_s"] >= 2 * b["texts_per_s"] and a["texts_per_s"] >= c["texts_per_s"]
                            and a["p99_ms"] < c["p99_ms"],
         }
-    print(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    # Ray's forwarded worker and raylet lines (which can arrive while Serve shuts down) go to
+    # stderr for the whole run: stdout holds only the JSON
+    import contextlib
+
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        result = main()
+    real_stdout.write(json.dumps(result, indent=2) + "\n")

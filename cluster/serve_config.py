@@ -45,7 +45,9 @@ class BatchConfig(_Section):
 
     max_batch_size: int = Field(32, ge=1, description="Requests per dynamic batch (1 = batching off).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Wait at most this long to fill a batch.")
-    chunk_size: int = Field(64, ge=1, description="Texts per forward pass inside a batch.")
+    chunk_size: int = Field(64, ge=1, description=(
+        "Most texts per forward pass inside a batch (the encoder splits a batch by token count "
+        "where padding would cost more than another pass)."))
 
 
 class EncoderServe(_Section):
@@ -58,7 +60,8 @@ class EncoderServe(_Section):
         "less per request (best for many small requests on few cores); the ingress then takes "
         "encoder.scale and encoder.batch, and models are not multiplexed (all load in every replica)."))
     scale: ScaleConfig = ScaleConfig()
-    batch: BatchConfig = BatchConfig()
+    # the wait applies only while other requests are in flight (serve.deployments.LoadAwareWait)
+    batch: BatchConfig = BatchConfig(batch_wait_timeout_s=0.05)
 
 
 class RerankerServe(_Section):

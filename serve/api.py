@@ -25,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from .deployments import LoadAwareWait
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -295,16 +297,17 @@ class Ingress:
         self.encoder, self.reranker, self.retriever = encoder, reranker, retriever
         self.local: dict[str, Any] = {}
         if settings.get("colocate"):  # the encoders run in this replica: no hop per request
-            import torch
-
             from negatron.trainers.encoder import load_encoder
 
-            torch.set_num_threads(int(settings.get("torch_threads", 1)))
+            from .deployments import _set_threads
+
+            _set_threads(int(settings.get("torch_threads", 1)))
             self.local = {n: load_encoder(p).eval() for n, p in settings["models"].items()}
             batch = settings["batch"]
             self.chunk = int(batch["chunk_size"])
             self._local_embed.set_max_batch_size(int(batch["max_batch_size"]))
-            self._local_embed.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
+            self._batch_wait = LoadAwareWait(self._local_embed, float(batch["batch_wait_timeout_s"]),
+                                             int(batch["max_batch_size"]))
         self.models: dict[str, str] = settings["models"]
         self.default_model: str = settings["default_model"]
         self.limits: dict[str, Any] = settings["limits"]
@@ -435,7 +438,8 @@ class Ingress:
     async def _embed(self, name: str, inputs: list, encoding_format: str, tokens: int) -> EmbeddingsResponse:
         """Texts or decoded images through the encoder (colocated or the Encoder deployment)."""
         if self.local:
-            emb = await self._local_embed((name, inputs))
+            with self._batch_wait:
+                emb = await self._local_embed((name, inputs))
         else:
             emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(inputs))
         if encoding_format == "base64":

@@ -70,6 +70,41 @@ def _read_json(path: Path) -> dict | list | None:
         raise ModelLoadError(f"{path}: corrupt JSON ({e})") from None
 
 
+def plan_chunks(lengths: np.ndarray, max_chunk: int, forward_cost: float) -> list[tuple[int, int]]:
+    """Split texts sorted by length (longest first) into forward passes of least total cost.
+
+    A pass over rows ``i..j-1`` pads every row to ``lengths[i]``; its cost is modelled as
+    ``forward_cost + (j - i) * lengths[i]`` tokens, where ``forward_cost`` is the fixed cost of one
+    forward pass counted in tokens. Dynamic programming over the split points, at most
+    ``max_chunk`` rows per pass: a batch of mixed lengths is cut where padding would cost more than
+    another pass, and texts of similar length stay together.
+
+    Args:
+        lengths: N token counts, non-increasing.
+        max_chunk: most rows per pass (>= 1).
+        forward_cost: fixed cost of a pass, in tokens (>= 0).
+
+    Returns:
+        ``(start, end)`` ranges covering ``0..N`` in order.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    lengths = np.asarray(lengths, dtype=np.float64)
+    best = np.zeros(n + 1)  # best[j]: least cost of rows 0..j-1
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        i = np.arange(max(0, j - max_chunk), j)  # candidate starts of the last pass
+        cost = best[i] + forward_cost + (j - i) * lengths[i]
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], i[k]
+    out, j = [], n
+    while j > 0:
+        out.append((int(cut[j]), j))
+        j = int(cut[j])
+    return out[::-1]
+
+
 class Encoder(nn.Module):
     """Text bi-encoder.
 
@@ -80,7 +115,13 @@ class Encoder(nn.Module):
         projection_dim: 0 for none, else a linear head to this size.
         normalize: L2-normalise the output.
         max_length: default truncation length for ``tokenize``.
+
+    ``encode`` sorts texts by token count and splits them with ``plan_chunks``; a forward pass is
+    taken to cost as much as ``forward_cost_tokens`` tokens (measured for all-MiniLM-L6-v2 on one
+    CPU thread: ~4.4 ms per pass against ~0.17 ms per token).
     """
+
+    forward_cost_tokens: float = 32.0
 
     def __init__(self, backbone: nn.Module, tokenizer, pooling: str = "mean", projection_dim: int = 0,
                  normalize: bool = True, max_length: int = 128):
@@ -161,6 +202,13 @@ class Encoder(nn.Module):
             emb = F.normalize(emb, dim=-1)  # B×D, unit rows
         return emb
 
+    def token_lengths(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
+        """Tokens per text after truncation (N ints), special tokens included."""
+        if not len(texts):
+            return np.zeros(0, dtype=np.int64)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)["input_ids"]
+        return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
     def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
         batch = self.tokenize(texts, max_length)
         device = next(self.parameters()).device
@@ -174,19 +222,22 @@ class Encoder(nn.Module):
         Texts are sorted by length so each batch pads little; ``progress`` names a tqdm bar.
         """
         was_training = self.training
-        self.eval()
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        if was_training:  # eval() walks every submodule: skip it when already in eval mode
+            self.eval()
+        lengths = self.token_lengths(texts, max_length)  # N
+        order = np.argsort(-lengths, kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bar = _progress(len(texts), progress)
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
+        for start, end in plan_chunks(lengths[order], batch_size, self.forward_cost_tokens):
+            idx = order[start:end]
             emb = self.encode_batch([texts[i] for i in idx], max_length)  # b×D
             out[idx] = emb.float().cpu().numpy()
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:
             bar.close()
-        self.train(was_training)
+        if was_training:
+            self.train()
         return out
 
     # -- saving ---------------------------------------------------------------------------------
