@@ -104,6 +104,9 @@ class BankConfig(_Section):
     mode: Literal["joint", "moco"] = Field("moco", description=(
         "joint: bank keys join the in-batch softmax; moco: a separate softmax whose positive is the "
         "key encoder's embedding of the positive (consistent with the bank keys)"))
+    weight: Optional[float] = Field(None, ge=0.0, description=(
+        "moco mode: null averages the in-batch and bank terms; a number w makes the loss "
+        "in-batch + w × bank (with AdamW only the ratio matters: w = 1 equals the mean)."))
     filter_ratio: float = Field(0.0, ge=0.0, le=1.0, description=(
         "Mask bank keys scoring above this × the positive's score as likely false negatives (0 = off)."))
 

@@ -37,10 +37,10 @@ class LoadAwareWait:
     it holds every request in flight in this replica (at most ``max_batch``), and waits up to
     ``wait_s`` for them only while others are in flight: a request alone starts at once (no added
     latency at low load), and a few concurrent clients are not kept waiting for a batch size they
-    cannot reach. On a few CPU cores the long wait is what lets
-    batches grow: request intake and the forward pass share the GIL, so with a short wait the
-    replica runs many tiny batches, each paying a forward pass's fixed cost (measured here: mean
-    batch 2.2 at concurrency 32 with a 5 ms wait, 17 with 50 ms; 88 → 145 texts/s).
+    cannot reach. On a few CPU cores the long wait is what lets batches grow: request intake and
+    the forward pass share the GIL, so with a short wait the replica runs many tiny batches, each
+    paying a forward pass's fixed cost (measured here: mean batch 2.2 at concurrency 32 with a
+    5 ms wait, 17 with 50 ms; 88 → 145 texts/s).
     """
 
     def __init__(self, handler, wait_s: float, max_batch: int):

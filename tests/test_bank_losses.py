@@ -146,3 +146,7 @@ def test_moco_mode_scores_bank_against_the_key_positive():
     moco = (ce(torch.cat([q[0:1] @ kpos[0:1].T, q[0:1] @ bank.T], 1) * scale, torch.tensor([0]))
             + ce(torch.cat([q[1:2] @ kpos[1:2].T, q[1:2] @ bank[1:].T], 1) * scale, torch.tensor([0]))) / 2
     assert float(got) == pytest.approx(float(0.5 * (in_batch + moco)), abs=1e-6)
+    # bank.weight w: in-batch + w × the bank term
+    for w in (0.0, 1.0, 2.5):
+        got_w = info_nce(q, pos, ids, scale, bank_keys=bank, bank_ids=bank_ids, bank_key_pos=kpos, bank_weight=w)
+        assert float(got_w) == pytest.approx(float(in_batch + w * moco), abs=1e-6)

@@ -219,7 +219,8 @@ class Encoder(nn.Module):
                progress: str | None = None) -> np.ndarray:
         """Embed ``texts`` (N) -> float32 array N×D, in input order.
 
-        Texts are sorted by length so each batch pads little; ``progress`` names a tqdm bar.
+        Texts are sorted by token count and cut into forward passes of at most ``batch_size`` by
+        ``plan_chunks``, so little is padded; ``progress`` names a tqdm bar.
         """
         was_training = self.training
         if was_training:  # eval() walks every submodule: skip it when already in eval mode

@@ -74,6 +74,7 @@ def info_nce(
     bank_valid: torch.Tensor | None = None,
     bank_filter_ratio: float = 0.0,
     bank_key_pos: torch.Tensor | None = None,
+    bank_weight: float | None = None,
 ) -> torch.Tensor:
     """InfoNCE of the local queries against global in-batch candidates (+ hard negatives + bank).
 
@@ -92,6 +93,8 @@ def info_nce(
         neg_global, neg_ids_global, neg_valid_global: (G·H)×D hard negatives, their ids, validity.
         bank_keys, bank_ids, bank_valid: K×D keys (no grad), K ids, K validity from the bank.
         bank_key_pos: B×D (no grad) key-encoder embeddings of the local positives (MoCo mode).
+        bank_weight: MoCo mode: None → the mean of the in-batch and bank terms; w → in-batch +
+            w × bank term (the bank term's relative weight).
         bank_filter_ratio: if > 0, a bank key scoring above ratio × the positive's score is taken
             for an unlabelled duplicate (a likely false negative) and masked, as in NV-Retriever's
             positive-aware filtering.
@@ -135,7 +138,9 @@ def info_nce(
             masks.append(m)
     # B×(G + G·H [+ K])
     loss = _masked_ce(torch.cat(logits, dim=1), torch.cat(masks, dim=1), scale, labels)
-    return loss if bank_term is None else 0.5 * (loss + bank_term)
+    if bank_term is None:
+        return loss
+    return 0.5 * (loss + bank_term) if bank_weight is None else loss + bank_weight * bank_term
 
 
 def symmetric_term(pos_local: torch.Tensor, q_global: torch.Tensor, pos_ids_global: torch.Tensor,

@@ -29,6 +29,8 @@ class ContrastiveModel(nn.Module):
         cross_worker: score against all workers' candidates (else only local ones).
         query_max_length: query-side truncation (0 = encoder default).
         bank_filter_ratio: mask bank keys scoring above this × the positive's score (0 = off).
+        bank_weight: moco mode: None averages the in-batch and bank terms; a number w gives
+            in-batch + w × bank (the bank term's relative weight).
         bank_mode: "joint" (bank keys join the in-batch softmax) or "moco" (a separate softmax
             whose positive is the key encoder's embedding, consistent with the bank keys).
     """
@@ -36,12 +38,14 @@ class ContrastiveModel(nn.Module):
     def __init__(self, encoder: Encoder, temperature: float = 0.05, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, bank_size: int = 0, bank_momentum: float = 0.0,
                  bank_max_age: int = 0, symmetric: bool = False, cross_worker: bool = True,
-                 query_max_length: int = 0, bank_filter_ratio: float = 0.0, bank_mode: str = "moco"):
+                 query_max_length: int = 0, bank_filter_ratio: float = 0.0, bank_mode: str = "moco",
+                 bank_weight: float | None = None):
         super().__init__()
         if bank_mode not in ("joint", "moco"):
             raise ValueError(f"bank_mode must be 'joint' or 'moco', got {bank_mode!r}")
         self.bank_filter_ratio = bank_filter_ratio
         self.bank_mode = bank_mode
+        self.bank_weight = bank_weight
         self.encoder = encoder
         self.temperature = Temperature(temperature, learnable_temperature, min_temperature)
         self.bank = MemoryBank(bank_size, encoder.dim, bank_max_age) if bank_size else None
@@ -63,7 +67,7 @@ class ContrastiveModel(nn.Module):
                    bank_momentum=cfg.bank.momentum, bank_max_age=cfg.bank.max_age,
                    symmetric=cfg.loss.symmetric, cross_worker=cfg.loss.cross_worker_negatives,
                    query_max_length=cfg.model.query_max_length, bank_filter_ratio=cfg.bank.filter_ratio,
-                   bank_mode=cfg.bank.mode)
+                   bank_mode=cfg.bank.mode, bank_weight=cfg.bank.weight)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.encoder.parameters())
@@ -98,6 +102,7 @@ class ContrastiveModel(nn.Module):
         if self.bank is not None and self.bank_mode == "moco":
             keys_local = self._keys(batch["positive"]) if self.key_encoder is not None else p.detach()  # B×D
             negatives["bank_key_pos"] = keys_local
+            negatives["bank_weight"] = self.bank_weight
         if self.bank is not None:
             negatives["bank_keys"] = self.bank.keys
             negatives["bank_ids"] = self.bank.ids
