@@ -100,22 +100,26 @@ def test_interrupted_experiment_resumes_without_redoing_finished_trials(tmp_path
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
+    def finished_trials(reports: dict[str, int]) -> dict[str, int]:
+        # one trial at a time, in order: a trial with all 4 reports is surely finished once a later
+        # trial has reported (its 4th report alone can come before Tune marks it TERMINATED)
+        started = [t for t, n in reports.items() if n >= 1]
+        return {t: n for t, n in reports.items() if n >= 4 and any(u > t for u in started)}
+
     try:
         deadline = time.time() + 400
         while time.time() < deadline:
-            done = [t for t, n in _trial_reports(exp).items() if n >= 4]
+            done = finished_trials(_trial_reports(exp))
             if done:
                 break
             time.sleep(0.5)
         assert done, "no trial finished in time"
-        time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         proc.wait(120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    before = _trial_reports(exp)
-    finished = {t: n for t, n in before.items() if n >= 4}
+    finished = finished_trials(_trial_reports(exp))
     assert 1 <= len(finished) < 4
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
