@@ -162,16 +162,13 @@ def pbt_trial_fn(params: dict, base: dict, trials_dir: str) -> None:
 def _scheduler(cfg: Config):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    if cfg.tune.scheduler == "asha" and cfg.tune.asha_recheck:
+    if cfg.tune.scheduler == "asha":
         from .schedulers import RecheckASHA
 
-        return RecheckASHA(time_attr="training_iteration", max_t=reports_per_trial(cfg),
-                           grace_period=min(cfg.tune.grace_period, reports_per_trial(cfg)),
-                           reduction_factor=cfg.tune.reduction_factor)
-    if cfg.tune.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=reports_per_trial(cfg),
-                             grace_period=min(cfg.tune.grace_period, reports_per_trial(cfg)),
-                             reduction_factor=cfg.tune.reduction_factor)
+        cls = RecheckASHA if cfg.tune.asha_recheck else ASHAScheduler
+        return cls(time_attr="training_iteration", max_t=reports_per_trial(cfg),
+                   grace_period=min(cfg.tune.grace_period, reports_per_trial(cfg)),
+                   reduction_factor=cfg.tune.reduction_factor)
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
     fixed = [k for k in cfg.tune.space if k.startswith("model.") or k in ("bank.size", "model.projection_dim")]
