@@ -2,7 +2,7 @@
 after the same number of steps for: batch 16 without bank, batch 16 with bank K=4096, batch 64
 without bank. Real Ray Train runs (2 workers), the packaged all-MiniLM-L6-v2. Prints JSON.
 
-    .venv/bin/python bench/bank_quality.py [--steps 60] [--model default]
+    .venv/bin/python bench/bank_quality.py [--steps 60] [--model default] [--momentum M] [--prefill]
 
 Target: the bank closes at least half the gap between batch 16 and batch 64:
 ``gap_closed = (mrr_b16_bank - mrr_b16) / (mrr_b64 - mrr_b16)``.
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--momentum", type=float, default=0.99, help="bank.momentum for the bank run")
     ap.add_argument("--bank-weight", type=float, default=None, help="bank.weight for the bank run (default: averaged terms)")
+    ap.add_argument("--prefill", action="store_true", help="bank.prefill=true for the bank run (starts full)")
     ap.add_argument("--data", default=None, help="an existing `negatron data stdlib` folder")
     ap.add_argument("--temperature", type=float, default=None, help="loss.temperature for every run")
     ap.add_argument("--runs", default="b16,b16_bank4096,b64",
@@ -55,7 +56,8 @@ def main() -> None:
         # dashboard on, as in the product: Ray Train's placement-group cleaner needs the state API
         ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         out = {"model": args.model, "steps": args.steps, "lr": args.lr, "seq_len": args.seq,
-               "bank_momentum": args.momentum, "bank_weight": args.bank_weight, "runs": {}}
+               "bank_momentum": args.momentum, "bank_weight": args.bank_weight, "bank_prefill": args.prefill,
+               "runs": {}}
         try:
             wanted = set(args.runs.split(","))
             for name, batch, bank in [("b16", 16, 0), ("b16_bank4096", 16, 4096), ("b64", 64, 0)]:
@@ -70,7 +72,8 @@ def main() -> None:
                     f"model.max_length={args.seq}", "model.query_max_length=48", "optim.warmup_steps=5",
                     "trainer.log_every_s=30", f"run.storage_path={tmp / 'runs'}", f"run.name={name}"]
                     + ([f"loss.temperature={args.temperature}"] if args.temperature else [])
-                    + ([f"bank.weight={args.bank_weight}"] if bank and args.bank_weight is not None else []))
+                    + ([f"bank.weight={args.bank_weight}"] if bank and args.bank_weight is not None else [])
+                    + (["bank.prefill=true"] if bank and args.prefill else []))
                 res = run_training(cfg)
                 m = evaluate_encoder(Encoder.from_pretrained(str(res.final_dir)), str(data / "test"),
                                      query_max_length=48, progress=False)

@@ -109,6 +109,10 @@ class BankConfig(_Section):
         "in-batch + w × bank (with AdamW only the ratio matters: w = 1 equals the mean)."))
     filter_ratio: float = Field(0.0, ge=0.0, le=1.0, description=(
         "Mask bank keys scoring above this × the positive's score as likely false negatives (0 = off)."))
+    prefill: bool = Field(False, description=(
+        "Fill the bank before the first step with keys of up to bank.size training positives (a "
+        "seeded sample; forward passes, no gradient), so it starts full instead of filling over the "
+        "first size / global-batch steps. Text encoders; skipped on resume (the bank is restored)."))
 
 
 class AugmentConfig(_Section):
@@ -204,6 +208,9 @@ class Config(_Section):
                                  "a cross-encoder trains on hard negatives (set bank.size: 0)")
             if self.model.projection_dim:
                 raise ValueError("model.projection_dim: a cross-encoder has no projection head (set 0)")
+        if self.bank.prefill and self.model.kind == "image":
+            raise ValueError("bank.prefill is for text encoders; an image run's bank fills as it trains "
+                             "(set bank.prefill: false)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -118,6 +118,43 @@ def test_pair_stream_epoch_coverage_and_worker_equivalence(tmp_path):
     assert one.batch(7)["pos_ids"].tolist() == [stable_id(f"d{i}") for i in one.batch(7)["rows"]]
 
 
+def test_prefill_rows_distinct_equal_shares_and_worker_equivalent(tmp_path):
+    from tests.helpers import write_pairs
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(write_pairs(tmp_path / "p.parquet", n=31))
+    one = PairStream(table, batch_size=4, rank=0, world=1, seed=3)
+    two = [PairStream(table, batch_size=2, rank=r, world=2, seed=3) for r in range(2)]
+    rows = one.prefill_rows(20)
+    assert len(rows) == 20 and len(set(rows.tolist())) == 20
+    assert two[0].prefill_rows(20).tolist() + two[1].prefill_rows(20).tolist() == rows.tolist()
+    # more slots than rows: every row once; with 2 workers the total rounds down to an even count
+    assert sorted(one.prefill_rows(100).tolist()) == list(range(31))
+    shares = [s.prefill_rows(100) for s in two]
+    assert len(shares[0]) == len(shares[1]) == 15 and len(set(shares[0].tolist() + shares[1].tolist())) == 30
+    texts, ids = two[1].prefill(20)
+    assert ids.tolist() == [stable_id(f"d{i}") for i in two[1].prefill_rows(20)]
+    assert texts == [two[1].positives[i] for i in two[1].prefill_rows(20)]
+    assert PairStream(table, 4, seed=4).prefill_rows(20).tolist() != rows.tolist()  # seeded
+
+
+def test_prefill_fills_the_bank_with_eval_mode_key_encoder_keys():
+    from negatron.trainers.step import ContrastiveModel
+    from tests.helpers import make_tiny_encoder
+
+    torch.manual_seed(0)
+    model = ContrastiveModel(make_tiny_encoder(seed=0), bank_size=6, bank_momentum=0.9, bank_max_age=3)
+    model.train()
+    texts = [f"def f{i}(x): return x + {i}" for i in range(4)]
+    fill = model.prefill_bank(texts, torch.arange(10, 14), batch_size=3)
+    assert fill == 4 and model.training and model.key_encoder.training  # modes restored
+    assert model.bank.ids[:4].tolist() == [10, 11, 12, 13] and model.bank.steps[:4].tolist() == [0] * 4
+    torch.testing.assert_close(model.bank.keys[:4], torch.from_numpy(model.key_encoder.encode(texts)))
+    assert model.bank.valid(3)[:4].all() and not model.bank.valid(4)[:4].any()  # max_age counts from step 0
+    with pytest.raises(ValueError, match="ids"):
+        model.prefill_bank(texts, torch.arange(3))
+
+
 def test_bank_filter_masks_keys_scoring_near_the_positive():
     q = torch.tensor([[1.0, 0.0]])
     pos = torch.tensor([[0.8, 0.6]])  # score 0.8

@@ -98,3 +98,9 @@ def test_exponent_floats_are_numbers_not_strings(tmp_path):
     assert cfg.optim.lr == 3e-5 and cfg.loss.temperature == 0.05
     assert cfg.tune.space["optim.lr"]["grid"] == [1e-3, 2e-4]
     assert all(isinstance(v, float) for v in cfg.tune.space["optim.lr"]["grid"])
+
+
+def test_bank_prefill_refused_for_images():
+    with pytest.raises(ConfigError, match="bank.prefill is for text encoders"):
+        load_config(None, ["model.kind=image", "bank.size=64", "bank.prefill=true"])
+    assert load_config(None, ["bank.size=64", "bank.prefill=true"]).bank.prefill is True

@@ -47,10 +47,20 @@ def _model(state, kwargs):
     return model
 
 
-def _run(model, batches, lo, hi):
+def _prefill(model, lo, hi):
+    """Prefill the bank with 2B keys, rows [lo, hi) here; one id equals a step-0 positive's id."""
+    texts = [f"def h{i}(x): return x * {i}" for i in range(2 * B)]
+    ids = torch.tensor([500 + i for i in range(2 * B)], dtype=torch.long)
+    ids[5] = 2  # the positive id of step 0's row 2: masked for that query
+    model.prefill_bank(texts[lo:hi], ids[lo:hi])
+
+
+def _run(model, batches, lo, hi, prefill=False):
     """Run STEPS steps of SGD; returns per-step (loss, flat grads) and bank checksums."""
     from negatron.trainers import distributed as D
 
+    if prefill:
+        _prefill(model, lo, hi)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
     losses, grads, sums = [], [], []
     for s, g in enumerate(batches):
@@ -70,12 +80,12 @@ def _run(model, batches, lo, hi):
     return losses, grads, sums
 
 
-def _worker(rank, world, init_file, state, kwargs, with_negatives, out_dir):
+def _worker(rank, world, init_file, state, kwargs, with_negatives, out_dir, prefill):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = _model(state, kwargs)
-        losses, grads, sums = _run(model, _batches(with_negatives), rank * B, (rank + 1) * B)
+        losses, grads, sums = _run(model, _batches(with_negatives), rank * B, (rank + 1) * B, prefill)
         torch.save({"losses": losses, "grads": grads, "sums": sums}, os.path.join(out_dir, f"r{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -87,18 +97,20 @@ CASES = {
     "bank-momentum-symmetric-learnable": dict(temperature=0.1, bank_size=7, bank_momentum=0.9,
                                                symmetric=True, learnable_temperature=True),
     "moco-mode-momentum": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco"),
+    "moco-prefilled-wrap": dict(temperature=0.1, bank_size=13, bank_momentum=0.9, bank_mode="moco", prefill=True),
 }
 
 
 @pytest.mark.parametrize("with_negatives", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_workers_equal_one_big_batch(case, with_negatives, tmp_path):
-    kwargs = CASES[case]
+    kwargs = dict(CASES[case])
+    prefill = kwargs.pop("prefill", False)
     state = make_tiny_encoder(seed=0).state_dict()
-    ref_losses, ref_grads, ref_sums = _run(_model(state, kwargs), _batches(with_negatives), 0, 2 * B)
+    ref_losses, ref_grads, ref_sums = _run(_model(state, kwargs), _batches(with_negatives), 0, 2 * B, prefill)
     init_file = tmp_path / "pg"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(init_file), state, kwargs, with_negatives, str(tmp_path)))
+    procs = [ctx.Process(target=_worker, args=(r, 2, str(init_file), state, kwargs, with_negatives, str(tmp_path), prefill))
              for r in range(2)]
     for p in procs:
         p.start()

@@ -22,6 +22,9 @@ def stable_id(value) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
+_PREFILL_STREAM = 0x6E65676174  # an rng stream no epoch number reaches
+
+
 class RowSchedule:
     """Which rows global step s takes, and this rank's share (see the module docstring)."""
 
@@ -59,6 +62,16 @@ class RowSchedule:
         """This rank's B-slice of global batch ``step``."""
         return self.global_rows(step)[self.rank * self.b:(self.rank + 1) * self.b]
 
+    def prefill_rows(self, count: int) -> np.ndarray:
+        """This rank's share of up to ``count`` distinct rows for filling the bank before step 0.
+
+        A seeded sample apart from the epoch order; every rank gets the same number (the total is
+        rounded down to a multiple of the world size), and rank order gives the sample's order.
+        """
+        per = min(count, self.n) // self.world
+        rows = np.random.default_rng([self.seed, _PREFILL_STREAM]).permutation(self.n)[: per * self.world]
+        return rows[self.rank * per:(self.rank + 1) * per]
+
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n
 
@@ -85,6 +98,11 @@ class PairStream(RowSchedule):
                 self.neg_ids = [[stable_id(x) for x in (v or [])] for v in table.column("negative_ids").to_pylist()]
             else:
                 self.neg_ids = [[stable_id("text:" + t) for t in v] for v in self.negatives]
+
+    def prefill(self, count: int) -> tuple[list[str], torch.Tensor]:
+        """This rank's positives (texts, ids) for filling the bank: see ``prefill_rows``."""
+        rows = self.prefill_rows(count)
+        return [self.positives[i] for i in rows], torch.from_numpy(self.pos_ids[rows])
 
     def batch(self, step: int) -> dict:
         """This rank's slice of global batch ``step``: texts, ids (tensor B) and hard negatives."""

@@ -163,6 +163,12 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         if rank == 0:
             bank = f", bank {model.bank.fill()}/{model.bank.size} sum {model.bank.checksum()}" if model.bank else ""
             log(f"[negatron] resumed from step {start}{bank}")
+    if model.bank is not None and cfg.bank.prefill and not resume_dir:
+        t_fill = time.perf_counter()
+        texts, ids = stream.prefill(cfg.bank.size)
+        fill = model.prefill_bank(texts, ids, batch_size=cfg.eval.batch_size)
+        if rank == 0:
+            log(f"[negatron] bank prefilled: {fill}/{model.bank.size} keys in {time.perf_counter() - t_fill:.1f} s")
     dev = None
     if rank == 0 and cfg.data.dev and image:
         dev = ImageEval.load(cfg.data.dev)

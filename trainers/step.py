@@ -116,6 +116,27 @@ class ContrastiveModel(nn.Module):
                       "keys_local": keys_local}
 
     @torch.no_grad()
+    def prefill_bank(self, texts: list[str], ids: torch.Tensor, batch_size: int = 64) -> int:
+        """Fill the bank before the first step with keys of this rank's ``texts`` (ids: N).
+
+        Keys come from the key encoder (or the live encoder, both in eval mode, no gradient); all
+        ranks' keys are gathered and enqueued in rank order at step 0, as a training step's are, so
+        the bank stays identical everywhere. Every rank must pass the same N. Returns the bank fill.
+        """
+        if self.bank is None:
+            raise ValueError("prefill_bank needs a bank (bank_size > 0)")
+        if ids.shape != (len(texts),):
+            raise ValueError(f"ids must have shape ({len(texts)},), got {tuple(ids.shape)}")
+        enc = self.key_encoder if self.key_encoder is not None else self.encoder
+        device = self.bank.keys.device
+        keys = torch.from_numpy(enc.encode(texts, batch_size=batch_size)).to(device)  # N×D
+        ids = ids.to(device)
+        if self.cross_worker:
+            keys, ids = D.gather_no_grad(keys), D.gather_no_grad(ids)  # (world·N)×D, world·N
+        self.bank.enqueue(keys, ids, 0)
+        return self.bank.fill()
+
+    @torch.no_grad()
     def _keys(self, texts: list[str]) -> torch.Tensor:
         was = self.key_encoder.training
         self.key_encoder.eval()
