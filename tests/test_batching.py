@@ -67,6 +67,23 @@ def test_encode_matches_one_text_at_a_time(tiny_model_dir):
     assert enc.encode([]).shape == (0, enc.dim)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_pads_each_pass_as_the_tokenizer_does(tiny_model_dir, side):
+    import torch
+
+    enc = Encoder.from_pretrained(str(tiny_model_dir)).eval()
+    enc.tokenizer.padding_side = side
+    texts = ["a", "def f(x): return x + 1 " * 6, "import os", "x y z"]
+    want = enc.tokenizer(texts, padding=True, truncation=True, max_length=8, return_tensors="pt")
+    got = enc._pad(enc.tokenizer(texts, truncation=True, max_length=8), np.arange(len(texts)))
+    assert set(got) == set(want.keys())
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
+    with torch.no_grad():
+        direct = enc.encode_batch(texts, 8).numpy()
+    np.testing.assert_allclose(enc.encode(texts, batch_size=64, max_length=8), direct, atol=1e-6)
+
+
 class _Handler:
     def __init__(self):
         self.waits, self.sizes = [], []

@@ -73,3 +73,25 @@ def test_declared_and_streamed_sizes_are_capped_before_the_app():
     status, body, _ = call(headers=[("Content-Length", "abc")])
     assert status == 400 and body["error"]["code"] == "invalid_header"
     assert call(headers=[("Content-Length", "2")], chunks=[b"{}"])[0] == 200
+
+
+@pytest.mark.parametrize("fmt", ["float", "base64"])
+def test_embeddings_response_bytes_match_the_schema_and_round_trip_float32(fmt):
+    import base64
+
+    import numpy as np
+
+    from negatron.serve.api import EmbeddingsResponse, embeddings_response
+
+    emb = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)  # 3×8
+    r = embeddings_response(emb, "tiny", fmt, 11)
+    assert r.media_type == "application/json"
+    body = EmbeddingsResponse.model_validate_json(r.body)  # the documented response model
+    assert body.model == "tiny" and body.usage.prompt_tokens == body.usage.total_tokens == 11
+    assert [d.index for d in body.data] == [0, 1, 2] and {d.object for d in body.data} == {"embedding"}
+    if fmt == "float":
+        got = np.array([d.embedding for d in body.data], dtype=np.float32)
+    else:
+        got = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in body.data])
+    np.testing.assert_array_equal(got, emb)  # bit-exact after the JSON round trip
+    assert json.loads(r.body)["object"] == "list"

@@ -214,6 +214,27 @@ class Encoder(nn.Module):
         device = next(self.parameters()).device
         return self(**{k: v.to(device) for k, v in batch.items()})
 
+    def _pad(self, tok, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` of an unpadded tokenization as b×L tensors, padded as the tokenizer pads."""
+        tk = self.tokenizer
+        width = max(len(tok["input_ids"][i]) for i in idx)
+        fills = {"input_ids": tk.pad_token_id or 0, "attention_mask": 0,
+                 "token_type_ids": getattr(tk, "pad_token_type_id", 0)}
+        left = tk.padding_side == "left"
+        out = {}
+        for key, fill in fills.items():
+            if key not in tok:
+                continue
+            arr = np.full((len(idx), width), fill, dtype=np.int64)  # b×L
+            for j, i in enumerate(idx):
+                seq = tok[key][i]
+                if left:
+                    arr[j, width - len(seq):] = seq
+                else:
+                    arr[j, :len(seq)] = seq
+            out[key] = torch.from_numpy(arr)
+        return out
+
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
                progress: str | None = None) -> np.ndarray:
@@ -225,13 +246,16 @@ class Encoder(nn.Module):
         was_training = self.training
         if was_training:  # eval() walks every submodule: skip it when already in eval mode
             self.eval()
-        lengths = self.token_lengths(texts, max_length)  # N
+        # tokenized once, unpadded; each forward pass pads only its own rows
+        tok = self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length) if len(texts) else {}
+        lengths = np.fromiter((len(x) for x in tok.get("input_ids", [])), dtype=np.int64, count=len(texts))  # N
         order = np.argsort(-lengths, kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bar = _progress(len(texts), progress)
+        device = next(self.parameters()).device
         for start, end in plan_chunks(lengths[order], batch_size, self.forward_cost_tokens):
             idx = order[start:end]
-            emb = self.encode_batch([texts[i] for i in idx], max_length)  # b×D
+            emb = self(**{k: v.to(device) for k, v in self._pad(tok, idx).items()})  # b×D
             out[idx] = emb.float().cpu().numpy()
             if bar is not None:
                 bar.update(len(idx))
