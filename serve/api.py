@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from .deployments import LoadAwareWait
+from .deployments import Coalescer, LoadAwareWait
 
 logger = logging.getLogger("ray.serve")
 
@@ -313,6 +313,7 @@ class Ingress:
 
         self.encoder, self.reranker, self.retriever = encoder, reranker, retriever
         self.local: dict[str, Any] = {}
+        self._coalesce: Optional[Coalescer] = None
         if settings.get("colocate"):  # the encoders run in this replica: no hop per request
             from negatron.trainers.encoder import load_encoder
 
@@ -325,6 +326,10 @@ class Ingress:
             self._local_embed.set_max_batch_size(int(batch["max_batch_size"]))
             self._batch_wait = LoadAwareWait(self._local_embed, float(batch["batch_wait_timeout_s"]),
                                              int(batch["max_batch_size"]))
+        elif int(settings.get("batch", {}).get("max_batch_size", 1)) > 1:
+            # separate Encoder: requests that arrive while its calls are busy travel together
+            self._coalesce = Coalescer(self._remote_embed, int(settings.get("encoder_slots", 1)),
+                                       int(settings["batch"]["max_batch_size"]))
         self.models: dict[str, str] = settings["models"]
         self.default_model: str = settings["default_model"]
         self.limits: dict[str, Any] = settings["limits"]
@@ -416,6 +421,25 @@ class Ingress:
                 start += len(items[i][1])
         return out
 
+    async def _remote_embed(self, items: list[tuple[str, list]]) -> list[np.ndarray]:
+        """Separate Encoder: coalesced requests' inputs go to it in one call per model (one actor
+        hop per batch instead of per request); the Encoder batches calls again across ingress
+        replicas."""
+        import asyncio
+
+        by_model: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(items):
+            by_model.setdefault(name, []).append(i)
+        calls = [self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(
+                     [t for i in idx for t in items[i][1]])) for name, idx in by_model.items()]
+        out: list = [None] * len(items)
+        for idx, emb in zip(by_model.values(), await asyncio.gather(*calls)):  # N×D per model
+            start = 0
+            for i in idx:
+                out[i] = emb[start:start + len(items[i][1])]
+                start += len(items[i][1])
+        return out
+
     # -- routes --
 
     @app.get("/healthz")
@@ -457,6 +481,8 @@ class Ingress:
         if self.local:
             with self._batch_wait:
                 emb = await self._local_embed((name, inputs))
+        elif self._coalesce is not None:
+            emb = await self._coalesce((name, inputs))
         else:
             emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(inputs))
         return embeddings_response(emb, name, encoding_format, tokens)

@@ -8,6 +8,7 @@ through the same validation as ``negatron serve``.
 
 # No `from __future__ import annotations`: Ray Serve reads the builder's annotation as a class.
 
+import math
 import os
 import signal
 import threading
@@ -128,6 +129,9 @@ def app_builder(args: ServeSection) -> Application:
         "api_key_env": args.api_key_env,
         "colocate": args.encoder.colocate, "batch": args.encoder.batch.model_dump(),
         "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
+        # calls the ingress keeps in flight to a separate Encoder: enough for its autoscaler to
+        # reach max_replicas (serve.deployments.Coalescer)
+        "encoder_slots": max(1, math.ceil(args.encoder.scale.max_replicas * args.encoder.scale.target_ongoing_requests)),
     }
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress

@@ -57,6 +57,51 @@ class LoadAwareWait:
         self.in_flight -= 1
 
 
+class Coalescer:
+    """Sends concurrent callers' items downstream together: at most ``slots`` calls in flight.
+
+    ``await coalescer(item)`` returns ``send([items...])[i]`` for its own item. While a slot is free
+    an item goes at once (nothing waits at low load); while every slot is busy, items queue and the
+    next free slot takes up to ``max_items`` of them in one call. The ingress uses it in front of a
+    separate Encoder deployment: one actor hop per batch instead of per request, and up to ``slots``
+    calls in flight, so the Encoder's autoscaler still sees the load (slots = its max replicas ×
+    target ongoing requests). A failed call fails the callers whose items it carried.
+    """
+
+    def __init__(self, send, slots: int, max_items: int):
+        if slots < 1 or max_items < 1:
+            raise ValueError(f"slots and max_items must be >= 1, got {slots} and {max_items}")
+        self.send, self.slots, self.max_items = send, slots, max_items
+        self.pending: list[tuple[Any, asyncio.Future]] = []
+        self.active = 0
+
+    async def __call__(self, item):
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((item, fut))
+        self._start()
+        return await fut
+
+    def _start(self) -> None:
+        while self.active < self.slots and self.pending:
+            batch, self.pending = self.pending[:self.max_items], self.pending[self.max_items:]
+            self.active += 1
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            results = await self.send([item for item, _ in batch])
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
+        except BaseException as e:  # noqa: BLE001 - handed to the callers, who re-raise it
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+        finally:
+            self.active -= 1
+            self._start()
+
+
 def _configure_batching(handler, batch: dict) -> None:
     handler.set_max_batch_size(int(batch["max_batch_size"]))
     handler.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))

@@ -108,3 +108,41 @@ def test_load_aware_wait():
         with w:
             raise RuntimeError("the batch failed")
     assert w.in_flight == 0  # counted down on errors too
+
+
+def test_coalescer_sends_at_once_when_idle_and_groups_while_busy():
+    import asyncio
+
+    from negatron.serve.deployments import Coalescer
+
+    sent, live, peak = [], [0], [0]
+
+    async def send(items):
+        sent.append(list(items))
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        await asyncio.sleep(0.05)
+        live[0] -= 1
+        if "bad" in items:
+            raise RuntimeError("downstream failed")
+        return [f"r-{x}" for x in items]
+
+    async def main():
+        c = Coalescer(send, slots=2, max_items=4)
+        assert await c("solo") == "r-solo" and sent == [["solo"]]  # idle: no waiting for company
+        sent.clear()
+        got = await asyncio.gather(*(c(i) for i in range(11)))
+        assert got == [f"r-{i}" for i in range(11)]  # each caller gets its own result
+        # two slots: the first two go alone, then the queued ones go at most 4 per call
+        assert sent[:2] == [[0], [1]] and all(len(b) <= 4 for b in sent) and len(sent) < 11
+        assert sorted(x for b in sent for x in b) == list(range(11)) and peak[0] == 2
+        sent.clear()
+        c1 = Coalescer(send, slots=1, max_items=8)
+        res = await asyncio.gather(c1("a"), c1("bad"), c1("c"), return_exceptions=True)
+        assert res[0] == "r-a" and sent == [["a"], ["bad", "c"]]
+        assert all(isinstance(r, RuntimeError) for r in res[1:])  # the failed call's callers only
+        assert await c1("d") == "r-d" and c1.active == 0 and not c1.pending  # still serving
+
+    asyncio.run(main())
+    with pytest.raises(ValueError):
+        Coalescer(send, slots=0, max_items=4)
