@@ -137,21 +137,26 @@ class SearchResult(BaseModel):
     retrieval_score: Optional[float] = Field(None, description="The bi-encoder score when reranked.")
 
 
-def rerank_order(retrieval: list[float], probs: np.ndarray, weight: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits (float64; no overflow warning at large |logit|)."""
+    z = np.asarray(logits, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def rerank_order(retrieval: list[float], logits: np.ndarray, weight: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """(the scores results are sorted by, the top_k candidate order) for a reranked search.
 
-    weight 1: the reranker's probabilities. Below 1: the reranker's logits (from its probabilities)
-    and the retrieval scores, each z-scored over the candidates, mixed as weight : 1 - weight —
-    the fusion ``negatron eval --rerank-weight`` measures.
+    weight 1: the reranker's probabilities (ordered by its logits, which keep apart candidates
+    whose probabilities round to the same float). Below 1: the reranker's logits and the retrieval
+    scores, each z-scored over the candidates, mixed as weight : 1 - weight — the fusion
+    ``negatron eval --rerank-weight`` measures.
     """
     from negatron.trainers.evaluate import fuse_scores
 
-    probs = np.asarray(probs, dtype=np.float64)
+    logits = np.asarray(logits, dtype=np.float64)
     if weight >= 1.0:
-        final = probs
-    else:
-        p = np.clip(probs, 1e-12, 1 - 1e-12)
-        final = fuse_scores(np.asarray(retrieval, dtype=np.float64), np.log(p) - np.log1p(-p), weight)
+        return sigmoid(logits), np.argsort(-logits, kind="stable")[:top_k]
+    final = fuse_scores(np.asarray(retrieval, dtype=np.float64), logits, weight)
     return final, np.argsort(-final, kind="stable")[:top_k]
 
 
@@ -508,8 +513,9 @@ class Ingress:
                            None, "no_reranker")
         self._check_query(body.query)
         self._check_texts(body.texts, "texts", self.rr_tokenizer, self.rr_limit, pair_with=body.query)
-        scores = await self._call("the reranker", self.reranker.score.remote(body.query, body.texts))
-        order = np.argsort(-scores, kind="stable")[: body.top_n or len(body.texts)]
+        logits = await self._call("the reranker", self.reranker.score.remote(body.query, body.texts))
+        order = np.argsort(-np.asarray(logits, dtype=np.float64), kind="stable")[: body.top_n or len(body.texts)]
+        scores = sigmoid(logits)  # what sentence-transformers' CrossEncoder.predict gives
         return [RerankResult(index=int(i), score=float(scores[i]), text=body.texts[i] if body.return_text else None)
                 for i in order]
 
@@ -527,8 +533,8 @@ class Ingress:
         hits = await self._call("the retriever", self.retriever.search.remote(body.query, depth))
         if not body.rerank or not hits:
             return [SearchResult(doc_id=d, score=s, text=t) for d, s, t in hits[: body.top_k]]
-        scores = await self._call("the reranker", self.reranker.score.remote(body.query, [t for _, _, t in hits]))
-        final, order = rerank_order([s for _, s, _ in hits], scores, self.rerank_weight, body.top_k)
+        logits = await self._call("the reranker", self.reranker.score.remote(body.query, [t for _, _, t in hits]))
+        final, order = rerank_order([s for _, s, _ in hits], logits, self.rerank_weight, body.top_k)
         return [SearchResult(doc_id=hits[i][0], score=float(final[i]), text=hits[i][2], retrieval_score=hits[i][1])
                 for i in order]
 

@@ -166,7 +166,8 @@ class EncoderDeployment:
 
 @serve.deployment(name="Reranker")
 class RerankerDeployment:
-    """Cross-encoder scoring. ``score(query, texts)`` -> float32 scores in (0, 1), input order."""
+    """Cross-encoder scoring. ``score(query, texts)`` -> float32 logits, input order (the ingress
+    turns them into probabilities for /rerank and fuses the logits themselves for /search)."""
 
     def __init__(self, path: str, max_length: int, batch: dict, torch_threads: int = 1):
         from negatron.trainers.cross_encoder import CrossEncoder
@@ -185,7 +186,7 @@ class RerankerDeployment:
     async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray]:
         queries = [q for q, texts in requests for _ in texts]
         texts = [t for _, ts in requests for t in ts]
-        scores = await asyncio.to_thread(self.model.score, queries, texts, self.chunk)
+        scores = await asyncio.to_thread(self.model.score, queries, texts, self.chunk, raw=True)  # logits
         out, start = [], 0
         for _, ts in requests:
             out.append(scores[start:start + len(ts)])

@@ -142,19 +142,23 @@ def test_cross_encoder_head_gets_its_own_learning_rate_through_a_pbt_update(tmp_
 
 
 def test_reranked_search_order_uses_the_fusion_weight():
-    from negatron.serve.api import rerank_order
+    from negatron.serve.api import rerank_order, sigmoid
     from negatron.trainers.evaluate import fuse_scores
 
     retrieval = [0.9, 0.8, 0.7, 0.1]
-    probs = np.array([0.2, 0.9, 0.6, 0.95])
-    final, order = rerank_order(retrieval, probs, 1.0, 3)
-    assert list(order) == [3, 1, 2] and np.allclose(final, probs)  # the reranker alone
-    assert list(rerank_order(retrieval, probs, 0.0, 4)[1]) == [0, 1, 2, 3]  # the retrieval order
-    final, order = rerank_order(retrieval, probs, 0.5, 4)
-    logits = np.log(probs / (1 - probs))
+    logits = np.array([-1.4, 2.2, 0.4, 2.9])  # what the Reranker deployment returns
+    final, order = rerank_order(retrieval, logits, 1.0, 3)
+    assert list(order) == [3, 1, 2] and np.allclose(final, 1 / (1 + np.exp(-logits)))  # the reranker alone
+    assert list(rerank_order(retrieval, logits, 0.0, 4)[1]) == [0, 1, 2, 3]  # the retrieval order
+    final, order = rerank_order(retrieval, logits, 0.5, 4)
     np.testing.assert_allclose(final, fuse_scores(np.array(retrieval), logits, 0.5))
     assert list(order) == list(np.argsort(-final, kind="stable"))
-    assert np.isfinite(rerank_order(retrieval, np.array([1.0, 0.0, 0.5, 0.5]), 0.5, 4)[0]).all()  # saturated
+    # saturated logits: their probabilities round to 1.0 and 0.0, the logits still order them
+    big = np.array([40.0, 41.0, -41.0, -40.0])
+    final, order = rerank_order(retrieval, big, 1.0, 4)
+    assert list(order) == [1, 0, 3, 2] and np.isfinite(final).all() and final[0] == final[1] == 1.0
+    assert np.isfinite(rerank_order(retrieval, big, 0.5, 4)[0]).all()
+    assert np.isfinite(sigmoid(np.array([-1000.0, 1000.0]))).all()
 
 
 def test_saved_rerank_weight_is_read_validated_and_used_by_serve(tmp_path):
