@@ -83,12 +83,14 @@ def bench_training(args, tmp: Path) -> dict:
         rng = random.Random(args.seed)
 
         def killer():
-            need, seen = 1, set()
+            baseline, seen = -1, set()  # kill after a checkpoint newer than baseline is registered
             deadline = time.time() + 3600
             while len(kills) < 2 and time.time() < deadline:
                 pids = [p for p in tagged_pids("RayTrainWorker", os.getpid()) if p not in seen]
-                n = len(registered_steps(run_dir))
-                if n >= need and len(pids) == 2:
+                newest = max(registered_steps(run_dir), default=-1)
+                if len(pids) == 2 and baseline is None:
+                    baseline = newest  # the restarted group is up: later checkpoints are its own
+                if len(pids) == 2 and baseline is not None and newest > baseline:
                     # a random moment within the next checkpoint interval
                     time.sleep(rng.uniform(0.2, 0.8) * args.every * clean.metrics["wall_s"] / args.steps)
                     victim = rng.choice(pids)
@@ -99,7 +101,7 @@ def bench_training(args, tmp: Path) -> dict:
                         continue
                     kills.append({"pid": victim, "last_logged_step": at, "t": time.time()})
                     seen.update(pids)
-                    need = n + 1
+                    baseline = None
                 time.sleep(0.05)
 
         t = threading.Thread(target=killer, daemon=True)

@@ -101,22 +101,24 @@ def test_two_worker_sigkills_resume_from_checkpoints(tmp_path, tiny_model_dir, s
     def killer():
         deadline = time.time() + 400
         seen: set[int] = set()
-        need = 1
+        baseline: int | None = -1  # kill once a checkpoint newer than this is registered
         while len(killed) < 2 and time.time() < deadline:
-            # kill once the controller has registered a new checkpoint (it polls workers, so a
-            # checkpoint folder on disk alone may still be unknown to it), at a random step after it
-            n = len(registered_steps(run_dir))
+            steps = registered_steps(run_dir)  # the controller's (a folder on disk may not be registered yet)
             pids = [p for p in tagged_pids("RayTrainWorker", os.getpid()) if p not in seen]
-            if n >= need and len(pids) == 2:
-                time.sleep(rng.uniform(0.0, 1.0))
+            if len(pids) == 2 and baseline is None:
+                # the restarted group is up: a checkpoint registered from now on is its own, so it
+                # records this resume (killing before that would lose the resume from the history)
+                baseline = max(steps, default=-1)
+            if len(pids) == 2 and baseline is not None and max(steps, default=-1) > baseline:
+                time.sleep(rng.uniform(0.0, 1.0))  # at a random step after that checkpoint
                 victim = rng.choice(pids)
                 try:
                     os.kill(victim, signal.SIGKILL)
                 except ProcessLookupError:
                     continue
-                killed.append((victim, n))
+                killed.append((victim, len(steps)))
                 seen.update(pids)
-                need = n + 1
+                baseline = None
             time.sleep(0.05)
 
     t = threading.Thread(target=killer, daemon=True)
