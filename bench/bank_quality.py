@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--momentum", type=float, default=0.99, help="bank.momentum for the bank run")
     ap.add_argument("--bank-weight", type=float, default=None, help="bank.weight for the bank run (default: averaged terms)")
+    ap.add_argument("--seed", type=int, default=0, help="trainer.seed (data order, dropout) for every run")
     ap.add_argument("--prefill", action="store_true", help="bank.prefill=true for the bank run (starts full)")
     ap.add_argument("--data", default=None, help="an existing `negatron data stdlib` folder")
     ap.add_argument("--temperature", type=float, default=None, help="loss.temperature for every run")
@@ -56,7 +57,7 @@ def main() -> None:
         # dashboard on, as in the product: Ray Train's placement-group cleaner needs the state API
         ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         out = {"model": args.model, "steps": args.steps, "lr": args.lr, "seq_len": args.seq,
-               "bank_momentum": args.momentum, "bank_weight": args.bank_weight, "bank_prefill": args.prefill,
+               "bank_momentum": args.momentum, "bank_weight": args.bank_weight, "bank_prefill": args.prefill, "seed": args.seed,
                "runs": {}}
         try:
             wanted = set(args.runs.split(","))
@@ -70,7 +71,7 @@ def main() -> None:
                     f"trainer.checkpoint_every={args.steps}", f"bank.size={bank}",
                     f"bank.momentum={args.momentum if bank else 0.0}", f"optim.lr={args.lr}",
                     f"model.max_length={args.seq}", "model.query_max_length=48", "optim.warmup_steps=5",
-                    "trainer.log_every_s=30", f"run.storage_path={tmp / 'runs'}", f"run.name={name}"]
+                    "trainer.log_every_s=30", f"trainer.seed={args.seed}", f"run.storage_path={tmp / 'runs'}", f"run.name={name}"]
                     + ([f"loss.temperature={args.temperature}"] if args.temperature else [])
                     + ([f"bank.weight={args.bank_weight}"] if bank and args.bank_weight is not None else [])
                     + (["bank.prefill=true"] if bank and args.prefill else []))

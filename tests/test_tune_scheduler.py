@@ -1,4 +1,5 @@
-"""RecheckASHA's bookkeeping, without Ray running: ASHA's arrival rule plus rungs re-judged as they fill."""
+"""Tune's pure pieces, without Ray running: RecheckASHA's bookkeeping (ASHA's arrival rule plus rungs
+re-judged as they fill) and the per-trial memory estimate."""
 
 from __future__ import annotations
 
@@ -140,3 +141,21 @@ def test_config_picks_the_scheduler():
     assert isinstance(_scheduler(Config.from_dict(base)), RecheckASHA)
     base["tune"]["asha_recheck"] = False
     assert type(_scheduler(Config.from_dict(base))) is AsyncHyperBandScheduler
+
+
+def test_memory_estimate_and_warning(tiny_model_dir):
+    from negatron.cluster.config import load_config
+    from negatron.tune.search import GIB, memory_warning, trial_memory_bytes, weights_bytes
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "trainer.num_workers=2", "bank.size=0"])
+    w = weights_bytes(cfg)
+    assert w == sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors")) > 0
+    assert trial_memory_bytes(cfg) == GIB + 2 * (GIB + 4 * w)
+    moco = cfg.replace({"bank.size": 64, "bank.momentum": 0.99})
+    assert trial_memory_bytes(moco) == GIB + 2 * (GIB + 5 * w)  # the key encoder is one more copy
+    per = trial_memory_bytes(cfg)
+    assert memory_warning(cfg, 3, 3 * per) is None and memory_warning(cfg, 3, 0) is None
+    msg = memory_warning(cfg, 6, 2.5 * per)
+    assert "6 trials at once" in msg and "tune.max_concurrent_trials=2" in msg
+    # unknown model folder: only the fixed part is counted, no exception
+    assert weights_bytes(cfg.replace({"model.path": str(tiny_model_dir / "missing")})) == 0
