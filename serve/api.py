@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from .deployments import Coalescer, LoadAwareWait
+from .deployments import Coalescer, LoadAwareWait, per_model
 
 logger = logging.getLogger("ray.serve")
 
@@ -408,42 +408,18 @@ class Ingress:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _local_embed(self, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
-        """Colocated mode: concurrent requests' texts in one length-sorted forward pass per model."""
+        """Colocated mode: concurrent requests' texts in one length-sorted encode per model."""
         import asyncio
 
-        out: list = [None] * len(items)
-        by_model: dict[str, list[int]] = {}
-        for i, (name, _) in enumerate(items):
-            by_model.setdefault(name, []).append(i)
-        for name, idx in by_model.items():
-            enc = self.local[name]
-            flat = [t for i in idx for t in items[i][1]]
-            emb = await asyncio.to_thread(enc.encode, flat, batch_size=self.chunk,
-                                          max_length=self.token_limits.get(name, 0))  # N×D
-            start = 0
-            for i in idx:
-                out[i] = emb[start:start + len(items[i][1])]
-                start += len(items[i][1])
-        return out
+        return await per_model(items, lambda name, flat: asyncio.to_thread(
+            self.local[name].encode, flat, batch_size=self.chunk, max_length=self.token_limits.get(name, 0)))
 
     async def _remote_embed(self, items: list[tuple[str, list]]) -> list[np.ndarray]:
         """Separate Encoder: coalesced requests' inputs go to it in one call per model (one actor
         hop per batch instead of per request); the Encoder batches calls again across ingress
         replicas."""
-        import asyncio
-
-        by_model: dict[str, list[int]] = {}
-        for i, (name, _) in enumerate(items):
-            by_model.setdefault(name, []).append(i)
-        calls = [self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(
-                     [t for i in idx for t in items[i][1]])) for name, idx in by_model.items()]
-        out: list = [None] * len(items)
-        for idx, emb in zip(by_model.values(), await asyncio.gather(*calls)):  # N×D per model
-            start = 0
-            for i in idx:
-                out[i] = emb[start:start + len(items[i][1])]
-                start += len(items[i][1])
-        return out
+        return await per_model(items, lambda name, flat: self._call(
+            "the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(flat)))
 
     # -- routes --
 

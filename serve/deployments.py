@@ -73,7 +73,7 @@ class Coalescer:
             raise ValueError(f"slots and max_items must be >= 1, got {slots} and {max_items}")
         self.send, self.slots, self.max_items = send, slots, max_items
         self.pending: list[tuple[Any, asyncio.Future]] = []
-        self.active = 0
+        self.running: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
 
     async def __call__(self, item):
         fut = asyncio.get_running_loop().create_future()
@@ -81,11 +81,14 @@ class Coalescer:
         self._start()
         return await fut
 
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
     def _start(self) -> None:
-        while self.active < self.slots and self.pending:
+        while len(self.running) < self.slots and self.pending:
             batch, self.pending = self.pending[:self.max_items], self.pending[self.max_items:]
-            self.active += 1
-            asyncio.get_running_loop().create_task(self._run(batch))
+            self.running.add(asyncio.get_running_loop().create_task(self._run(batch)))
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         try:
@@ -97,9 +100,33 @@ class Coalescer:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)
-        finally:
-            self.active -= 1
+        finally:  # before any caller resumes: the next batch starts in this same loop turn
+            self.running.discard(asyncio.current_task())
             self._start()
+
+
+def split_rows(rows, sizes: list[int]) -> list:
+    """Cut ``rows`` (N×…) into consecutive pieces of ``sizes`` (summing to N), one per request."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(rows[start:start + n])
+        start += n
+    return out
+
+
+async def per_model(items: list[tuple[str, list]], embed) -> list:
+    """Run ``await embed(model, flat_inputs)`` once per model named in ``items`` ((model, inputs)
+    pairs; the models concurrently) and give each item its own rows, in item order."""
+    by_model: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(items):
+        by_model.setdefault(name, []).append(i)
+    results = await asyncio.gather(*(embed(name, [x for i in idx for x in items[i][1]])
+                                     for name, idx in by_model.items()))
+    out: list = [None] * len(items)
+    for idx, rows in zip(by_model.values(), results):
+        for i, piece in zip(idx, split_rows(rows, [len(items[i][1]) for i in idx])):
+            out[i] = piece
+    return out
 
 
 def _configure_batching(handler, batch: dict) -> None:
@@ -152,11 +179,7 @@ class EncoderDeployment:
         enc = await self.get_model(serve.get_multiplexed_model_id())
         flat = [t for texts in requests for t in texts]
         emb = await asyncio.to_thread(enc.encode, flat, batch_size=self.chunk, max_length=self._max_len(enc))  # N×D
-        out, start = [], 0
-        for texts in requests:
-            out.append(emb[start:start + len(texts)])
-            start += len(texts)
-        return out
+        return split_rows(emb, [len(texts) for texts in requests])
 
     def check_health(self) -> None:
         for name, path in self.paths.items():
@@ -187,11 +210,7 @@ class RerankerDeployment:
         queries = [q for q, texts in requests for _ in texts]
         texts = [t for _, ts in requests for t in ts]
         scores = await asyncio.to_thread(self.model.score, queries, texts, self.chunk, raw=True)  # logits
-        out, start = [], 0
-        for _, ts in requests:
-            out.append(scores[start:start + len(ts)])
-            start += len(ts)
-        return out
+        return split_rows(scores, [len(ts) for _, ts in requests])
 
     def check_health(self) -> None:
         if not Path(self.path).is_dir():

@@ -146,3 +146,21 @@ def test_coalescer_sends_at_once_when_idle_and_groups_while_busy():
     asyncio.run(main())
     with pytest.raises(ValueError):
         Coalescer(send, slots=0, max_items=4)
+
+
+def test_per_model_runs_each_model_once_and_returns_each_items_rows():
+    import asyncio
+
+    from negatron.serve.deployments import per_model
+
+    calls = []
+
+    async def embed(name, flat):
+        calls.append((name, list(flat)))
+        return np.array([[ord(name), x] for x in flat])  # one row per input, tagged by model
+
+    items = [("a", [1, 2]), ("b", [3]), ("a", [4]), ("b", [5, 6, 7])]
+    out = asyncio.run(per_model(items, embed))
+    assert sorted(calls) == [("a", [1, 2, 4]), ("b", [3, 5, 6, 7])]  # one call per model
+    for (name, inputs), rows in zip(items, out):
+        assert rows.tolist() == [[ord(name), x] for x in inputs]

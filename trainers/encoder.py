@@ -204,10 +204,13 @@ class Encoder(nn.Module):
 
     def token_lengths(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
         """Tokens per text after truncation (N ints), special tokens included."""
+        return _lengths(self._tokenize_unpadded(texts, max_length))
+
+    def _tokenize_unpadded(self, texts: Sequence[str], max_length: int | None = None):
+        """Token ids (and masks) per text after truncation, not padded: lists of lists."""
         if not len(texts):
-            return np.zeros(0, dtype=np.int64)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)["input_ids"]
-        return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            return {"input_ids": []}
+        return self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)
 
     def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
         batch = self.tokenize(texts, max_length)
@@ -247,8 +250,8 @@ class Encoder(nn.Module):
         if was_training:  # eval() walks every submodule: skip it when already in eval mode
             self.eval()
         # tokenized once, unpadded; each forward pass pads only its own rows
-        tok = self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length) if len(texts) else {}
-        lengths = np.fromiter((len(x) for x in tok.get("input_ids", [])), dtype=np.int64, count=len(texts))  # N
+        tok = self._tokenize_unpadded(texts, max_length)
+        lengths = _lengths(tok)  # N
         order = np.argsort(-lengths, kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bar = _progress(len(texts), progress)
@@ -300,6 +303,11 @@ class Encoder(nn.Module):
             (folder / f"{len(modules) - 1}_Normalize").mkdir(exist_ok=True)
         (folder / "modules.json").write_text(json.dumps(modules, indent=2))
         return folder
+
+
+def _lengths(tok) -> np.ndarray:
+    ids = tok["input_ids"]
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
 
 
 def _read_st_settings(folder: Path) -> dict:

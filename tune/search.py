@@ -117,7 +117,8 @@ def fit_concurrency(cfg: Config) -> None:
     """Refuse a trial that can never be placed; warn when fewer trials than asked can run at once."""
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0)
+    res = ray.cluster_resources()
+    total = res.get("CPU", 0)
     per_trial = cfg.tune.trial_cpus + cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
     if per_trial > total:
         raise ConfigError(f"one trial needs {per_trial:g} CPUs (tune.trial_cpus + trainer.num_workers × "
@@ -127,7 +128,7 @@ def fit_concurrency(cfg: Config) -> None:
         print(f"[negatron] {fits} trial(s) fit at once on {total:g} CPUs "
               f"(tune.max_concurrent_trials={cfg.tune.max_concurrent_trials}); the rest wait", flush=True)
     at_once = min(fits, cfg.tune.max_concurrent_trials, cfg.tune.num_samples)
-    res = ray.cluster_resources()  # the nodes' memory: Ray's task memory plus its object store
+    # the nodes' memory: Ray's task memory plus its object store
     warning = memory_warning(cfg, at_once, res.get("memory", 0) + res.get("object_store_memory", 0))
     if warning:
         print(f"[negatron] warning: {warning}", flush=True)
