@@ -271,8 +271,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     flags = {"serve.encoder.path": args.model, "serve.reranker.path": args.reranker,
              "serve.retriever.corpus": args.corpus, "serve.host": args.host, "serve.port": args.port,
              "serve.api_key_env": args.api_key_env}
-    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(args.config, overrides)
+    # flags are taken as given (strings), never re-parsed as YAML: `--host ::`, `--model "dir #x"`
+    given = {k: v for k, v in flags.items() if v is not None}
+    cfg = cfg.replace(given) if given else cfg
     section = resolve_section(cfg)
     if action == "build":
         text = serve_config_yaml(section)

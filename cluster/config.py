@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .serve_config import ServeSection
 
@@ -24,7 +25,11 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `.inf` / `.nan` pass every `gt=0` bound and fail late inside Ray
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeding both take it; larger ones fail inside the workers
 
 
 class DataConfig(_Section):
@@ -65,7 +70,7 @@ class TrainerConfig(_Section):
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint (and evaluate on data.dev) every N steps and at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the latest is always kept).")
     log_every_s: float = Field(5.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     placement: Literal["pack", "spread"] = "pack"
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker.")
 
@@ -98,7 +103,8 @@ class LossConfig(_Section):
 
 
 class BankConfig(_Section):
-    size: int = Field(0, ge=0, description="Memory bank slots K (0 = no bank).")
+    size: int = Field(0, ge=0, le=1 << 22, description=(
+        "Memory bank slots K (0 = no bank; at most 4,194,304: K × dim × 4 bytes live on every worker)."))
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="EMA key encoder momentum (0 = keys from the live encoder, detached).")
     max_age: int = Field(0, ge=0, description="Ignore bank entries older than this many steps (0 = no limit).")
     mode: Literal["joint", "moco"] = Field("moco", description=(
@@ -132,8 +138,17 @@ class AugmentConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str = Field("negatron", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field("negatron", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$", description=(
+        "The run folder's name under storage_path: one path component (not '.' or '..')."))
     storage_path: str = Field("runs", min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        if v in (".", ".."):
+            raise ValueError(f"run.name {v!r} is not a folder name: the run folder would be the storage "
+                             "folder itself or its parent (give a name such as 'quickstart')")
+        return v
 
 
 class EvalConfig(_Section):
@@ -141,7 +156,7 @@ class EvalConfig(_Section):
     top_k: int = Field(100, ge=1)
     first_stage: str = Field("default", min_length=1, description=(
         "Cross-encoder training: the bi-encoder whose top rerank_depth dev candidates the reranker reorders."))
-    rerank_depth: int = Field(20, ge=1, description="Cross-encoder dev checks: candidates reranked per query.")
+    rerank_depth: int = Field(20, ge=1, le=1000, description="Cross-encoder dev checks: candidates reranked per query.")
     knn_k: int = Field(20, ge=1, description="Image models: neighbours of the k-NN accuracy.")
     probe_shots: int = Field(5, ge=0, description="Image models: labelled images per class of the few-shot probe (0 = off).")
 
@@ -165,7 +180,7 @@ class TuneSection(_Section):
         "1/reduction_factor (Ray's ASHA promotes first arrivals unconditionally)."))
     perturbation_interval: int = Field(2, ge=1, description="PBT: reports between exploit/explore.")
     trial_cpus: float = Field(0.1, gt=0, description="CPU share of each trial's driver.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @model_validator(mode="after")
     def _check_space(self) -> "TuneSection":
@@ -250,8 +265,18 @@ def _format_errors(e: ValidationError, source: str) -> str:
         if err["type"] == "value_error":  # from a cross-field validator: the message names the value
             lines.append(f"{source}: {key}: {msg.removeprefix('Value error, ')}")
             continue
-        lines.append(f"{source}: {key}: {msg} (got {err.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
+        lines.append(f"{source}: {key}: {msg} (got {short_repr(err.get('input'))})")
+    return "invalid config:\n  " + "\n  ".join(lines[:20]) + (
+        f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 6, 6, 3
+
+
+def short_repr(value: Any) -> str:
+    """repr() cut to a line: an error message never grows with the value it quotes."""
+    return _SHORT.repr(value)
 
 
 def _allowed_keys(path: tuple) -> list[str]:
@@ -281,8 +306,50 @@ def all_keys() -> list[str]:
     return out
 
 
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_NODES = 20_000  # a config has a few hundred; an alias bomb expands to millions
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2), not the string PyYAML's 1.1 rules give."""
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2), not the string PyYAML's 1.1 rules give,
+    refuses a key given twice in one mapping (PyYAML silently keeps the last), and refuses
+    documents whose aliases expand past ``MAX_YAML_NODES`` nodes (the "billion laughs")."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)} (first at line {seen[key].line + 1}); "
+                        "the first value would be silently lost", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root) -> None:
+    """Count nodes as the constructor would visit them (aliases expanded); stop at the budget."""
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_YAML_NODES} nodes through "
+                                 "anchors and aliases; a Negatron config needs far fewer (alias bomb?)")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack.extend((k, v))
 
 
 _Loader.add_implicit_resolver(
@@ -310,7 +377,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+        raise ConfigError(f"override {key}: cannot parse value {short_repr(raw)}: {str(e)[:300]}") from None
     return key, value
 
 
@@ -342,9 +409,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml_load(p.read_text())
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"config file {p}: cannot read it ({e.strerror})") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        try:
+            loaded = yaml_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {str(e)[:500]}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

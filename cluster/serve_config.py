@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `.inf` passes every `gt=0` bound and fails late (in Ray, or never)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class ScaleConfig(_Section):
@@ -79,7 +80,7 @@ class RetrieverServe(_Section):
     ivf_nlist: int = Field(0, ge=0, description="IVF lists (0 = about 4*sqrt(N)).")
     ivf_nprobe: int = Field(16, ge=1)
     cache_dir: str = Field("", description="Where built indexes are cached (empty = <corpus folder>/.negatron_index).")
-    rerank_depth: int = Field(50, ge=1, description="Candidates the reranker rescores when a search asks for rerank.")
+    rerank_depth: int = Field(50, ge=1, le=1000, description="Candidates the reranker rescores when a search asks for rerank.")
     rerank_weight: float | None = Field(None, ge=0, le=1, description=(
         "Reranked search orders by w*z(reranker logit) + (1-w)*z(retrieval score) over the candidates "
         "(null = the weight saved with the reranker, negatron_rerank.json, else 1 = the reranker alone)."))
@@ -95,6 +96,9 @@ class LimitsConfig(_Section):
         "Largest request body; a bigger one is refused with 413 before it is parsed."))
     max_image_bytes: int = Field(2_000_000, ge=1024, description="Image models: largest encoded image.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Image models: largest width × height.")
+    max_request_pixels: int = Field(64 * 1024 * 1024, ge=1, description=(
+        "Image models: pixels of all images of one request together, checked from the image headers "
+        "before any is decoded (a few KB of one-bit PNGs can decode to gigabytes)."))
     overlong: Literal["truncate", "reject"] = Field(
         "truncate", description="A text longer than the model's token limit: truncate it, or answer 413.")
 

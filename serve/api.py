@@ -10,6 +10,7 @@ Every rejected request gets a 4xx with ``{"error": {"message", "type", "param", 
 the field; nothing from inside Ray reaches the client.
 """
 
+import asyncio
 import base64
 import hmac
 import json
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from .deployments import Coalescer, LoadAwareWait, per_model
+from .deployments import Coalescer, LoadAwareWait, Readiness, per_model
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,7 +40,7 @@ class ApiError(Exception):
 
 def _error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
     kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-            503: "service_unavailable"}.get(status, "invalid_request_error")
+            503: "service_unavailable", 504: "timeout_error"}.get(status, "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -100,34 +101,100 @@ class ImageEmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-def decode_image_b64(item: str, param: str, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """One base64 image → H×W (grey) or H×W×3 uint8, or an ApiError naming ``param``."""
-    import binascii
-    import io
+IMAGE_FORMATS = ("PNG", "JPEG")
 
-    from PIL import Image
+
+def _b64_bytes(item: str, param: str, max_bytes: int) -> bytes:
+    import binascii
 
     if item.startswith("data:"):
         item = item.split(",", 1)[1] if "," in item else ""
     if len(item) > (max_bytes * 4) // 3 + 4:
         raise ApiError(413, f"'{param}' is over {max_bytes} bytes", param, "image_too_large")
     try:
-        raw = base64.b64decode(item, validate=True)
+        return base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"'{param}' is not valid base64", param, "invalid_image") from None
+
+
+def _open_image(raw: bytes, param: str):
+    """PIL image (header read, pixels not decoded yet); PNG and JPEG only."""
+    import io
+
+    from PIL import Image
+
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.format not in ("PNG", "JPEG"):
-                raise ApiError(400, f"'{param}' is a {im.format} image; send PNG or JPEG", param, "invalid_image")
-            if im.width * im.height > max_pixels:
-                raise ApiError(413, f"'{param}' is {im.width}x{im.height} pixels; the limit is {max_pixels}",
-                               param, "image_too_large")
-            im = im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16", "LA") else im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
-    except ApiError:
-        raise
-    except Exception:  # PIL raises several types for bad bytes
+        return Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
+    except Exception:  # PIL raises several types for bad bytes or other formats
         raise ApiError(400, f"'{param}' is not a readable PNG or JPEG image", param, "invalid_image") from None
+
+
+def decode_image_b64(item: str, param: str, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """One base64 image → H×W (grey) or H×W×3 uint8, or an ApiError naming ``param``."""
+    im = _open_image(_b64_bytes(item, param, max_bytes), param)
+    with im:
+        if im.width * im.height > max_pixels:
+            raise ApiError(413, f"'{param}' is {im.width}x{im.height} pixels; the limit is {max_pixels}",
+                           param, "image_too_large")
+        return _pixels(im, param)
+
+
+def _pixels(im, param: str) -> np.ndarray:
+    try:
+        im = im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16", "LA") else im.convert("RGB")
+        return np.asarray(im, dtype=np.uint8)
+    except Exception:  # truncated or corrupt pixel data
+        raise ApiError(400, f"'{param}' is not a readable PNG or JPEG image", param, "invalid_image") from None
+
+
+def decode_images_request(items: list[str], single: bool, limits: dict, size: int = 0,
+                          channels: int = 0) -> list[np.ndarray]:
+    """A request's base64 PNG/JPEG images → model-ready arrays, with every limit checked first.
+
+    Each image's bytes and pixels are checked, then the pixels of the whole request
+    (``limits['max_request_pixels']``) from the image headers, before any pixel is decoded. With
+    ``size`` (the image model's input side) each image is shrunk to the model's input as soon as it
+    is decoded (exactly the model's own resize: embeddings are unchanged), so at most one full-size
+    image is held at a time and the Encoder receives size×size arrays. Blocking: call it off the
+    event loop.
+
+    Raises:
+        ApiError: 400 for a bad image, 413 naming the limit that was passed.
+    """
+    if not items:
+        raise ApiError(400, "'input' is empty: give at least one image", "input", "empty_input")
+    if len(items) > limits["max_texts"]:
+        raise ApiError(413, f"'input' has {len(items)} images; the limit is {limits['max_texts']} per request",
+                       "input", "too_many_inputs")
+    budget = int(limits.get("max_request_pixels") or 0)
+    opened, total = [], 0
+    try:
+        for i, item in enumerate(items):
+            at = "input" if single else f"input[{i}]"
+            im = _open_image(_b64_bytes(item, at, limits["max_image_bytes"]), at)
+            opened.append((at, im))
+            if im.width * im.height > limits["max_image_pixels"]:
+                raise ApiError(413, f"'{at}' is {im.width}x{im.height} pixels; the limit is "
+                                    f"{limits['max_image_pixels']}", at, "image_too_large")
+            total += im.width * im.height
+            if budget and total > budget:
+                raise ApiError(413, f"the images of this request hold over {budget} pixels in all "
+                                    f"(serve.limits.max_request_pixels); send fewer or smaller images",
+                               "input", "request_pixels_too_large")
+        return [_shrink(_pixels(im, at), size, channels) if size else _pixels(im, at) for at, im in opened]
+    finally:
+        for _, im in opened:
+            im.close()
+
+
+def _shrink(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 H×W[×C] → float32 C×size×size, through the image model's own ``prepare``."""
+    import torch
+
+    from negatron.trainers.images import prepare, to_tensor
+
+    with torch.no_grad():
+        return prepare(to_tensor([arr]), size, channels)[0].numpy()
 
 
 class SearchResult(BaseModel):
@@ -166,41 +233,72 @@ app = FastAPI(title="Negatron", version="0.1.0",
               description="Embeddings (OpenAI-compatible), reranking and retrieval from Negatron checkpoints.")
 
 
+OPEN_PATHS = ("/healthz", "/readyz")  # answer without the API key (exact paths, after the route prefix)
+UNGATED_PATHS = OPEN_PATHS + ("/docs", "/openapi.json", "/v1/models", "/docs/oauth2-redirect", "/redoc")
+
+
 class Guard:
     """ASGI middleware that runs before routing and body parsing, so a refused request costs nothing:
 
-    - the API key (``Authorization: Bearer``, constant-time) on every route but ``/healthz``
-      (the OpenAPI schema and ``/docs`` included);
+    - the API key (``Authorization: Bearer``, constant-time) on every HTTP route and websocket but
+      exactly ``/healthz`` and ``/readyz`` (the OpenAPI schema and ``/docs`` included);
+    - readiness: until every deployment the app needs has answered once (``ready``), a request to
+      a model route gets a JSON 503 with ``Retry-After`` at once instead of waiting in a queue;
     - the body size limit (``serve.limits.max_body_bytes``), from Content-Length when sent;
-      a chunked body is read up to the limit first and then handed on.
+      a chunked body is read up to the limit first and then handed on;
+    - a deadline (``deadline_s``, a little under ``serve.request_timeout_s``): a request not
+      answered by then gets a JSON 504, before Ray Serve's proxy would answer 408 in plain text.
 
     Settings live on the class: each Ingress replica is its own process and sets them at start.
     """
 
     api_key: Optional[bytes] = None
     max_body_bytes: int = 8_000_000
+    ready = None  # async () -> None when ready, else the seconds a client should wait
+    deadline_s: Optional[float] = None
 
     def __init__(self, inner):
         self.inner = inner
 
     @staticmethod
-    async def _refuse(send, status: int, message: str, code: str, param: Optional[str] = None) -> None:
+    async def _refuse(send, status: int, message: str, code: str, param: Optional[str] = None,
+                      extra_headers: tuple = ()) -> None:
         body = json.dumps(_error_body(status, message, param, code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   *extra_headers]
         if status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
+    @staticmethod
+    def _route(scope) -> str:
+        """The path after the application's route prefix."""
+        path, root = scope.get("path", ""), scope.get("root_path", "") or ""
+        return path[len(root):] if root and path.startswith(root) else path
+
+    def _key_ok(self, headers: dict) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.inner(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and not scope.get("path", "").rstrip("/").endswith("/healthz"):
-            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                          "invalid_api_key")
+        route = self._route(scope)
+        if scope["type"] == "websocket":  # the API has none; never let one past the key
+            if self.api_key is not None and not self._key_ok(headers):
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.inner(scope, receive, send)
+        if self.api_key is not None and route not in OPEN_PATHS and not self._key_ok(headers):
+            return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      "invalid_api_key")
+        if self.ready is not None and route not in UNGATED_PATHS:
+            wait = await type(self).ready()  # a plain callable, not a method
+            if wait is not None:
+                return await self._refuse(send, 503, "the server is starting: its models or index are not "
+                                          f"ready yet; retry in {wait} s (GET /readyz says when)", "not_ready",
+                                          extra_headers=((b"retry-after", str(wait).encode()),))
         limit = self.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -212,7 +310,7 @@ class Guard:
                 return await self._refuse(send, 413, f"the request body is {size} bytes; the limit is {limit}",
                                           "body_too_large")
         if declared is not None or scope.get("method") in ("GET", "HEAD"):
-            return await self.inner(scope, receive, send)
+            return await self._with_deadline(scope, receive, send)
         # no Content-Length (chunked): read up to the limit first, then replay the body
         chunks, received = [], 0
         while True:
@@ -231,7 +329,25 @@ class Guard:
         async def replayed():
             return replay.pop() if replay else await receive()
 
-        await self.inner(scope, replayed, send)
+        await self._with_deadline(scope, replayed, send)
+
+    async def _with_deadline(self, scope, receive, send):
+        if not self.deadline_s:
+            return await self.inner(scope, receive, send)
+        started = False
+
+        async def tracked(msg):
+            nonlocal started
+            started = True
+            await send(msg)
+
+        try:
+            await asyncio.wait_for(self.inner(scope, receive, tracked), self.deadline_s)
+        except asyncio.TimeoutError:
+            if not started:
+                await self._refuse(send, 504, f"the request was not answered within {self.deadline_s:g} s "
+                                   "(serve.request_timeout_s); the server is overloaded or a model is stuck",
+                                   "timeout")
 
 
 app.add_middleware(Guard)
@@ -355,6 +471,19 @@ class Ingress:
             raise RuntimeError(f"serve.api_key_env names {env!r}, but that environment variable is not set")
         Guard.api_key = key.encode() if key else None
         Guard.max_body_bytes = int(self.limits.get("max_body_bytes", Guard.max_body_bytes))
+        self.image_shapes: dict[str, tuple[int, int]] = {n: tuple(v) for n, v in settings.get("image_shapes", {}).items()}
+        # answer before the proxy's own (plain-text 408) timeout fires
+        timeout = float(settings.get("request_timeout_s") or 0)
+        Guard.deadline_s = max(1.0, timeout - min(5.0, timeout * 0.1)) if timeout else None
+        probes = {}
+        if self.encoder is not None:
+            probes["encoder"] = lambda: self.encoder.ready.remote()
+        if self.reranker is not None:
+            probes["reranker"] = lambda: self.reranker.ready.remote()
+        if self.retriever is not None:
+            probes["retriever"] = lambda: self.retriever.ready.remote()
+        self.readiness = Readiness(probes)
+        Guard.ready = self.readiness.gate
 
     # -- helpers --
 
@@ -409,8 +538,6 @@ class Ingress:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _local_embed(self, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
         """Colocated mode: concurrent requests' texts in one length-sorted encode per model."""
-        import asyncio
-
         return await per_model(items, lambda name, flat: asyncio.to_thread(
             self.local[name].encode, flat, batch_size=self.chunk, max_length=self.token_limits.get(name, 0)))
 
@@ -424,9 +551,24 @@ class Ingress:
     # -- routes --
 
     @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "models": sorted(self.models), "default_model": self.default_model,
-                "reranker": self.reranker is not None, "search": self.retriever is not None}
+    async def healthz(self) -> Response:
+        """200 once every deployment this app needs can answer (readiness for load balancers and
+        Kubernetes probes), else 503 with ``Retry-After`` and which deployment is not ready."""
+        status = await self.readiness.check()
+        ready = self.readiness.ready
+        body = {"status": "ok" if ready else "starting", "deployments": status, "models": sorted(self.models),
+                "default_model": self.default_model, "reranker": self.reranker is not None,
+                "search": self.retriever is not None}
+        if not ready:
+            body["error"] = _error_body(503, "not ready: " + ", ".join(f"{n} {v}" for n, v in status.items()
+                                                                       if v != "ready"), None, "not_ready")["error"]
+        headers = None if ready else {"Retry-After": str(self.readiness.retry_after_s)}
+        return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+    @app.get("/readyz")
+    async def readyz(self) -> Response:
+        """The same check as /healthz (the name Kubernetes users look for)."""
+        return await self.healthz()
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
@@ -441,7 +583,9 @@ class Ingress:
                            "model", "wrong_modality")
         single = isinstance(body.input, str)
         texts = [body.input] if single else list(body.input)
-        tokens = self._check_texts(texts, "input", self.tokenizers[name], self.token_limits[name], single=single)
+        # tokenizing up to max_texts × max_text_chars takes a while: off the event loop
+        tokens = await asyncio.to_thread(self._check_texts, texts, "input", self.tokenizers[name],
+                                         self.token_limits[name], single=single)
         if body.dimensions is not None and self.dims.get(name) and body.dimensions != self.dims[name]:
             raise ApiError(400, f"'dimensions' {body.dimensions} is not supported: {name} returns {self.dims[name]}",
                            "dimensions", "unsupported_dimensions")
@@ -454,7 +598,9 @@ class Ingress:
             raise ApiError(400, f"model {name!r} embeds text: POST texts to /v1/embeddings", "model", "wrong_modality")
         single = isinstance(body.input, str)
         items = [body.input] if single else list(body.input)
-        images = self._decode_images(items, single)
+        size, channels = self.image_shapes.get(name, (0, 0))
+        # decoding is CPU work: off the event loop, so other requests keep flowing
+        images = await asyncio.to_thread(decode_images_request, items, single, self.limits, size, channels)
         return await self._embed(name, images, body.encoding_format, 0)
 
     async def _embed(self, name: str, inputs: list, encoding_format: str, tokens: int) -> Response:
@@ -468,27 +614,14 @@ class Ingress:
             emb = await self._call("the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(inputs))
         return embeddings_response(emb, name, encoding_format, tokens)
 
-    def _decode_images(self, items: list[str], single: bool) -> list[np.ndarray]:
-        """base64 PNG/JPEG (or data: URLs) → uint8 arrays; every size limit checked first."""
-        lim = self.limits
-        if not items:
-            raise ApiError(400, "'input' is empty: give at least one image", "input", "empty_input")
-        if len(items) > lim["max_texts"]:
-            raise ApiError(413, f"'input' has {len(items)} images; the limit is {lim['max_texts']} per request",
-                           "input", "too_many_inputs")
-        out = []
-        for i, item in enumerate(items):
-            at = "input" if single else f"input[{i}]"
-            out.append(decode_image_b64(item, at, lim["max_image_bytes"], lim["max_image_pixels"]))
-        return out
-
     @app.post("/rerank", response_model=list[RerankResult], response_model_exclude_none=True)
     async def rerank(self, body: RerankRequest) -> list[RerankResult]:
         if self.reranker is None:
             raise ApiError(404, "no reranker is deployed: start the server with --reranker or serve.reranker.path",
                            None, "no_reranker")
         self._check_query(body.query)
-        self._check_texts(body.texts, "texts", self.rr_tokenizer, self.rr_limit, pair_with=body.query)
+        await asyncio.to_thread(self._check_texts, body.texts, "texts", self.rr_tokenizer, self.rr_limit,
+                                pair_with=body.query)
         logits = await self._call("the reranker", self.reranker.score.remote(body.query, body.texts))
         order = np.argsort(-np.asarray(logits, dtype=np.float64), kind="stable")[: body.top_n or len(body.texts)]
         scores = sigmoid(logits)  # what sentence-transformers' CrossEncoder.predict gives

@@ -49,6 +49,16 @@ def deployment_options(scale: ScaleConfig, access_log: bool = True) -> dict[str,
     }
 
 
+def _image_shape(folder: Path) -> tuple[int, int] | None:
+    """(input side, channels) of an image encoder folder; None for a text model."""
+    from negatron.trainers.encoder import IMAGE_CONFIG, _read_json
+
+    image = _read_json(folder / IMAGE_CONFIG)
+    if not isinstance(image, dict):
+        return None
+    return int(image.get("image_size", 16)), int(image.get("channels", 1))
+
+
 def _model_facts(folder: Path) -> tuple[int, int]:
     """(default max length, embedding dim) of a bi-encoder folder, without loading weights
     (max length 0 for an image encoder)."""
@@ -129,6 +139,8 @@ def app_builder(args: ServeSection) -> Application:
         "api_key_env": args.api_key_env,
         "colocate": args.encoder.colocate, "batch": args.encoder.batch.model_dump(),
         "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
+        "image_shapes": {n: _image_shape(names[n]) for n in image_models},
+        "request_timeout_s": args.request_timeout_s,
         # calls the ingress keeps in flight to a separate Encoder: enough for its autoscaler to
         # reach max_replicas (serve.deployments.Coalescer)
         "encoder_slots": max(1, math.ceil(args.encoder.scale.max_replicas * args.encoder.scale.target_ongoing_requests)),

@@ -105,6 +105,60 @@ class Coalescer:
             self._start()
 
 
+class Readiness:
+    """Whether every deployment an app needs can answer, from cheap probe calls.
+
+    ``probes`` maps a deployment name to ``async () -> bool`` (True: it can serve). A probe that
+    does not answer within ``timeout_s`` (no replica running yet: the call would queue) or raises
+    counts as not ready. Results are cached for ``ttl_s`` and concurrent callers share one round of
+    probes. ``gate()`` is what the Guard asks before a model route: None once every deployment has
+    answered (it stays open afterwards: later failures are the routes' own 503s), else the seconds
+    a client should wait before retrying.
+    """
+
+    def __init__(self, probes: dict, timeout_s: float = 1.0, ttl_s: float = 1.0, retry_after_s: int = 5):
+        self.probes, self.timeout_s, self.ttl_s, self.retry_after_s = dict(probes), timeout_s, ttl_s, retry_after_s
+        self.status: dict[str, str] = {n: "starting" for n in self.probes}
+        self.opened = not self.probes
+        self._checked_at = float("-inf")
+        self._round: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return all(v == "ready" for v in self.status.values())
+
+    async def _probe(self, name: str, probe) -> tuple[str, str]:
+        try:
+            ok = await asyncio.wait_for(probe(), self.timeout_s)
+            return name, "ready" if ok else "starting"
+        except asyncio.TimeoutError:
+            return name, "starting"
+        except Exception as e:  # noqa: BLE001 - reported, not raised: a probe never fails a request
+            return name, f"error: {type(e).__name__}"
+
+    async def _run_round(self) -> None:
+        results = await asyncio.gather(*(self._probe(n, p) for n, p in self.probes.items()))
+        self.status = dict(results)
+        self._checked_at = asyncio.get_running_loop().time()
+        if self.ready:
+            self.opened = True
+
+    async def check(self) -> dict[str, str]:
+        """Probe (or reuse a result younger than ``ttl_s``); returns name -> ready|starting|error."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._checked_at >= self.ttl_s:
+            if self._round is None or self._round.done():
+                self._round = loop.create_task(self._run_round())
+            await asyncio.shield(self._round)
+        return dict(self.status)
+
+    async def gate(self) -> int | None:
+        if self.opened:
+            return None
+        await self.check()
+        return None if self.opened else self.retry_after_s
+
+
 def split_rows(rows, sizes: list[int]) -> list:
     """Cut ``rows`` (N×…) into consecutive pieces of ``sizes`` (summing to N), one per request."""
     out, start = [], 0
@@ -181,6 +235,9 @@ class EncoderDeployment:
         emb = await asyncio.to_thread(enc.encode, flat, batch_size=self.chunk, max_length=self._max_len(enc))  # N×D
         return split_rows(emb, [len(texts) for texts in requests])
 
+    async def ready(self) -> bool:
+        return True
+
     def check_health(self) -> None:
         for name, path in self.paths.items():
             if not Path(path).is_dir():
@@ -211,6 +268,9 @@ class RerankerDeployment:
         texts = [t for _, ts in requests for t in ts]
         scores = await asyncio.to_thread(self.model.score, queries, texts, self.chunk, raw=True)  # logits
         return split_rows(scores, [len(ts) for _, ts in requests])
+
+    async def ready(self) -> bool:
+        return True
 
     def check_health(self) -> None:
         if not Path(self.path).is_dir():
@@ -275,6 +335,9 @@ class RetrieverDeployment:
         for (_, want), srow, rrow in zip(requests, scores, rows):
             out.append([(idx.doc_ids[r], float(s), idx.texts[r]) for s, r in zip(srow[:want], rrow[:want]) if r >= 0])
         return out
+
+    async def ready(self) -> bool:
+        return self.state is not None
 
     def check_health(self) -> None:
         if self.state is None:

@@ -50,7 +50,7 @@ def call(path="/v1/embeddings", headers=(), chunks=(b"{}",), key=None, limit=100
 @pytest.fixture(autouse=True)
 def _reset():
     yield
-    Guard.api_key, Guard.max_body_bytes = None, 8_000_000
+    Guard.api_key, Guard.max_body_bytes, Guard.ready, Guard.deadline_s = None, 8_000_000, None, None
 
 
 def test_key_required_everywhere_but_healthz():
@@ -61,7 +61,79 @@ def test_key_required_everywhere_but_healthz():
     assert call(headers=[("Authorization", "Bearer k")], key=b"k")[0] == 200
     assert call(path="/healthz", key=b"k")[0] == 200
     assert call(path="/openapi.json", key=b"k")[0] == 401
-    assert call(path="/prefix/healthz/", key=b"k")[0] == 200
+    # only the exact health paths are open, not any path that ends like one
+    assert call(path="/readyz", key=b"k")[0] == 200
+    assert call(path="/prefix/healthz/", key=b"k")[0] == 401
+    assert call(path="/v1/embeddings/healthz", key=b"k")[0] == 401
+    assert call(path="/healthzx", key=b"k")[0] == 401
+
+
+def test_route_prefix_is_honoured_for_the_open_paths():
+    inner = Recorder()
+    Guard.api_key = b"k"
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "path": "/api/healthz", "root_path": "/api", "method": "GET", "headers": []}
+    asyncio.run(Guard(inner)(scope, receive, send))
+    assert sent[0]["status"] == 200 and inner.calls == 1
+
+
+def test_websockets_need_the_key_too():
+    inner = Recorder()
+    Guard.api_key = b"k"
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "websocket", "path": "/anything", "headers": []}
+    asyncio.run(Guard(inner)(scope, receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}] and inner.calls == 0
+
+
+def test_not_ready_answers_503_json_with_retry_after_at_once():
+    async def not_ready():
+        return 7
+
+    Guard.ready = not_ready
+    try:
+        status, body, calls = call()
+        assert status == 503 and body["error"]["code"] == "not_ready" and calls == 0
+        assert call(path="/healthz")[0] == 200  # the health route itself always reaches the app
+    finally:
+        Guard.ready = None
+
+
+def test_a_request_past_the_deadline_gets_a_json_504():
+    class Slow(Recorder):
+        async def __call__(self, scope, receive, send):
+            await asyncio.sleep(30)
+
+    Guard.deadline_s = 0.2
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    try:
+        scope = {"type": "http", "path": "/search", "method": "POST", "headers": [(b"content-length", b"2")]}
+        asyncio.run(Guard(Slow())(scope, receive, send))
+    finally:
+        Guard.deadline_s = None
+    assert sent[0]["status"] == 504
+    assert json.loads(sent[1]["body"])["error"]["code"] == "timeout"
 
 
 def test_declared_and_streamed_sizes_are_capped_before_the_app():
