@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from negatron.trainers.schema import CORPUS, check_table
+from negatron.trainers.schema import CORPUS, SchemaError, check_table
 
 INDEX_VERSION = 1
 
@@ -47,23 +47,54 @@ def _file_digest(path: Path, h: "hashlib._Hash") -> None:
             h.update(block)
 
 
+# training state in a checkpoint folder: never read by an encoder, so never part of its id
+_NOT_MODEL = ("train_state",)
+
+
 def model_id(folder: str | Path) -> str:
-    """A short content hash of a model folder's weights and settings (its checkpoint id)."""
+    """A short content hash of every file of a model folder that can change its embeddings:
+    weights, configs and all tokenizer files (``tokenizer.json``, ``vocab.txt``, ``merges.txt``,
+    ``*.model``, ...); only the training state (``train_state/``) is left out."""
     folder = Path(folder)
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and (p.suffix in (".safetensors", ".bin", ".json") or p.name == "tokenizer.json"):
-            h.update(str(p.relative_to(folder)).encode())
+        rel = p.relative_to(folder)
+        if p.is_file() and rel.parts[0] not in _NOT_MODEL:
+            h.update(str(rel).encode() + b"\0")
             _file_digest(p, h)
     return h.hexdigest()[:16]
 
 
-def cache_key(encoder_id: str, corpus: Path, settings: dict) -> str:
+def cache_key(encoder_id: str, corpus_bytes: bytes, settings: dict) -> str:
+    """The cache key of an index: the encoder's id, the corpus bytes that were read, the settings."""
     h = hashlib.sha256()
     h.update(f"v{INDEX_VERSION}:{encoder_id}:".encode())
-    _file_digest(corpus, h)
+    h.update(corpus_bytes)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:20]
+
+
+def default_cache_root() -> Path:
+    """Where indexes are cached when the corpus folder cannot be written: ``$NEGATRON_CACHE``, else
+    ``$XDG_CACHE_HOME/negatron/index``, else ``~/.cache/negatron/index``."""
+    if os.environ.get("NEGATRON_CACHE"):
+        return Path(os.environ["NEGATRON_CACHE"]) / "index"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "negatron" / "index"
+
+
+def _writable_root(preferred: Path, log: Callable[[str], None]) -> Path:
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        probe = preferred / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return preferred
+    except OSError as e:
+        fallback = default_cache_root()
+        log(f"index: cannot write the cache beside the corpus ({preferred}: {e.strerror}); using {fallback} "
+            "(set serve.retriever.cache_dir to choose)")
+        return fallback
 
 
 def make_index(emb: np.ndarray, kind: str, hnsw_m: int = 32, hnsw_ef_search: int = 64,
@@ -96,17 +127,26 @@ def load_or_build(corpus: str | Path, encoder_folder: str | Path, embed: Callabl
         corpus: Parquet with ``doc_id`` and ``text`` (checked; a bad file raises SchemaError).
         encoder_folder: the encoder's folder (hashed for the cache key).
         embed: texts -> N×D float32 embeddings (the same function that embeds queries).
-        cache_dir: cache root; default ``<corpus folder>/.negatron_index``.
+        cache_dir: cache root; default ``<corpus folder>/.negatron_index``, or ``default_cache_root()``
+            when the corpus folder is read-only.
         embed_settings: whatever else changes the embeddings (e.g. the token limit); part of the key.
     """
     t0 = time.perf_counter()
     corpus = Path(corpus)
-    table = check_table(corpus, CORPUS)
+    try:
+        raw = corpus.read_bytes()  # read once: the key hashes exactly the bytes the index is built from
+    except FileNotFoundError:
+        raw = None  # check_table names the missing file
+    except OSError as e:
+        raise SchemaError(f"{corpus}: cannot read it ({e.strerror})") from None
+    table = check_table(corpus, CORPUS, data=raw)
     doc_ids = [str(x) for x in table.column("doc_id").to_pylist()]
     texts = table.column("text").to_pylist()
     settings = {"kind": kind, **index_args, **(embed_settings or {})}
-    key = cache_key(model_id(encoder_folder), corpus, settings)
-    root = Path(cache_dir) if cache_dir else corpus.parent / ".negatron_index"
+    key = cache_key(model_id(encoder_folder), raw, settings)
+    del raw
+    # an explicit cache_dir is used as given; the default beside the corpus falls back when read-only
+    root = Path(cache_dir) if cache_dir else _writable_root(corpus.parent / ".negatron_index", log)
     folder = root / key
     if (folder / "index.faiss").is_file() and (folder / "meta.json").is_file():
         try:

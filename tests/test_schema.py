@@ -79,3 +79,24 @@ def test_eval_dir_unknown_qrel(tmp_path):
 def test_eval_dir_missing(tmp_path):
     with pytest.raises(SchemaError, match="eval folder not found"):
         check_eval_dir(tmp_path / "nope")
+
+
+def test_parquet_with_a_valid_footer_over_corrupt_pages_is_a_schema_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from negatron.trainers.schema import SchemaError, check_pairs
+
+    n = 2000
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"query": [f"q {i} " * 5 for i in range(n)], "positive": [f"p {i} " * 5 for i in range(n)],
+                             "query_id": [f"q{i}" for i in range(n)], "positive_id": [f"d{i}" for i in range(n)]}),
+                   path, compression="snappy")
+    raw = bytearray(path.read_bytes())
+    footer = int.from_bytes(raw[-8:-4], "little") + 8
+    for i in range(8, len(raw) - footer - 8, 7):  # scribble over the data pages, keep the footer
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    pq.read_schema(path)  # the footer still reads
+    with pytest.raises(SchemaError, match="corrupt Parquet data"):
+        check_pairs(path)

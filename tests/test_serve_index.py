@@ -102,3 +102,51 @@ def test_serve_section_falls_back_to_the_run_checkpoint(tmp_path):
     assert resolve_section(cfg).encoder.path == "default"  # no trained run yet: model.path
     make_tiny_encoder().save(tmp_path / "r1" / "final")
     assert resolve_section(cfg).encoder.path == str((tmp_path / "r1" / "final").resolve())
+
+
+def test_cache_key_covers_tokenizer_files_but_not_training_state(tmp_path):
+    enc = make_tiny_encoder()
+    enc.save(tmp_path / "m")
+    before = model_id(tmp_path / "m")
+    (tmp_path / "m" / "train_state").mkdir()
+    (tmp_path / "m" / "train_state" / "optimizer.pt").write_bytes(b"x")
+    assert model_id(tmp_path / "m") == before
+    vocab = next((p for p in (tmp_path / "m").iterdir() if p.name in ("vocab.txt", "merges.txt")), None)
+    target = vocab or (tmp_path / "m" / "spiece.model")
+    target.write_text((target.read_text() if target.exists() else "") + "\nnewtoken\n")
+    assert model_id(tmp_path / "m") != before
+
+
+def test_corpus_rewritten_while_building_never_caches_old_embeddings_under_the_new_key(tmp_path, monkeypatch):
+    import negatron.serve.index as index_mod
+
+    enc = make_tiny_encoder()
+    enc.save(tmp_path / "m")
+    corpus = write_corpus(tmp_path / "c.parquet", ["x", "y"], ["def old(): pass", "class Old: pass"])
+    real_check = index_mod.check_table
+
+    def check_then_rewrite(path, columns, data=None):
+        table = real_check(path, columns, data=data)
+        write_corpus(corpus, ["x", "y"], ["def new(): pass", "class New: pass"])  # a rewrite right after the read
+        return table
+
+    monkeypatch.setattr(index_mod, "check_table", check_then_rewrite)
+    built = load_or_build(corpus, tmp_path / "m", enc.encode, cache_dir=tmp_path / "cache", log=lambda m: None)
+    assert built.texts == ["def old(): pass", "class Old: pass"]
+    monkeypatch.setattr(index_mod, "check_table", real_check)
+    again = load_or_build(corpus, tmp_path / "m", enc.encode, cache_dir=tmp_path / "cache", log=lambda m: None)
+    assert not again.from_cache and again.texts == ["def new(): pass", "class New: pass"]
+
+
+def test_read_only_corpus_folder_falls_back_to_the_user_cache(tmp_path, monkeypatch):
+    enc = make_tiny_encoder()
+    enc.save(tmp_path / "m")
+    data = tmp_path / "data"
+    corpus = write_corpus(data / "c.parquet", ["x", "y"], ["def f(): pass", "class A: pass"])
+    (data / ".negatron_index").write_text("not a folder")  # the default cache location cannot be created
+    monkeypatch.setenv("NEGATRON_CACHE", str(tmp_path / "usercache"))
+    logs = []
+    built = load_or_build(corpus, tmp_path / "m", enc.encode, log=logs.append)
+    assert (tmp_path / "usercache" / "index" / built.key / "index.faiss").is_file()
+    assert any("cannot write the cache beside the corpus" in m for m in logs)
+    assert load_or_build(corpus, tmp_path / "m", enc.encode, log=logs.append).from_cache

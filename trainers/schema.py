@@ -40,13 +40,16 @@ QRELS = [Column("query_id", "id"), Column("doc_id", "id"), Column("score", "numb
 IMAGES = [Column("id", "id", unique=True), Column("image", "binary"), Column("label", "integer", required=False)]
 
 
-def _read(path: Path, columns: list[Column]) -> pa.Table:
-    if not path.exists():
+def _read(path: Path, columns: list[Column], data: bytes | None = None) -> pa.Table:
+    if data is None and not path.exists():
         raise SchemaError(f"{path}: file not found")
+    if data is None and path.is_dir():
+        raise SchemaError(f"{path}: is a folder; give a Parquet file")
+    source = pa.BufferReader(data) if data is not None else path
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(source)
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
-        raise SchemaError(f"{path}: not a readable Parquet file ({e})") from None
+        raise SchemaError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
     names = set(schema.names)
     missing = [c.name for c in columns if c.required and c.name not in names]
     if missing:
@@ -55,7 +58,15 @@ def _read(path: Path, columns: list[Column]) -> pa.Table:
             f"expected {', '.join(c.name for c in columns if c.required)} (found {', '.join(schema.names) or 'none'})"
         )
     wanted = [c.name for c in columns if c.name in names]
-    return pq.read_table(path, columns=wanted)
+    try:
+        return pq.read_table(pa.BufferReader(data) if data is not None else path, columns=wanted)
+    except Exception as e:  # a valid footer over corrupt pages: ArrowInvalid, OSError, ...
+        raise SchemaError(f"{path}: corrupt Parquet data ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 def _type_ok(t: pa.DataType, kind: str) -> bool:
@@ -79,14 +90,15 @@ _EXPECTED = {"string": "string", "id": "string or integer", "number": "integer o
              "string_list": "list<string>", "binary": "binary (PNG/JPEG bytes)", "integer": "integer"}
 
 
-def check_table(path: str | Path, columns: list[Column]) -> pa.Table:
-    """Read ``path`` and validate it against ``columns``; return the table.
+def check_table(path: str | Path, columns: list[Column], data: bytes | None = None) -> pa.Table:
+    """Read ``path`` (or its bytes already read, ``data``) and validate it against ``columns``;
+    return the table.
 
     Raises:
         SchemaError: naming the file, the column and the problem.
     """
     path = Path(path)
-    table = _read(path, columns)
+    table = _read(path, columns, data)
     if table.num_rows == 0:
         raise SchemaError(f"{path}: the table is empty (0 rows)")
     for col in columns:
