@@ -23,6 +23,9 @@ def _batches(with_negatives: bool):
             "pos_ids": torch.tensor([100 * s + i for i in range(2 * B)], dtype=torch.long),
         }
         g["pos_ids"][6] = g["pos_ids"][1]
+        # rows 2 (rank 0) and 5 (rank 1) are two positives of one query: never each other's negative
+        g["query_ids"] = torch.tensor([7000 + 100 * s + i for i in range(2 * B)], dtype=torch.long)
+        g["query_ids"][5] = g["query_ids"][2]
         if with_negatives:
             g["negatives"] = [f"def g{s}_{i}(y): return y + {i}" for i in range(2 * B)]
             g["neg_ids"] = torch.tensor([10_000 + 100 * s + i for i in range(2 * B)], dtype=torch.long)
@@ -99,6 +102,36 @@ CASES = {
     "moco-mode-momentum": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco"),
     "moco-prefilled-wrap": dict(temperature=0.1, bank_size=13, bank_momentum=0.9, bank_mode="moco", prefill=True),
 }
+
+
+def _local_worker(rank, world, init_file, state, kwargs, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model(state, kwargs)
+        _, _, sums = _run(model, _batches(False), rank * B, (rank + 1) * B)
+        torch.save({"sums": sums, "qids": model.bank.qids.clone()}, os.path.join(out_dir, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_bank_stays_shared_without_cross_worker_negatives(momentum, tmp_path):
+    """loss.cross_worker_negatives=false scores local candidates only, but every rank still
+    enqueues every rank's keys: the bank is identical on both ranks after every step."""
+    kwargs = dict(temperature=0.1, bank_size=12, bank_momentum=momentum, cross_worker=False, bank_mode="joint")
+    state = make_tiny_encoder(seed=0).state_dict()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_local_worker, args=(r, 2, str(tmp_path / "pg"), state, kwargs, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        assert p.exitcode == 0
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2))
+    assert r0["sums"] == r1["sums"] and len(set(r0["sums"])) == STEPS
+    assert (r0["qids"] >= 0).sum() == 12  # both ranks' rows were enqueued, with their query groups
 
 
 @pytest.mark.parametrize("with_negatives", [False, True])

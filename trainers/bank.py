@@ -36,11 +36,13 @@ class MemoryBank(nn.Module):
         self.register_buffer("keys", torch.zeros(size, dim))                          # K×D
         self.register_buffer("ids", torch.full((size,), EMPTY, dtype=torch.long))     # K
         self.register_buffer("steps", torch.full((size,), EMPTY, dtype=torch.long))   # K, write step
+        self.register_buffer("qids", torch.full((size,), EMPTY, dtype=torch.long))    # K, query group
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))                # next slot
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, step: int) -> None:
-        """Write ``keys`` (M×D, already gathered in rank order) with ``ids`` (M) at ``step``.
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, step: int, qids: torch.Tensor | None = None) -> None:
+        """Write ``keys`` (M×D, already gathered in rank order) with ``ids`` (M) at ``step``;
+        ``qids`` (M) are the keys' query-group ids (None: unknown, never matched).
 
         M may exceed K (only the last K are kept) and need not divide K (writes wrap).
         """
@@ -48,14 +50,19 @@ class MemoryBank(nn.Module):
             raise ValueError(f"keys must be M×{self.dim}, got {tuple(keys.shape)}")
         if ids.shape != (keys.shape[0],):
             raise ValueError(f"ids must have shape ({keys.shape[0]},), got {tuple(ids.shape)}")
+        if qids is None:
+            qids = torch.full_like(ids, EMPTY)
+        if qids.shape != ids.shape:
+            raise ValueError(f"qids must have shape {tuple(ids.shape)}, got {tuple(qids.shape)}")
         if keys.shape[0] > self.size:  # the first ones would be overwritten in this very call
             skip = keys.shape[0] - self.size
             self.ptr.fill_((int(self.ptr) + skip) % self.size)
-            keys, ids = keys[skip:], ids[skip:]
+            keys, ids, qids = keys[skip:], ids[skip:], qids[skip:]
         m = keys.shape[0]
         slots = (int(self.ptr) + torch.arange(m, device=self.keys.device)) % self.size  # M, wraps
         self.keys[slots] = keys.detach().to(self.keys.dtype)
         self.ids[slots] = ids.to(self.ids.device)
+        self.qids[slots] = qids.to(self.qids.device)
         self.steps[slots] = step
         self.ptr.fill_((int(self.ptr) + m) % self.size)
 
@@ -72,9 +79,14 @@ class MemoryBank(nn.Module):
     def checksum(self) -> str:
         """A digest of the whole state: equal on every worker after every step."""
         h = hashlib.sha256()
-        for t in (self.keys, self.ids, self.steps, self.ptr):
+        for t in (self.keys, self.ids, self.steps, self.ptr, self.qids):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before query groups were tracked have no qids: unknown, never matched
+        state_dict.setdefault(prefix + "qids", torch.full((self.size,), EMPTY, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, max_age={self.max_age}"

@@ -90,14 +90,20 @@ class PairStream(RowSchedule):
         super().__init__(table.num_rows, batch_size, rank, world, seed)
         self.queries = table.column("query").to_pylist()
         self.positives = table.column("positive").to_pylist()
-        self.pos_ids = np.array([stable_id(v) for v in table.column("positive_id").to_pylist()], dtype=np.int64)
+        pos_id_values = table.column("positive_id").to_pylist()
+        self.pos_ids = np.array([stable_id(v) for v in pos_id_values], dtype=np.int64)
+        # rows of one query (several positives) share a group id: none is another's negative
+        self.query_ids = np.array([stable_id(v) for v in table.column("query_id").to_pylist()], dtype=np.int64)
         self.h = num_negatives if "negatives" in table.column_names else 0
         if self.h:
             self.negatives = [list(v or []) for v in table.column("negatives").to_pylist()]
             if "negative_ids" in table.column_names:
                 self.neg_ids = [[stable_id(x) for x in (v or [])] for v in table.column("negative_ids").to_pylist()]
             else:
-                self.neg_ids = [[stable_id("text:" + t) for t in v] for v in self.negatives]
+                # No ids: a negative whose text is some row's positive takes that positive's id (so
+                # it is masked where that positive is the answer); any other text gets a text id.
+                by_text = {t: int(i) for t, i in zip(self.positives, self.pos_ids)}
+                self.neg_ids = [[by_text.get(t, stable_id("text:" + t)) for t in v] for v in self.negatives]
 
     def prefill(self, count: int) -> tuple[list[str], torch.Tensor]:
         """This rank's positives (texts, ids) for filling the bank: see ``prefill_rows``."""
@@ -112,6 +118,7 @@ class PairStream(RowSchedule):
             "query": [self.queries[i] for i in rows],
             "positive": [self.positives[i] for i in rows],
             "pos_ids": torch.from_numpy(self.pos_ids[rows]),
+            "query_ids": torch.from_numpy(self.query_ids[rows]),
         }
         if self.h:
             texts, ids, valid = [], [], []

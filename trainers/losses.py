@@ -75,6 +75,8 @@ def info_nce(
     bank_filter_ratio: float = 0.0,
     bank_key_pos: torch.Tensor | None = None,
     bank_weight: float | None = None,
+    query_ids_global: torch.Tensor | None = None,
+    bank_qids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of the local queries against global in-batch candidates (+ hard negatives + bank).
 
@@ -98,16 +100,24 @@ def info_nce(
         bank_filter_ratio: if > 0, a bank key scoring above ratio × the positive's score is taken
             for an unlabelled duplicate (a likely false negative) and masked, as in NV-Retriever's
             positive-aware filtering.
+        query_ids_global: G query-group ids of the in-batch rows (rows of one query share it);
+            another positive of the same query is never a negative.
+        bank_qids: K query-group ids of the bank's keys (-1 = unknown), masked the same way.
 
     Returns:
-        The mean loss over the B local queries (0-d). Candidates sharing the query's positive id
-        are never negatives.
+        The mean loss over the B local queries (0-d). Candidates sharing the query's positive id,
+        or belonging to the same query (``query_ids_global``), are never negatives.
     """
     b = q.shape[0]
     labels = torch.arange(b, device=q.device) + rank * b  # B, column of each positive
     my_ids = pos_ids_global[labels]  # B
+    keep = _label_keep(b, pos_global.shape[0], labels)  # B×G
     logits = [q @ pos_global.T]  # B×G
-    masks = [same_id_mask(my_ids, pos_ids_global, _label_keep(b, pos_global.shape[0], labels))]  # B×G
+    masks = [same_id_mask(my_ids, pos_ids_global, keep)]  # B×G
+    my_qids = None
+    if query_ids_global is not None:
+        my_qids = query_ids_global[labels]  # B
+        masks[0] = masks[0] | same_id_mask(my_qids, query_ids_global, keep)  # B×G
     if neg_global is not None and neg_global.shape[0] > 0:
         logits.append(q @ neg_global.T)  # B×(G·H)
         m = same_id_mask(my_ids, neg_ids_global)  # B×(G·H)
@@ -118,6 +128,8 @@ def info_nce(
     if bank_keys is not None and bank_keys.shape[0] > 0:
         bank_logits = q @ bank_keys.detach().T  # B×K
         m = same_id_mask(my_ids, bank_ids)  # B×K
+        if my_qids is not None and bank_qids is not None:
+            m = m | same_id_mask(my_qids, bank_qids)  # B×K, another positive of the same query
         if bank_valid is not None:
             m = m | ~bank_valid[None, :]  # B×K
         if bank_key_pos is not None:
@@ -144,15 +156,19 @@ def info_nce(
 
 
 def symmetric_term(pos_local: torch.Tensor, q_global: torch.Tensor, pos_ids_global: torch.Tensor,
-                   scale: torch.Tensor, rank: int = 0) -> torch.Tensor:
+                   scale: torch.Tensor, rank: int = 0, query_ids_global: torch.Tensor | None = None) -> torch.Tensor:
     """The reverse direction: each local positive against all global queries (mean over B).
 
-    A query whose positive has the same id as this positive is not a negative.
+    A query whose positive has the same id as this positive, or that is this row's query again
+    (same ``query_ids_global``), is not a negative.
     """
     b = pos_local.shape[0]
     labels = torch.arange(b, device=pos_local.device) + rank * b  # B
+    keep = _label_keep(b, q_global.shape[0], labels)  # B×G
     logits = pos_local @ q_global.T  # B×G
-    masked = same_id_mask(pos_ids_global[labels], pos_ids_global, _label_keep(b, q_global.shape[0], labels))  # B×G
+    masked = same_id_mask(pos_ids_global[labels], pos_ids_global, keep)  # B×G
+    if query_ids_global is not None:
+        masked = masked | same_id_mask(query_ids_global[labels], query_ids_global, keep)  # B×G
     return _masked_ce(logits, masked, scale, labels)
 
 
@@ -166,5 +182,6 @@ def contrastive_loss(q: torch.Tensor, pos_global: torch.Tensor, pos_ids_global: 
             raise ValueError("symmetric loss needs q_global (the gathered queries)")
         b = q.shape[0]
         pos_local = pos_global[rank * b:(rank + 1) * b]  # B×D
-        loss = 0.5 * (loss + symmetric_term(pos_local, q_global, pos_ids_global, scale, rank))
+        loss = 0.5 * (loss + symmetric_term(pos_local, q_global, pos_ids_global, scale, rank,
+                                            negatives.get("query_ids_global")))
     return loss

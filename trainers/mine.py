@@ -22,7 +22,8 @@ from .schema import CORPUS, check_pairs, check_table
 
 def select_negatives(pos_ids: Sequence[str], pos_scores: np.ndarray, cand_rows: np.ndarray, cand_scores: np.ndarray,
                      doc_ids: Sequence[str], skip: int, take: int, margin: float | None,
-                     doc_texts: Sequence[str] | None = None, pos_texts: Sequence[str] | None = None) -> list[list[int]]:
+                     doc_texts: Sequence[str] | None = None, pos_texts: Sequence[str] | None = None,
+                     query_positive_ids: Sequence[set[str]] | None = None) -> list[list[int]]:
     """Per query, the corpus rows to use as hard negatives.
 
     Args:
@@ -34,12 +35,15 @@ def select_negatives(pos_ids: Sequence[str], pos_scores: np.ndarray, cand_rows: 
         take: then keep at most ``take``.
         margin: if set, drop a candidate scoring above ``positive score - margin``.
         doc_texts / pos_texts: when given, a candidate whose text equals the positive's is dropped too.
+        query_positive_ids: per query, the ids of every positive of that query (all rows sharing its
+            query_id): none of them is ever a negative.
     """
     out: list[list[int]] = []
     for q, pid in enumerate(pos_ids):
         eligible = []
+        others = query_positive_ids[q] if query_positive_ids is not None else ()
         for row, score in zip(cand_rows[q], cand_scores[q]):
-            if row < 0 or doc_ids[row] == pid:  # never the positive, nor a duplicate of its id
+            if row < 0 or doc_ids[row] == pid or doc_ids[row] in others:  # never a positive of this query
                 continue
             if doc_texts is not None and pos_texts is not None and doc_texts[row] == pos_texts[q]:
                 continue
@@ -137,7 +141,12 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
     index.add(np.ascontiguousarray(doc_emb, dtype=np.float32))
     scores, rows = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(k, len(doc_ids)))  # Q×K
     pos_scores = (q_emb * p_emb).sum(1)  # Q
-    picked = select_negatives(pos_ids, pos_scores, rows, scores, doc_ids, skip, take, margin, doc_texts, positives)
+    by_query: dict[str, set[str]] = {}
+    qids = [str(x) for x in table.column("query_id").to_pylist()]
+    for qid, pid in zip(qids, pos_ids):
+        by_query.setdefault(qid, set()).add(pid)
+    picked = select_negatives(pos_ids, pos_scores, rows, scores, doc_ids, skip, take, margin, doc_texts, positives,
+                              query_positive_ids=[by_query[q] for q in qids])
     negs = [[doc_texts[r] for r in p] for p in picked]
     neg_ids = [[doc_ids[r] for r in p] for p in picked]
     base = table.drop_columns([c for c in ("negatives", "negative_ids") if c in table.column_names])

@@ -92,6 +92,10 @@ class ContrastiveModel(nn.Module):
         p_all = self._gather(p)  # G×D, grad flows to every rank's slice
         ids_all = D.gather_no_grad(pos_ids) if self.cross_worker else pos_ids  # G
         negatives = {}
+        qids = batch.get("query_ids")
+        if qids is not None:
+            qids = qids.to(device)  # B
+            negatives["query_ids_global"] = D.gather_no_grad(qids) if self.cross_worker else qids  # G
         if batch.get("negatives"):
             n = self.encoder.encode_batch(batch["negatives"])  # (B·H)×D
             negatives["neg_global"] = self._gather(n)  # (G·H)×D
@@ -106,14 +110,15 @@ class ContrastiveModel(nn.Module):
         if self.bank is not None:
             negatives["bank_keys"] = self.bank.keys
             negatives["bank_ids"] = self.bank.ids
+            negatives["bank_qids"] = self.bank.qids
             negatives["bank_valid"] = self.bank.valid(step)
             negatives["bank_filter_ratio"] = self.bank_filter_ratio
         q_all = self._gather(q) if self.symmetric else None  # G×D
         scale = self.temperature.scale()
         loss = contrastive_loss(q, p_all, ids_all, scale, rank=rank, symmetric=self.symmetric,
                                 q_global=q_all, **negatives)
-        return loss, {"positives": batch["positive"], "p_all": p_all.detach(), "ids_all": ids_all,
-                      "keys_local": keys_local}
+        return loss, {"positives": batch["positive"], "p_all": p_all.detach(), "p_local": p.detach(),
+                      "ids_all": ids_all, "ids_local": pos_ids, "qids_local": qids, "keys_local": keys_local}
 
     @torch.no_grad()
     def prefill_bank(self, texts: list[str], ids: torch.Tensor, batch_size: int = 64) -> int:
@@ -131,8 +136,8 @@ class ContrastiveModel(nn.Module):
         device = self.bank.keys.device
         keys = torch.from_numpy(enc.encode(texts, batch_size=batch_size)).to(device)  # N×D
         ids = ids.to(device)
-        if self.cross_worker:
-            keys, ids = D.gather_no_grad(keys), D.gather_no_grad(ids)  # (world·N)×D, world·N
+        # always gathered: the bank is shared even when the loss uses only local candidates
+        keys, ids = D.gather_no_grad(keys), D.gather_no_grad(ids)  # (world·N)×D, world·N
         self.bank.enqueue(keys, ids, 0)
         return self.bank.fill()
 
@@ -157,15 +162,25 @@ class ContrastiveModel(nn.Module):
             m = self.momentum
             for pk, pq in zip(self.key_encoder.parameters(), self.encoder.parameters()):
                 pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)  # EMA: θk ← m·θk + (1−m)·θq
+            for bk, bq in zip(self.key_encoder.buffers(), self.encoder.buffers()):
+                if bk.is_floating_point():  # running statistics and the like follow by EMA too
+                    bk.mul_(m).add_(bq.detach(), alpha=1.0 - m)
+                else:  # counters and index buffers (e.g. position_ids) are copied
+                    bk.copy_(bq)
+        # Every worker enqueues every worker's keys, also when the loss uses only local
+        # candidates (cross_worker off): the bank is one shared queue, identical on all ranks.
         if state.get("keys_local") is not None:
-            k = state["keys_local"]  # B×D
-            keys = D.gather_no_grad(k) if self.cross_worker else k  # G×D
+            keys = D.gather_no_grad(state["keys_local"])  # G×D
         elif self.key_encoder is not None:
-            k = self._keys(state["positives"])  # B×D
-            keys = D.gather_no_grad(k) if self.cross_worker else k  # G×D
+            keys = D.gather_no_grad(self._keys(state["positives"]))  # G×D
+        elif self.cross_worker:
+            keys = state["p_all"]  # G×D, live encoder, detached (already gathered)
         else:
-            keys = state["p_all"]  # G×D, live encoder, detached
-        self.bank.enqueue(keys, state["ids_all"], step)
+            keys = D.gather_no_grad(state["p_local"])  # G×D
+        ids = state["ids_all"] if self.cross_worker else D.gather_no_grad(state["ids_local"])  # G
+        qids = state.get("qids_local")
+        qids = D.gather_no_grad(qids) if qids is not None else None  # G
+        self.bank.enqueue(keys, ids, step, qids)
 
 
 def augment_batch(batch: dict, aug: TextAugmenter, apply_to: str, dropout_views: bool, seed: int,
