@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
+from .files import write_json
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -79,8 +80,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    from .files import write_json
+
+    write_json(path, obj)
     print(f"wrote {path}")
 
 
@@ -175,18 +177,18 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"[2/{n}] zero-shot evaluation of {cfg.model.path} on {test_dir}", flush=True)
     before = evaluate_encoder(Encoder.from_pretrained(cfg.model.path, max_length=cfg.model.max_length),
                               test_dir, query_max_length=qlen)
-    (out / "zero_shot.json").write_text(json.dumps(before, indent=2) + "\n")
+    write_json(out / "zero_shot.json", before)
     print(format_table({"zero-shot": before}), flush=True)
     print(f"[3/{n}] fine-tuning with {cfg.trainer.num_workers} Ray Train workers, bank size {cfg.bank.size}, "
           f"{cfg.trainer.max_steps} steps", flush=True)
     res = run_training(cfg, address=args.address)
     print(f"[4/{n}] evaluating the fine-tuned model ({res.final_dir}) on {test_dir}", flush=True)
     after = evaluate_encoder(Encoder.from_pretrained(str(res.final_dir)), test_dir, query_max_length=qlen)
-    (out / "fine_tuned.json").write_text(json.dumps(after, indent=2) + "\n")
+    write_json(out / "fine_tuned.json", after)
     wall = time.perf_counter() - t0
     summary = {"zero_shot": before, "fine_tuned": after, "wall_s": round(wall, 1),
                "train": res.metrics, "final_model": str(res.final_dir)}
-    (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "quickstart.json", summary)
     print("\ntest split, before and after fine-tuning:")
     print(format_table({"zero-shot": before, "fine-tuned": after}))
     print(f"\nMRR@10 {before['mrr@10']:.4f} -> {after['mrr@10']:.4f} in {wall / 60:.1f} min; "
@@ -196,7 +198,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
                             steps=args.reranker_steps, depth=args.rerank_depth, init=args.reranker_init)
         summary["reranker"] = rr
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
-        (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "quickstart.json", summary)
     return 0
 
 
@@ -227,14 +229,14 @@ def reranker_stage(cfg, bi_encoder: Path, data_dir: Path, out: Path, address: st
     print(f"      choosing the fusion weight on {cfg.data.dev} (top {depth})", flush=True)
     dev = RerankEval(bi, cfg.data.dev, depth=depth, query_max_length=qlen)
     weight, curve = dev.choose_weight(reranker)
-    (Path(res.final_dir) / RERANK_FILE).write_text(json.dumps(
-        {"rerank_weight": weight, "first_stage": str(bi_encoder), "rerank_depth": depth,
-         "chosen_on": str(cfg.data.dev), "dev_mrr@10_by_weight": curve}, indent=2) + "\n")
+    write_json(Path(res.final_dir) / RERANK_FILE,
+               {"rerank_weight": weight, "first_stage": str(bi_encoder), "rerank_depth": depth,
+                "chosen_on": str(cfg.data.dev), "dev_mrr@10_by_weight": curve})
     print(f"[7/7] two-stage evaluation on {cfg.data.test}: bi-encoder top {depth} reranked", flush=True)
     two = evaluate_two_stage(bi, reranker, cfg.data.test, depth=depth, query_max_length=qlen,
                              weights=(1.0, weight))
     two["rerank_weight"], two["dev_mrr@10_by_weight"] = weight, curve
-    (out / "two_stage.json").write_text(json.dumps(two, indent=2) + "\n")
+    write_json(out / "two_stage.json", two)
     print(format_table({"bi-encoder": two["retrieval"], f"+ reranker@{depth}": two["reranked"],
                         f"+ reranker@{depth}, w={weight:g}": two[f"reranked@w={weight:g}"]}))
     print(f"w = fusion weight of the reranker's z-scored logits with the bi-encoder's scores, chosen on dev "
@@ -281,8 +283,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.output in (None, "-"):
             sys.stdout.write(text)
         else:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(text)
+            from .files import write_text
+
+            write_text(args.output, text)
             print(f"wrote {args.output}  (serve run {args.output} | serve deploy {args.output})")
         return 0
     run_until_signal(section, address=args.address)
@@ -338,32 +341,67 @@ def _torch_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``negatron eval: error: argument --batch-size: ...``, exit 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's name
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+POS, NONNEG = _int_at_least(1), _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="negatron", description="Distributed contrastive representation learning on Ray.")
+    p = _Parser(prog="negatron", description="Distributed contrastive representation learning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="build datasets")
     dsub = d.add_subparsers(dest="dataset", required=True)
     ds = dsub.add_parser("stdlib", help="code-search pairs from the installed Python standard library")
     ds.add_argument("--out", required=True, help="output folder")
-    ds.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    ds.add_argument("--seed", type=NONNEG, default=0, help="split seed (default 0)")
     ds.set_defaults(func=_cmd_data)
     dd = dsub.add_parser("digits", help="scikit-learn's bundled handwritten digits as image Parquet (no download)")
     dd.add_argument("--out", required=True, help="output folder")
-    dd.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    dd.add_argument("--seed", type=NONNEG, default=0, help="split seed (default 0)")
     dd.set_defaults(func=_cmd_digits)
 
     e = sub.add_parser("eval", help="retrieval metrics of a bi-encoder (or k-NN/probe accuracy of an image encoder)")
     e.add_argument("--model", required=True, help="Hugging Face folder, Negatron checkpoint or run folder, or 'default'; "
                                                    "an image encoder folder, or 'cnn' for a random-init one")
     e.add_argument("--data", required=True, help="folder with queries/corpus/qrels.parquet (images: train/test.parquet)")
-    e.add_argument("--shots", type=int, default=5, help="images: labelled images per class of the few-shot probe")
+    e.add_argument("--shots", type=NONNEG, default=5, help="images: labelled images per class of the few-shot probe")
     e.add_argument("--out", help="write metrics JSON here")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
-    e.add_argument("--threads", type=int, default=None, help="torch threads")
+    e.add_argument("--batch-size", type=POS, default=64)
+    e.add_argument("--max-length", type=POS, default=None, help="truncate texts to this many tokens")
+    e.add_argument("--threads", type=POS, default=None, help="torch threads")
     e.add_argument("--reranker", help="cross-encoder folder: rerank the bi-encoder's top --rerank-depth, report both stages")
-    e.add_argument("--rerank-depth", type=int, default=50, help="candidates the reranker reorders (default 50)")
+    e.add_argument("--rerank-depth", type=POS, default=50, help="candidates the reranker reorders (default 50)")
     e.add_argument("--rerank-weight", type=float, default=None,
                    help="fuse reranker and bi-encoder scores: w*z(reranker) + (1-w)*z(bi-encoder), w in [0, 1] "
                         "(default: the weight saved in the reranker's negatron_rerank.json, else 1 = reranker alone)")
@@ -386,15 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--data", required=True, help="pairs Parquet (query, positive, query_id, positive_id)")
     mi.add_argument("--out", required=True, help="output pairs Parquet with negatives / negative_ids columns")
     mi.add_argument("--corpus", help="candidate pool Parquet (doc_id, text); default: the distinct positives")
-    mi.add_argument("--k", type=int, default=50, help="faiss candidates per query (default 50)")
-    mi.add_argument("--skip", type=int, default=3, help="skip the best N non-positive candidates (default 3)")
-    mi.add_argument("--take", type=int, default=30, help="then keep up to N (default 30)")
+    mi.add_argument("--k", type=POS, default=50, help="faiss candidates per query (default 50)")
+    mi.add_argument("--skip", type=NONNEG, default=3, help="skip the best N non-positive candidates (default 3)")
+    mi.add_argument("--take", type=POS, default=30, help="then keep up to N (default 30)")
     mi.add_argument("--margin", type=float, default=None,
                     help="drop candidates scoring above (positive score - margin): likely false negatives")
-    mi.add_argument("--max-length", type=int, default=128)
-    mi.add_argument("--workers", type=int, default=2, help="Ray embedding actors (default 2)")
-    mi.add_argument("--cpus-per-worker", type=float, default=1.0)
-    mi.add_argument("--batch-size", type=int, default=64)
+    mi.add_argument("--max-length", type=POS, default=128)
+    mi.add_argument("--workers", type=POS, default=2, help="Ray embedding actors (default 2)")
+    mi.add_argument("--cpus-per-worker", type=_positive_float, default=1.0)
+    mi.add_argument("--batch-size", type=POS, default=64)
     mi.set_defaults(func=_cmd_mine)
 
     sv = sub.add_parser("serve", help="serve encoders, a reranker and search over HTTP with Ray Serve",
@@ -429,18 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("cluster", help="a local multi-node Ray cluster on this machine")
     cl.add_argument("action", choices=["up", "down", "status"])
-    cl.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
-    cl.add_argument("--cpus-per-node", type=float, default=2, help="logical CPUs per node (default 2)")
+    cl.add_argument("--workers", type=NONNEG, default=1, help="worker nodes besides the head (default 1)")
+    cl.add_argument("--cpus-per-node", type=_positive_float, default=2, help="logical CPUs per node (default 2)")
     cl.set_defaults(func=_cmd_cluster)
 
     q = sub.add_parser("quickstart", help="the main job: data, zero-shot eval, fine-tune on Ray, eval")
     q.add_argument("--config", default=None, help="config (default: the packaged configs/quickstart.yaml)")
     q.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
-    q.add_argument("--threads", type=int, default=None, help="torch threads for the driver's evaluations")
+    q.add_argument("--threads", type=POS, default=None, help="torch threads for the driver's evaluations")
     q.add_argument("--with-reranker", action="store_true",
                    help="then mine hard negatives, train a cross-encoder reranker and evaluate both stages")
-    q.add_argument("--reranker-steps", type=int, default=300, help="reranker training steps (default 300)")
-    q.add_argument("--rerank-depth", type=int, default=20, help="test candidates the reranker reorders (default 20)")
+    q.add_argument("--reranker-steps", type=POS, default=300, help="reranker training steps (default 300)")
+    q.add_argument("--rerank-depth", type=POS, default=20, help="test candidates the reranker reorders (default 20)")
     q.add_argument("--reranker-init", default=None,
                    help="start the reranker from this cross-encoder folder (default: the fine-tuned bi-encoder "
                         "with a fresh head, which needs far more steps than a CPU quickstart gives it)")
@@ -462,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     from negatron.trainers.schema import SchemaError
     from negatron.trainers.train import TrainingError
 
+    from negatron.serve.app import ServeStartError
+
     from .jobs import JobsError
     from .multinode import ClusterError
 
@@ -471,17 +511,27 @@ def main(argv: list[str] | None = None) -> int:
         auth_env_for(args.address)  # Ray reads its auth mode once, at import: set it first
     try:
         return args.func(args)
-    except (ConfigError, SchemaError, ModelLoadError, CheckpointError, TrainingError, FileNotFoundError,
-            JobsError, ClusterError) as e:
+    except (ConfigError, SchemaError, ModelLoadError, CheckpointError, TrainingError, OSError,
+            JobsError, ClusterError, ServeStartError) as e:
         if os.environ.get("NEGATRON_DEBUG"):
             raise
-        print(f"negatron: error: {e}", file=sys.stderr)
+        print(f"negatron: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resumable = args.command in ("train", "tune", "quickstart")
         print("negatron: interrupted" + ("; run the same command again to resume from the last checkpoint"
                                          if resumable else ""), file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line: OSErrors name the file and the reason; others keep their first lines
+    (config errors list one bad key per line, which stays readable)."""
+    if isinstance(e, OSError) and not isinstance(e, (ConfigError,)) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    text = str(e).strip()
+    return text if text.count("\n") < 25 else "\n".join(text.splitlines()[:25]) + "\n  ..."
 
 
 if __name__ == "__main__":  # pragma: no cover

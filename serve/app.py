@@ -10,6 +10,7 @@ through the same validation as ``negatron serve``.
 
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -27,6 +28,19 @@ from .api import Ingress
 from .deployments import EncoderDeployment, RerankerDeployment, RetrieverDeployment
 
 IMPORT_PATH = "negatron.serve.app:app_builder"
+
+
+class ServeStartError(RuntimeError):
+    """The application did not start (a deployment failed or timed out); the message is one line."""
+
+
+def short_serve_error(message: str) -> str:
+    """The line that says what went wrong in a Serve status message (often a whole traceback)."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Exit)\b", ln):
+            return ln[:400]
+    return (lines[0] if lines else "see the Ray logs")[:400]
 
 
 def deployment_options(scale: ScaleConfig, access_log: bool = True) -> dict[str, Any]:
@@ -83,6 +97,8 @@ def app_builder(args: ServeSection) -> Application:
 
     if not args.encoder.path:
         raise ConfigError("serve.encoder.path is empty: give a bi-encoder folder, a run folder or 'default' (--model)")
+    from negatron.trainers.encoder import require_safetensors
+
     try:
         default_folder = resolve_model_path(args.encoder.path)
         names = {(args.encoder.name or served_name(args.encoder.path, default_folder)): default_folder}
@@ -90,6 +106,8 @@ def app_builder(args: ServeSection) -> Application:
             if name in names:
                 raise ConfigError(f"serve.encoder.models: name {name!r} is already used by the default model")
             names[name] = resolve_model_path(path)
+        for folder in names.values():  # refused here, not as a 503 at the first request
+            require_safetensors(folder)
     except ModelLoadError as e:
         raise ConfigError(f"serve.encoder: {e}") from None
     default_name = next(iter(names))
@@ -114,6 +132,10 @@ def app_builder(args: ServeSection) -> Application:
         rr = rr / "final" if not (rr / "config.json").is_file() and (rr / "final" / "config.json").is_file() else rr
         if not (rr / "config.json").is_file():
             raise ConfigError(f"serve.reranker.path: not a Hugging Face model folder: {args.reranker.path}")
+        try:
+            require_safetensors(rr, "reranker")
+        except ModelLoadError as e:
+            raise ConfigError(f"serve.reranker.path: {e}") from None
         rr_path = str(rr.resolve())
         reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale, args.access_log)).bind(
             rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads)
@@ -241,11 +263,12 @@ def start(section: ServeSection, blocking_wait_s: float | None = None) -> str:
         if st is not None and st.status == "RUNNING":
             break
         if st is not None and st.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"Serve application {section.app_name!r} failed: {st.message or _deployment_errors(st)}")
+            raise ServeStartError(f"Serve application {section.app_name!r} failed to start: {_deployment_errors(st)}")
         if time.monotonic() > deadline:
             state = "not deployed yet" if st is None else f"{st.status}; " + "; ".join(
-                f"{n}: {d.status} {d.message}".strip() for n, d in st.deployments.items())
-            raise TimeoutError(f"Serve application {section.app_name!r} was not running after "
+                f"{n}: {d.status} {short_serve_error(d.message) if d.message else ''}".strip()
+                for n, d in st.deployments.items())
+            raise ServeStartError(f"Serve application {section.app_name!r} was not running after "
                                f"{blocking_wait_s:.0f} s ({state}); raise serve.startup_timeout_s or check the Ray logs")
         time.sleep(0.5)
     host = "127.0.0.1" if section.host in ("0.0.0.0", "::") else section.host
@@ -253,7 +276,9 @@ def start(section: ServeSection, blocking_wait_s: float | None = None) -> str:
 
 
 def _deployment_errors(st) -> str:
-    return "; ".join(f"{n}: {d.message}" for n, d in st.deployments.items() if d.message) or "see the Ray logs"
+    failed = [f"{n}: {short_serve_error(d.message)}" for n, d in st.deployments.items()
+              if d.message and str(d.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))]
+    return "; ".join(failed) or short_serve_error(st.message)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoder import ModelLoadError, _read_json
+from .encoder import ModelLoadError, _read_json, load_error, require_safetensors
 
 RERANK_FILE = "negatron_rerank.json"  # in a reranker folder: the fusion weight chosen on dev
 
@@ -77,9 +77,13 @@ class CrossEncoder(nn.Module):
                                  "expected a *ForSequenceClassification model)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{folder}: cannot load the reranker: {e}") from None
+            require_safetensors(folder, "reranker")
+            model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True,
+                                                                       use_safetensors=True)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers/torch raise many types; one line for the user
+            raise load_error(folder, "reranker", e) from None
         st = _read_json(folder / "sentence_bert_config.json") or {}
         default_len = int(st.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", 512) or 512, 512))
         return cls(model, tokenizer, max_length=max_length or default_len)
@@ -100,11 +104,13 @@ class CrossEncoder(nn.Module):
         cfg = _read_json(folder / "config.json") or {}
         if any("SequenceClassification" in a for a in cfg.get("architectures") or []):
             return cls.from_pretrained(folder, max_length=max_length)
+        require_safetensors(folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{folder}: cannot load the model as a cross-encoder: {e}") from None
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, local_files_only=True,
+                                                                       use_safetensors=True)
+        except Exception as e:  # noqa: BLE001 - transformers/torch raise many types; one line for the user
+            raise load_error(folder, "model as a cross-encoder", e) from None
         return cls(model, tokenizer, max_length=max_length)
 
     def save(self, folder: str | Path) -> Path:

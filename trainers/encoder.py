@@ -26,6 +26,32 @@ class ModelLoadError(ValueError):
 
 IMAGE_CONFIG = "negatron_image_encoder.json"  # marks an ImageEncoder folder (trainers/images.py)
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def require_safetensors(folder: Path, what: str = "model") -> None:
+    """Refuse a folder whose weights exist only as a pickle (``pytorch_model.bin`` can run code when
+    loaded): Negatron loads safetensors weights only, and says so in one line.
+
+    Raises:
+        ModelLoadError: no ``*.safetensors`` weights next to a pickled checkpoint.
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = [n for n in PICKLE_WEIGHTS if (folder / n).is_file()]
+    if pickled:
+        raise ModelLoadError(
+            f"{folder}: the {what} weights are only in {pickled[0]}, a pickle that can run code when loaded; "
+            "Negatron loads safetensors weights only (convert the folder with save_pretrained("
+            "safe_serialization=True) on a machine you trust)")
+
+
+def load_error(folder: Path, what: str, e: BaseException) -> ModelLoadError:
+    """A one-line ModelLoadError from a transformers/torch loading error (its first line only)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    first = lines[0][:300] if lines else type(e).__name__
+    return ModelLoadError(f"{folder}: cannot load the {what} ({type(e).__name__}: {first})")
+
 
 def resolve_model_path(path: str) -> Path:
     """'default' -> the packaged all-MiniLM-L6-v2 folder; otherwise an existing local folder.
@@ -155,11 +181,12 @@ class Encoder(nn.Module):
 
         folder = resolve_model_path(path)
         st = _read_st_settings(folder)
+        require_safetensors(folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            backbone = AutoModel.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{folder}: cannot load the model: {e}") from None
+            backbone = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        except Exception as e:  # noqa: BLE001 - transformers/torch raise many types; one line for the user
+            raise load_error(folder, "model", e) from None
         proj_dim = st.get("projection_dim", 0) if projection_dim is None else projection_dim
         enc = cls(backbone, tokenizer,
                   pooling=pooling or st.get("pooling", "mean"),

@@ -339,12 +339,14 @@ def build_digits_dataset(out: str | Path, test_fraction: float = 0.2, seed: int 
         return pa.table({"id": [f"digit-{i}" for i in idx], "image": [png_bytes(imgs[i]) for i in idx],
                          "label": pa.array(labels[idx], pa.int64())})
 
-    pq.write_table(table(~test), out / "train.parquet")
-    pq.write_table(table(~test), out / "eval" / "train.parquet")
-    pq.write_table(table(test), out / "eval" / "test.parquet")
+    from negatron.cluster.files import write_json, write_parquet
+
+    write_parquet(table(~test), out / "train.parquet")  # temp file + rename each
+    write_parquet(table(~test), out / "eval" / "train.parquet")
+    write_parquet(table(test), out / "eval" / "test.parquet")
     info = {"dataset": "sklearn digits", "images": int(len(labels)), "train": int((~test).sum()),
             "test": int(test.sum()), "size": list(imgs.shape[1:]), "classes": int(len(np.unique(labels)))}
-    (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / "dataset.json", info)
     return info
 
 

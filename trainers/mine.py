@@ -106,8 +106,15 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
 
     from .encoder import resolve_model_path
 
+    from negatron.cluster.config import ConfigError
+    from negatron.cluster.files import same_file
+
     if take < 1 or skip < 0 or k < 1:
-        raise ValueError(f"need k >= 1, skip >= 0, take >= 1 (got k={k}, skip={skip}, take={take})")
+        raise ConfigError(f"mine: need --k >= 1, --skip >= 0, --take >= 1 (got k={k}, skip={skip}, take={take})")
+    if same_file(out, data) or (corpus is not None and same_file(out, corpus)):
+        raise ConfigError(f"mine: --out {out} is an input of this run; write the mined pairs to a new file")
+    if Path(out).is_dir():
+        raise ConfigError(f"mine: --out {out} is a folder; give a .parquet file path")
     if k < skip + take:
         log(f"note: k={k} < skip+take={skip + take}: fewer than {take} negatives per query")
     t0 = time.perf_counter()

@@ -176,12 +176,6 @@ def build_stdlib_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.1,
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
     train = pairs["train"]
-    _write(out / "train.parquet", {
-        "query": [f.doc for f in train],
-        "positive": [f.code for f in train],
-        "query_id": [f"q:{f.id}" for f in train],
-        "positive_id": [f.id for f in train],
-    })
     counts["train"] = {"pairs": len(train)}
     for split in ("dev", "test"):
         fs = pairs[split]
@@ -196,9 +190,18 @@ def build_stdlib_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.1,
         _write(d / "qrels.parquet", {"query_id": [f"q:{f.id}" for f in fs], "doc_id": [f.id for f in fs],
                                      "score": pa.array([1] * len(fs), pa.int32())})
         counts[split] = {"queries": len(fs), "corpus": len(corpus), "distractors": len(dis)}
+    # last: the quickstart takes an existing train.parquet for a finished dataset
+    _write(out / "train.parquet", {
+        "query": [f.doc for f in train],
+        "positive": [f.code for f in train],
+        "query_id": [f"q:{f.id}" for f in train],
+        "positive_id": [f.id for f in train],
+    })
     return counts
 
 
 def _write(path: Path, columns: dict) -> None:
     table = pa.table({k: v if isinstance(v, pa.Array) else pa.array(v, pa.string()) for k, v in columns.items()})
-    pq.write_table(table, path, compression="zstd")
+    from negatron.cluster.files import write_parquet
+
+    write_parquet(table, path, compression="zstd")  # temp file + rename: a crash leaves no truncated split

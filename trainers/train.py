@@ -100,9 +100,11 @@ def absolute_paths(cfg: Config) -> Config:
 
 
 def _copy_model(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(STATE_DIR))
+    """Copy a checkpoint's model into ``dst``: built beside it and swapped in, so a crash or a full
+    disk leaves the previous ``dst`` (never none, never half of one)."""
+    from negatron.cluster.files import replace_folder
+
+    replace_folder(dst, lambda tmp: shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STATE_DIR)))
 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
@@ -174,9 +176,12 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         "global_batch": cfg.trainer.batch_size * cfg.trainer.num_workers,
         "bank_size": cfg.bank.size,
     })
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    plot_history(history, run_dir / "training.png", title=cfg.run.name, metric=primary_metric(cfg))
+    from negatron.cluster.files import atomic_write, write_json
+
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "history.json", history, indent=1)
+    atomic_write(run_dir / "training.png",
+                 lambda tmp: plot_history(history, tmp, title=cfg.run.name, metric=primary_metric(cfg)))
     return TrainResult(run_dir, run_dir / "final", best_dir, metrics,
                        checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
 
@@ -265,6 +270,6 @@ def plot_history(history: list[dict], out: Path, title: str = "", metric: str = 
         ax2.set_ylabel(label, color="tab:orange")
     ax1.set_title(f"negatron {title}".strip())
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format="png")
     plt.close(fig)
     return out

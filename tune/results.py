@@ -100,7 +100,9 @@ def write_parquet(rows: list[dict], path: Path) -> None:
         if any(isinstance(v, (list, dict)) for v in vals) or len({type(v) for v in vals if v is not None}) > 1:
             vals = [None if v is None else str(v) for v in vals]
         cols[k] = vals
-    pq.write_table(pa.table(cols), path)
+    from negatron.cluster.files import write_parquet as write_atomic
+
+    write_atomic(pa.table(cols), path)  # temp file + rename
 
 
 def plot_rows(rows: list[dict], cfg: Config, out: Path) -> Path | None:
@@ -132,7 +134,7 @@ def plot_rows(rows: list[dict], cfg: Config, out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{cfg.run.name}: green = ran to the end, grey = stopped early")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format="png")
     plt.close(fig)
     return out
 
@@ -141,15 +143,21 @@ def summarize(grid, cfg: Config, exp_dir: Path) -> TuneOutcome:
     rows = collect_rows(grid, cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
     write_parquet(rows, exp_dir / "results.parquet")
-    plot = plot_rows(rows, cfg, exp_dir / "tune.png")
+    from negatron.cluster.files import atomic_write
+
+    plot = exp_dir / "tune.png"
+    atomic_write(plot, lambda tmp: plot_rows(rows, cfg, tmp))
+    plot = plot if plot.is_file() else None
     best = best_row(rows, cfg)
     best_path = best_ckpt = None
     if best is not None:
         overrides = {k: best[k] for k in cfg.tune.space}
         best_cfg = cfg.replace({**overrides, "run.name": f"{cfg.run.name}-best"})
         best_path = exp_dir / "best.yaml"
-        best_path.write_text(f"# best trial {best['trial_id']}: {cfg.tune.metric} = {best[cfg.tune.metric]}\n"
-                             + dump_yaml(best_cfg))
+        from negatron.cluster.files import write_text
+
+        write_text(best_path, f"# best trial {best['trial_id']}: {cfg.tune.metric} = {best[cfg.tune.metric]}\n"
+                   + dump_yaml(best_cfg))
         # ASHA stops a trial at max_t before its driver exports final/: use the last checkpoint
         final = exp_dir / "trials" / f"train-{best['trial_id']}" / "final"
         best_ckpt = str(final) if final.is_dir() else best["checkpoint_path"]
