@@ -63,3 +63,43 @@ def test_rayservice_serve_config_is_what_serve_build_writes():
     assert app.import_path == "negatron.serve.app:app_builder"
     section = ServeSection.model_validate(app.args)
     assert section.host == "0.0.0.0" and section.encoder.scale.max_replicas == 4
+
+
+def _cluster_specs():
+    """(where, RayClusterSpec) of every KubeRay manifest."""
+    yield "raycluster.yaml", _load("raycluster.yaml")["spec"]
+    yield "rayjob.yaml", _load("rayjob.yaml")["spec"]["rayClusterSpec"]
+    yield "rayservice.yaml", _load("rayservice.yaml")["spec"]["rayClusterConfig"]
+
+
+def _containers(spec):
+    yield from spec["headGroupSpec"]["template"]["spec"]["containers"]
+    for g in spec.get("workerGroupSpecs", []):
+        yield from g["template"]["spec"]["containers"]
+
+
+def test_no_manifest_exposes_the_dashboard_without_token_auth():
+    for where, spec in _cluster_specs():
+        host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+        token = (spec.get("authOptions") or {}).get("mode") == "token" or all(
+            any(e.get("name") == "RAY_AUTH_MODE" and e.get("value") == "token" for e in c.get("env", []))
+            for c in _containers(spec))
+        assert host in ("127.0.0.1", "localhost") or token, f"{where}: dashboard on {host} without token auth"
+    cfg = _load("ray-cluster.aws.yaml")
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert "RAY_AUTH_MODE=token" in cmd, cmd
+            assert "--dashboard-host=0.0.0.0" not in cmd, cmd
+    assert "~/ray_token" in cfg["file_mounts"]
+
+
+def test_rayservice_api_needs_a_key_from_a_secret():
+    svc = _load("rayservice.yaml")
+    sc = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    args = sc["applications"][0]["args"]
+    exposed = args["host"] not in ("127.0.0.1", "localhost") or sc["http_options"]["host"] not in ("127.0.0.1",)
+    assert exposed and args["api_key_env"], "the RayService serves on the network without an API key"
+    for c in _containers(svc["spec"]["rayClusterConfig"]):  # replicas may land on any node
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert args["api_key_env"] in env, c["name"]
+        assert "secretKeyRef" in env[args["api_key_env"]]["valueFrom"], c["name"]
