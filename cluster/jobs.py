@@ -29,6 +29,43 @@ def _one_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
+# Answers a Jobs API gives while a cluster is still coming up (no agent yet, a proxy in front
+# restarting, the head still binding): worth retrying, for a bounded time.
+TRANSIENT = ("No available agent", "status code 502", "status code 503", "status code 504",
+             "Connection refused", "ConnectionRefused", "Connection reset", "Server disconnected")
+
+
+def is_transient(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}"
+    return any(t in text for t in TRANSIENT)
+
+
+def retry_transient(fn, what: str, timeout_s: float = 120.0, first_wait_s: float = 1.0, log=None,
+                    sleep=time.sleep, clock=time.monotonic):
+    """``fn()``, retried with exponential backoff (1, 2, 4, ... up to 15 s) while it fails with a
+    transient answer and ``timeout_s`` has not passed; then JobsError in one line.
+
+    Raises:
+        JobsError: a non-transient failure at once, or the last transient one after ``timeout_s``.
+    """
+    deadline, wait, tries = clock() + timeout_s, first_wait_s, 0
+    while True:
+        tries += 1
+        try:
+            return fn()
+        except JobsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_transient(e):
+                raise JobsError(f"{what} failed: {_one_line(e)}") from None
+            if clock() + wait > deadline:
+                raise JobsError(f"{what} failed after {tries} tries over {timeout_s:.0f} s: {_one_line(e)}") from None
+            if log is not None and tries == 1:
+                log(f"{what}: the cluster is not ready yet ({_one_line(e)}); retrying for up to {timeout_s:.0f} s")
+            sleep(wait)
+            wait = min(wait * 2, 15.0)
+
+
 def auth_env_for(address: str) -> None:
     """Use the token of a cluster we started at this address when none is configured.
 
@@ -137,18 +174,10 @@ def submit(kind: str, address: str, config: str | None, overrides: list[str], wa
         entry = f"python -m negatron.cluster.cli {kind} --config negatron.yaml"
         env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1"}
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                job_id = c.submit_job(entrypoint=entry, submission_id=job_id, runtime_env={
-                    "working_dir": str(job_dir), "py_modules": [str(module)], "env_vars": env})
-                break
-            except Exception as e:
-                # a freshly started cluster answers 500 "No available agent" for a few seconds
-                if "No available agent" in str(e) and time.monotonic() < deadline:
-                    time.sleep(3)
-                    continue
-                raise JobsError(f"submitting to {address} failed: {_one_line(e)}") from None
+        # a freshly started cluster answers 500 "No available agent" for a few seconds
+        job_id = retry_transient(lambda: c.submit_job(entrypoint=entry, submission_id=job_id, runtime_env={
+            "working_dir": str(job_dir), "py_modules": [str(module)], "env_vars": env}),
+            f"submitting to {address}", log=log)
     log(f"submitted job {job_id}: {entry}")
     log(f"  follow: negatron jobs logs {job_id} --address {address}   stop: negatron jobs stop {job_id} --address {address}")
     if not wait:

@@ -132,7 +132,54 @@ def up(workers: int = 1, cpus_per_node: float = 2, log=print) -> dict:
         raise
     state["pids"] = [p.pid for p in our_processes(str(root))]
     (sd / "cluster.json").write_text(json.dumps(state, indent=2))
+    try:
+        wait_jobs_ready(state, log=log)
+    except Exception:
+        down(log=lambda *_: None)
+        raise
     return state
+
+
+def wait_jobs_ready(state: dict, timeout_s: float = 180.0, log=print) -> None:
+    """Return once the cluster's Jobs API runs a job: a trivial one is submitted (retried while the
+    head answers "No available agent" or similar) and waited for, then deleted.
+
+    Raises:
+        ClusterError: the Jobs API did not run it within ``timeout_s``.
+    """
+    from .jobs import JobsError, retry_transient
+
+    env = token_env(state["token_path"])
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        log("waiting for the Jobs API to accept a job ...")
+        deadline = time.monotonic() + timeout_s
+        try:
+            c = retry_transient(lambda: JobSubmissionClient(state["dashboard"]), "connecting to the Jobs API",
+                                timeout_s=timeout_s)
+            sid = f"negatron-ready-{secrets.token_hex(4)}"
+            retry_transient(lambda: c.submit_job(entrypoint="python -c pass", submission_id=sid),
+                            "a readiness job", timeout_s=max(1.0, deadline - time.monotonic()))
+            while not c.get_job_status(sid).is_terminal():
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the Jobs API at {state['dashboard']} accepted a job but did not run it "
+                                       f"within {timeout_s:.0f} s")
+                time.sleep(0.5)
+            status = c.get_job_status(sid).value
+            c.delete_job(sid)
+        except JobsError as e:
+            raise ClusterError(f"the cluster started but its Jobs API is not usable: {e}") from None
+        if status != "SUCCEEDED":
+            raise ClusterError(f"a trivial readiness job ended {status} on {state['dashboard']}; see `ray status`")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def down(log=print, grace_s: float = 15.0) -> int:

@@ -58,6 +58,8 @@ def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir):
         env.pop(k, None)
     r = _cli("cluster", "up", "--workers", "1", "--cpus-per-node", "2", env=env, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
+    # `cluster up` returns only once the Jobs API has run a job: a submit right after it works
+    assert "waiting for the Jobs API" in r.stdout
     state = json.loads((tmp_path / "state" / "cluster.json").read_text())
     try:
         st = _cli("cluster", "status", env=env, timeout=120)
