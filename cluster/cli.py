@@ -500,9 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     from negatron.trainers.schema import SchemaError
     from negatron.trainers.train import TrainingError
 
-    from negatron.serve.app import ServeStartError
-
     from .jobs import JobsError
+    from .serve_config import ServeStartError
     from .multinode import ClusterError
 
     if args.command in ("submit", "jobs"):

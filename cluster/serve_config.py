@@ -12,6 +12,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class ServeStartError(RuntimeError):
+    """The Serve application did not start (a deployment failed or timed out); the message is one
+    line. Defined here, with no Ray import, so the CLI can catch it without importing Ray."""
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` passes every `gt=0` bound and fails late (in Ray, or never)
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)

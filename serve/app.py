@@ -22,16 +22,12 @@ from ray import serve
 from ray.serve import Application
 
 from negatron.cluster.config import Config, ConfigError
-from negatron.cluster.serve_config import ScaleConfig, ServeSection
+from negatron.cluster.serve_config import ScaleConfig, ServeSection, ServeStartError
 
 from .api import Ingress
 from .deployments import EncoderDeployment, RerankerDeployment, RetrieverDeployment
 
 IMPORT_PATH = "negatron.serve.app:app_builder"
-
-
-class ServeStartError(RuntimeError):
-    """The application did not start (a deployment failed or timed out); the message is one line."""
 
 
 def short_serve_error(message: str) -> str:

@@ -2,6 +2,7 @@
 index swap, autoscaling and the Serve config file (the `negatron serve` process: test_serve_process.py)."""
 
 import base64
+import json
 import os
 import socket
 import threading
@@ -360,3 +361,135 @@ def test_colocated_encoder_gives_the_same_embeddings(server, assets):
         np.testing.assert_allclose(got, Encoder.from_pretrained(str(assets["root"] / "enc2")).encode(texts), atol=1e-5)
     finally:
         serve.delete("colocated")
+
+
+def _stream_upload(port: int, mb: int, headers: str = "") -> tuple[str, bytes, int]:
+    """POST a chunked body of ``mb`` MB as fast as possible; (status line, body, bytes sent)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall((f"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+    chunk = f"{1 << 20:x}\r\n".encode() + b"x" * (1 << 20) + b"\r\n"
+    sent, response = 0, b""
+    s.settimeout(0.0)
+    try:
+        for _ in range(mb):
+            view = memoryview(chunk)
+            while view and b"\r\n\r\n" not in response:
+                try:
+                    n = s.send(view)
+                    view, sent = view[n:], sent + n
+                except BlockingIOError:
+                    time.sleep(0.001)
+                try:
+                    response += s.recv(65536)
+                except BlockingIOError:
+                    pass
+            if b"\r\n\r\n" in response:
+                break
+    except OSError:
+        pass  # the server closed the connection after answering
+    s.settimeout(30)
+    try:
+        while response.count(b"}") < 2:
+            got = s.recv(65536)
+            if not got:
+                break
+            response += got
+    except OSError:
+        pass
+    s.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode(), body, sent
+
+
+def test_nginx_example_caps_chunked_bodies_before_rays_proxy(server, tmp_path):
+    """Ray Serve's proxy reads a chunked body ahead of the ingress with no bound of its own, so the
+    docs ship an nginx config that caps bodies upstream: it is run here, in front of the server."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (.ci/run installs nginx-light)")
+    front = _free_port()
+    conf = (Path(__file__).resolve().parent.parent / "cluster" / "manifests" / "nginx.conf").read_text()
+    conf = conf.replace("127.0.0.1:8000", f"127.0.0.1:{server['port']}").replace(
+        "listen 127.0.0.1:8080", f"listen 127.0.0.1:{front}")
+    (tmp_path / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                             "-g", "daemon off;" + (" user root;" if os.geteuid() == 0 else "")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", front), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        via = httpx.post(f"http://127.0.0.1:{front}/v1/embeddings", json={"input": "def f(): pass"},
+                         headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert via.status_code == 200 and len(via.json()["data"]) == 1
+        status, body, sent = _stream_upload(front, 200, f"Authorization: Bearer {KEY}\r\n")
+        assert " 413 " in status, (status, body[:200])
+        assert json.loads(body)["error"]["code"] == "body_too_large"
+        assert sent < 100 << 20  # refused long before the end of the 200 MB body
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_not_ready_until_the_index_can_search(server, assets, monkeypatch):
+    """While the Retriever is still building its index, /healthz says 503 (with which deployment is
+    not ready) and /search answers a JSON 503 with Retry-After at once, not after a 60 s queue."""
+    import cloudpickle
+    from ray import serve
+
+    import negatron.serve.app as app_mod
+    from negatron.serve.deployments import RetrieverDeployment
+
+    base = RetrieverDeployment.func_or_class
+
+    class SlowRetriever(base):
+        def reconfigure(self, user_config):
+            if self.state is None:
+                time.sleep(25)  # a corpus that takes a while to embed
+            super().reconfigure(user_config)
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))
+    monkeypatch.setattr(app_mod, "RetrieverDeployment", serve.deployment(name="Retriever")(SlowRetriever))
+    app = app_mod.app_builder(_section(assets, server["port"]))
+    serve.run(app, name="slow", route_prefix="/slow", blocking=False)
+    c = server["client"]
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until the ingress answers (the proxy says 404 before the route exists)
+            r = c.get("/slow/healthz", timeout=30)
+            if r.status_code != 404:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        if r.status_code == 503:
+            body = r.json()
+            assert body["status"] == "starting" and body["deployments"]["retriever"] == "starting"
+            assert r.headers["retry-after"] and body["error"]["code"] == "not_ready"
+            s = c.post("/slow/search", json={"query": "handler 3", "top_k": 3}, timeout=15)
+            assert s.status_code == 503 and s.headers["content-type"].startswith("application/json")
+            assert s.json()["error"]["code"] == "not_ready" and int(s.headers["retry-after"]) > 0
+            saw_not_ready = True
+        else:
+            saw_not_ready = False
+        while True:
+            r = c.get("/slow/healthz", timeout=30)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            time.sleep(1)
+        assert r.json()["deployments"] == {"encoder": "ready", "reranker": "ready", "retriever": "ready"}
+        s = c.post("/slow/search", json={"query": "handler 3", "top_k": 3}, timeout=60)
+        assert s.status_code == 200 and len(s.json()) == 3
+        assert saw_not_ready, "the ingress came up only after the retriever: nothing was tested"
+    finally:
+        serve.delete("slow")
