@@ -8,7 +8,13 @@ Serving: ``negatron serve`` (the packaged model) under a 4-client load on ``/v1/
 Encoder replica process is killed: requests that failed (and how), and the time until every
 request succeeds again. Then SIGTERM under the same load: what in-flight requests got.
 
+Flood: 4 valid clients alone, then beside 32 hostile ones for 60 s (image decompression bombs,
+100k-text bodies, invalid JSON, slow senders): the valid requests' success rate and p99, quiet
+and during the flood (target: 100% and p99 within 3x of the quiet p99), and what the hostile
+requests got.
+
     .venv/bin/python bench/faults.py [--model default] [--steps 100] [--skip-train] [--skip-serve]
+        [--skip-flood] [--flood-clients 32] [--flood-seconds 60]
 """
 
 from __future__ import annotations
@@ -166,6 +172,123 @@ def bench_serving(args, tmp: Path) -> dict:
     return out
 
 
+def _hostile_bodies() -> dict:
+    """The flood's requests: an image decompression bomb, a 100k-text body, broken JSON."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (4096, 4096), 0).save(buf, format="PNG", optimize=True)
+    bomb = base64.b64encode(buf.getvalue()).decode()
+    return {
+        "image_bomb": ("/v1/images/embeddings", json.dumps({"model": "img", "input": [bomb] * 256}).encode()),
+        "100k_texts": ("/v1/embeddings", json.dumps({"input": ["def f(): pass"] * 100_000}).encode()),
+        "invalid_json": ("/v1/embeddings", b'{"input": ["unterminated'),
+    }
+
+
+def _slow_client(port: int, stop: threading.Event, counts: dict, lock: threading.Lock) -> None:
+    """Opens a request, promises a body, dribbles it a byte per second, gives up after 20 s."""
+    import socket
+
+    while not stop.is_set():
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100000\r\n\r\n{")
+            for _ in range(20):
+                if stop.is_set():
+                    break
+                s.sendall(b" ")
+                time.sleep(1)
+            s.close()
+            with lock:
+                counts["slow"] = counts.get("slow", 0) + 1
+        except OSError:
+            time.sleep(0.5)
+
+
+def bench_flood(args, tmp: Path) -> dict:
+    """Valid /v1/embeddings clients, quiet and then during a flood of hostile requests from
+    ``args.flood_clients`` clients (image bombs, 100k-text bodies, invalid JSON, slow senders)."""
+    import httpx
+
+    from negatron.serve.loadgen import Load, ServeProcess, free_port
+    from negatron.trainers.images import build_image_encoder
+
+    build_image_encoder("cnn").save(tmp / "img")
+    body = {"input": ["def read_lines(path):\n    with open(path) as f:\n        return f.readlines()"]}
+    port = free_port()
+    out: dict = {"valid_clients": 4, "hostile_clients": args.flood_clients, "seconds": args.flood_seconds}
+    hostile = _hostile_bodies()
+    out["hostile_body_bytes"] = {k: len(v[1]) for k, v in hostile.items()}
+    with ServeProcess(["--model", args.serve_model, "--port", str(port), f"serve.encoder.models={{img: {tmp / 'img'}}}",
+                       "serve.encoder.scale.num_cpus=0.5", "serve.request_timeout_s=30"], cwd=tmp) as sp:
+        url = sp.wait_ready(600)
+
+        def p(lat, q):
+            lat = sorted(lat)
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 4) if lat else None
+
+        def valid_phase(seconds: float) -> tuple[Load, float]:
+            load = Load(url + "/v1/embeddings", body, threads=4, timeout_s=60).start()
+            time.sleep(seconds)
+            load.stop(60)
+            return load, seconds
+
+        def summary(load: Load) -> dict:
+            ok = [o.end - o.start for o in load.outcomes if o.status == 200]
+            return {"requests": len(load.outcomes), "ok": len(ok),
+                    "success_rate": round(len(ok) / max(1, len(load.outcomes)), 4),
+                    "p50_s": p(ok, 0.5), "p99_s": p(ok, 0.99),
+                    "statuses": sorted({str(o.status or o.error) for o in load.outcomes})}
+
+        valid_phase(5)  # warm-up: models loaded, first batches done
+        quiet, _ = valid_phase(args.flood_seconds / 2)
+        out["quiet"] = summary(quiet)
+
+        stop, lock = threading.Event(), threading.Lock()
+        answers: dict = {}
+
+        def hostile_client(i: int) -> None:
+            kinds = list(hostile)
+            with httpx.Client(timeout=60) as c:
+                n = 0
+                while not stop.is_set():
+                    kind = kinds[(i + n) % len(kinds)]
+                    path, data = hostile[kind]
+                    n += 1
+                    try:
+                        r = c.post(url + path, content=data, headers={"Content-Type": "application/json"})
+                        key = f"{kind}:{r.status_code}:{(r.json().get('error') or {}).get('code') if r.headers.get('content-type', '').startswith('application/json') else 'not-json'}"
+                    except (httpx.TransportError, ValueError) as e:
+                        key = f"{kind}:{type(e).__name__}"
+                    with lock:
+                        answers[key] = answers.get(key, 0) + 1
+
+        n_slow = max(1, args.flood_clients // 8)
+        threads = [threading.Thread(target=hostile_client, args=(i,), daemon=True)
+                   for i in range(args.flood_clients - n_slow)]
+        threads += [threading.Thread(target=_slow_client, args=(port, stop, answers, lock), daemon=True)
+                    for _ in range(n_slow)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        flood, _ = valid_phase(args.flood_seconds)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        out["flood"] = summary(flood)
+        out["hostile_answers"] = dict(sorted(answers.items()))
+        q, f = out["quiet"]["p99_s"], out["flood"]["p99_s"]
+        out["p99_ratio"] = round(f / q, 2) if q and f else None
+        out["targets_met"] = bool(out["flood"]["success_rate"] == 1.0 and out["p99_ratio"] is not None
+                                  and out["p99_ratio"] <= 3.0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default", help="training model (a folder or 'default')")
@@ -176,6 +299,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--skip-flood", action="store_true")
+    ap.add_argument("--flood-clients", type=int, default=32)
+    ap.add_argument("--flood-seconds", type=float, default=60.0)
     args = ap.parse_args()
     result: dict = {}
     with tempfile.TemporaryDirectory() as d:
@@ -183,6 +309,8 @@ def main() -> None:
             result["training"] = bench_training(args, Path(d))
         if not args.skip_serve:
             result["serving"] = bench_serving(args, Path(d))
+        if not args.skip_flood:
+            result["flood"] = bench_flood(args, Path(d))
     print(json.dumps(result, indent=2))
 
 
