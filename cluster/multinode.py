@@ -50,6 +50,14 @@ def _ray_bin() -> str:
     return str(ray) if ray.is_file() else (shutil.which("ray") or "ray")
 
 
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents. Ray's defaults (dashboard agent HTTP 52365, metrics 8080)
+    are fixed: a second node on this machine, or any other Ray running here, would collide, and a
+    head whose job agent cannot start answers every job submission "No available agent"."""
+    return [f"--dashboard-agent-listen-port={_free_port(32001, 33000)}",
+            f"--metrics-export-port={_free_port(33001, 34000)}"]
+
+
 def token_env(token_path: str | Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
@@ -121,12 +129,12 @@ def up(workers: int = 1, cpus_per_node: float = 2, log=print) -> dict:
         log(f"starting the head on {state['address']} (dashboard {state['dashboard']})")
         _run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dash}",
               "--dashboard-host=127.0.0.1", f"--num-cpus={cpus_per_node:g}", f"--temp-dir={root / 'head'}",
-              "--disable-usage-stats"], env, timeout=180)
+              "--disable-usage-stats", *_agent_ports()], env, timeout=180)
         for i in range(workers):
             log(f"starting worker node {i + 1}/{workers}")
             _run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                  f"--num-cpus={cpus_per_node:g}", f"--temp-dir={root / f'node{i + 1}'}", "--disable-usage-stats"],
-                 env, timeout=180)
+                  f"--num-cpus={cpus_per_node:g}", f"--temp-dir={root / f'node{i + 1}'}", "--disable-usage-stats",
+                  *_agent_ports()], env, timeout=180)
     except Exception:
         down(log=lambda *_: None)
         raise

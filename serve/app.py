@@ -252,7 +252,10 @@ def start(section: ServeSection, blocking_wait_s: float | None = None) -> str:
     """Deploy on the connected Ray; returns the base URL once every deployment is healthy."""
     blocking_wait_s = section.startup_timeout_s if blocking_wait_s is None else blocking_wait_s
     serve.start(http_options=http_options(section))
-    serve.run(app_builder(section), name=section.app_name, route_prefix="/", blocking=False)
+    # serve.run would wait for RUNNING itself (with no deadline, raising Serve's whole error text):
+    # deploy without waiting and watch the status here
+    serve.run_many([serve.RunTarget(app_builder(section), name=section.app_name, route_prefix="/")],
+                   wait_for_applications_running=False)
     deadline = time.monotonic() + blocking_wait_s
     while True:
         st = serve.status().applications.get(section.app_name)

@@ -116,7 +116,7 @@ class Readiness:
     a client should wait before retrying.
     """
 
-    def __init__(self, probes: dict, timeout_s: float = 1.0, ttl_s: float = 1.0, retry_after_s: int = 5):
+    def __init__(self, probes: dict, timeout_s: float = 2.0, ttl_s: float = 1.0, retry_after_s: int = 5):
         self.probes, self.timeout_s, self.ttl_s, self.retry_after_s = dict(probes), timeout_s, ttl_s, retry_after_s
         self.status: dict[str, str] = {n: "starting" for n in self.probes}
         self.opened = not self.probes
@@ -296,14 +296,22 @@ class RetrieverDeployment:
         self.state: dict[str, Any] | None = None
         self.settings: dict[str, Any] = {}
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
+        """Build the new encoder + index in a worker thread: the replica's event loop stays free,
+        so searches (on the old state) and readiness probes are answered during a swap."""
+        if user_config == self.settings and self.state is not None:
+            return
+        cfg = dict(user_config)
+        state = await asyncio.to_thread(self._build, cfg)
+        # one assignment: requests in flight keep the state they started with
+        self.state = state
+        self.settings = cfg
+
+    def _build(self, cfg: dict) -> dict[str, Any]:
         from negatron.trainers.encoder import Encoder
 
         from .index import load_or_build
 
-        if user_config == self.settings and self.state is not None:
-            return
-        cfg = dict(user_config)
         enc = Encoder.from_pretrained(cfg["model"])
         enc.eval()
         max_len = int(cfg.get("max_length") or 0) or enc.max_length
@@ -312,10 +320,7 @@ class RetrieverDeployment:
                             lambda texts: enc.encode(texts, self.chunk, max_len),
                             kind=cfg.get("index", "flat"), cache_dir=cfg.get("cache_dir") or None,
                             log=logger.info, embed_settings={"max_length": max_len}, **index_args)
-        # one assignment: requests in flight keep the state they started with
-        self.state = {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"],
-                      "corpus": cfg["corpus"]}
-        self.settings = cfg
+        return {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"], "corpus": cfg["corpus"]}
 
     async def search(self, query: str, k: int) -> list[tuple[str, float, str]]:
         return await self._search_batch((query, k))

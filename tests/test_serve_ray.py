@@ -441,35 +441,39 @@ def test_nginx_example_caps_chunked_bodies_before_rays_proxy(server, tmp_path):
         proc.wait(10)
 
 
-def test_not_ready_until_the_index_can_search(server, assets, monkeypatch):
+def test_not_ready_until_the_index_can_search(server, assets, monkeypatch, tmp_path):
     """While the Retriever is still building its index, /healthz says 503 (with which deployment is
     not ready) and /search answers a JSON 503 with Retry-After at once, not after a 60 s queue."""
-    import cloudpickle
+    import asyncio
+
     from ray import serve
 
     import negatron.serve.app as app_mod
     from negatron.serve.deployments import RetrieverDeployment
 
     base = RetrieverDeployment.func_or_class
+    built = str(tmp_path / "go")  # the index build "finishes" when the test creates this file
 
     class SlowRetriever(base):
-        def reconfigure(self, user_config):
-            if self.state is None:
-                time.sleep(25)  # a corpus that takes a while to embed
-            super().reconfigure(user_config)
+        async def reconfigure(self, user_config):
+            while self.state is None and not os.path.exists(built):
+                await asyncio.sleep(0.2)  # a corpus that takes a while to embed
+            await super().reconfigure(user_config)
 
-    cloudpickle.register_pickle_by_value(__import__(__name__))
     monkeypatch.setattr(app_mod, "RetrieverDeployment", serve.deployment(name="Retriever")(SlowRetriever))
     app = app_mod.app_builder(_section(assets, server["port"]))
-    serve.run(app, name="slow", route_prefix="/slow", blocking=False)
+    serve.run_many([serve.RunTarget(app, name="slow", route_prefix="/slow")], wait_for_applications_running=False)
     c = server["client"]
     try:
         deadline = time.monotonic() + 240
-        while True:  # until the ingress answers (the proxy says 404 before the route exists)
-            r = c.get("/slow/healthz", timeout=30)
-            if r.status_code != 404:
-                break
-            assert time.monotonic() < deadline
+        while True:  # until the ingress answers: the proxy holds requests (or says 404) before that
+            try:
+                r = c.get("/slow/healthz", timeout=5)
+                if r.status_code != 404:
+                    break
+            except httpx.TimeoutException:
+                pass
+            assert time.monotonic() < deadline, "the slow app's ingress never answered"
             time.sleep(0.5)
         if r.status_code == 503:
             body = r.json()
@@ -481,6 +485,7 @@ def test_not_ready_until_the_index_can_search(server, assets, monkeypatch):
             saw_not_ready = True
         else:
             saw_not_ready = False
+        open(built, "w").close()
         while True:
             r = c.get("/slow/healthz", timeout=30)
             if r.status_code == 200:
@@ -492,4 +497,5 @@ def test_not_ready_until_the_index_can_search(server, assets, monkeypatch):
         assert s.status_code == 200 and len(s.json()) == 3
         assert saw_not_ready, "the ingress came up only after the retriever: nothing was tested"
     finally:
+        open(built, "w").close()  # a replica stuck in its build would hold serve.delete forever
         serve.delete("slow")
