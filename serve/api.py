@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from .deployments import Coalescer, LoadAwareWait, Readiness, per_model
+from .deployments import Coalescer, LoadAwareWait, Readiness, mark_ready, per_model, was_ready
 
 logger = logging.getLogger("ray.serve")
 
@@ -475,17 +475,40 @@ class Ingress:
         # answer before the proxy's own (plain-text 408) timeout fires
         timeout = float(settings.get("request_timeout_s") or 0)
         Guard.deadline_s = max(1.0, timeout - min(5.0, timeout * 0.1)) if timeout else None
-        probes = {}
-        if self.encoder is not None:
-            probes["encoder"] = lambda: self.encoder.ready.remote()
-        if self.reranker is not None:
-            probes["reranker"] = lambda: self.reranker.ready.remote()
-        if self.retriever is not None:
-            probes["retriever"] = lambda: self.retriever.ready.remote()
-        self.readiness = Readiness(probes)
+        # Readiness from the Serve controller's view: a deployment can answer once it has a
+        # replica that finished starting (RUNNING, or UPDATING: reconfiguring a running one, e.g.
+        # an index swap). A probe call would time out just the same on a replica that is merely
+        # busy or reconfiguring, and close the gate of an ingress replica started mid-upgrade.
+        self.app_name = serve.get_replica_context().app_name
+        self._status_cache: tuple[float, dict] | None = None
+        needed = {"encoder": ("Encoder", self.encoder), "reranker": ("Reranker", self.reranker),
+                  "retriever": ("Retriever", self.retriever)}
+        probes = {key: self._deployment_probe(name) for key, (name, handle) in needed.items() if handle is not None}
+        try:
+            opened = was_ready(self.app_name)
+        except Exception:  # noqa: BLE001 - no KV: start closed, which is the safe side
+            opened = False
+        self.readiness = Readiness(probes, opened=opened, on_open=lambda: mark_ready(self.app_name))
         Guard.ready = self.readiness.gate
 
     # -- helpers --
+
+    async def _replica_states(self) -> dict[str, dict[str, int]]:
+        """deployment name -> {replica state: count} of this app (one controller call, cached 0.5 s)."""
+        now = asyncio.get_running_loop().time()
+        if self._status_cache is not None and now - self._status_cache[0] < 0.5:
+            return self._status_cache[1]
+        app = await asyncio.to_thread(lambda: serve.status().applications.get(self.app_name))
+        states = {n: {str(k).rsplit(".", 1)[-1]: int(v) for k, v in d.replica_states.items()}
+                  for n, d in (app.deployments.items() if app is not None else [])}
+        self._status_cache = (now, states)
+        return states
+
+    def _deployment_probe(self, deployment: str):
+        async def probe() -> bool:
+            states = (await self._replica_states()).get(deployment, {})
+            return states.get("RUNNING", 0) + states.get("UPDATING", 0) > 0
+        return probe
 
     def _check_texts(self, texts: list[str], param: str, tokenizer, limit: int, pair_with: Optional[str] = None,
                      single: bool = False) -> int:

@@ -252,6 +252,9 @@ def start(section: ServeSection, blocking_wait_s: float | None = None) -> str:
     """Deploy on the connected Ray; returns the base URL once every deployment is healthy."""
     blocking_wait_s = section.startup_timeout_s if blocking_wait_s is None else blocking_wait_s
     serve.start(http_options=http_options(section))
+    from .deployments import mark_ready
+
+    mark_ready(section.app_name, False)  # a fresh deploy: not ready until every deployment answers
     # serve.run would wait for RUNNING itself (with no deadline, raising Serve's whole error text):
     # deploy without waiting and watch the status here
     serve.run_many([serve.RunTarget(app_builder(section), name=section.app_name, route_prefix="/")],

@@ -116,10 +116,14 @@ class Readiness:
     a client should wait before retrying.
     """
 
-    def __init__(self, probes: dict, timeout_s: float = 2.0, ttl_s: float = 1.0, retry_after_s: int = 5):
+    def __init__(self, probes: dict, timeout_s: float = 2.0, ttl_s: float = 1.0, retry_after_s: int = 5,
+                 opened: bool = False, on_open=None):
         self.probes, self.timeout_s, self.ttl_s, self.retry_after_s = dict(probes), timeout_s, ttl_s, retry_after_s
         self.status: dict[str, str] = {n: "starting" for n in self.probes}
-        self.opened = not self.probes
+        # opened: the app has been ready before (an ingress replica started by an upgrade or a
+        # scale-up): requests queue for replacement replicas, as Serve does, instead of a 503
+        self.opened = opened or not self.probes
+        self.on_open = on_open
         self._checked_at = float("-inf")
         self._round: asyncio.Task | None = None
 
@@ -140,8 +144,13 @@ class Readiness:
         results = await asyncio.gather(*(self._probe(n, p) for n, p in self.probes.items()))
         self.status = dict(results)
         self._checked_at = asyncio.get_running_loop().time()
-        if self.ready:
+        if self.ready and not self.opened:
             self.opened = True
+            if self.on_open is not None:
+                try:
+                    await asyncio.to_thread(self.on_open)
+                except Exception as e:  # noqa: BLE001 - remembering is best effort
+                    logger.warning("readiness: could not record that the app is ready: %s", e)
 
     async def check(self) -> dict[str, str]:
         """Probe (or reuse a result younger than ``ttl_s``); returns name -> ready|starting|error."""
@@ -157,6 +166,31 @@ class Readiness:
             return None
         await self.check()
         return None if self.opened else self.retry_after_s
+
+
+READY_KV_NAMESPACE = "negatron"
+
+
+def ready_key(app_name: str) -> str:
+    """Ray internal-KV key set once an app's ingress has seen every deployment ready; an ingress
+    replica that starts later (upgrade, scale-up, replacement) opens its gate at once.
+    ``negatron serve`` clears it before each fresh deploy."""
+    return f"serve-ready/{app_name}"
+
+
+def was_ready(app_name: str) -> bool:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return bool(_internal_kv_get(ready_key(app_name), namespace=READY_KV_NAMESPACE))
+
+
+def mark_ready(app_name: str, ready: bool = True) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    if ready:
+        _internal_kv_put(ready_key(app_name), b"1", namespace=READY_KV_NAMESPACE)
+    else:
+        _internal_kv_del(ready_key(app_name), namespace=READY_KV_NAMESPACE)
 
 
 def split_rows(rows, sizes: list[int]) -> list:

@@ -135,3 +135,21 @@ def test_a_failing_probe_is_reported_not_raised():
 
     wait, status = asyncio.run(main())
     assert wait == 5 and status["reranker"].startswith("error")
+
+
+def test_readiness_remembers_an_app_that_was_ready_before():
+    calls = []
+
+    async def starting():
+        await asyncio.sleep(10)
+
+    async def ready():
+        return True
+
+    async def main():
+        upgraded = Readiness({"retriever": starting}, timeout_s=0.05, opened=True)  # a replica of a running app
+        fresh = Readiness({"retriever": ready}, timeout_s=0.05, ttl_s=0.0, on_open=lambda: calls.append(1))
+        return await upgraded.gate(), await fresh.gate(), await fresh.gate()
+
+    assert asyncio.run(main()) == (None, None, None)
+    assert calls == [1]  # recorded once, when it first opened

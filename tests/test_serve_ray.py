@@ -256,12 +256,16 @@ def test_index_swaps_without_downtime(server, assets):
 
     docs_b = assets["docs_b"]
     statuses: list[int] = []
+    errors: list[str] = []
     stop = threading.Event()
 
     def hammer():
         with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
             while not stop.is_set():
-                statuses.append(c.post("/search", json={"query": "return x", "top_k": 3}).status_code)
+                r = c.post("/search", json={"query": "return x", "top_k": 3})
+                statuses.append(r.status_code)
+                if r.status_code != 200:
+                    errors.append(r.text[:200])
 
     t = threading.Thread(target=hammer)
     t.start()
@@ -279,7 +283,7 @@ def test_index_swaps_without_downtime(server, assets):
     finally:
         stop.set()
         t.join()
-    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert statuses and all(s == 200 for s in statuses), (sorted(set(statuses)), errors[:3])
 
 
 def _running_replicas(app: str, deployment: str) -> int:
