@@ -104,6 +104,18 @@ CASES = {
 }
 
 
+def _spawn_two(target, tmp_path, *args):
+    """Run ``target(rank, 2, init_file, *args)`` in two gloo processes; their r{rank}.pt results."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "pg"), *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        assert p.exitcode == 0
+    return [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
+
+
 def _local_worker(rank, world, init_file, state, kwargs, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -121,15 +133,7 @@ def test_bank_stays_shared_without_cross_worker_negatives(momentum, tmp_path):
     enqueues every rank's keys: the bank is identical on both ranks after every step."""
     kwargs = dict(temperature=0.1, bank_size=12, bank_momentum=momentum, cross_worker=False, bank_mode="joint")
     state = make_tiny_encoder(seed=0).state_dict()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_local_worker, args=(r, 2, str(tmp_path / "pg"), state, kwargs, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-        assert p.exitcode == 0
-    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2))
+    r0, r1 = _spawn_two(_local_worker, tmp_path, state, kwargs, str(tmp_path))
     assert r0["sums"] == r1["sums"] and len(set(r0["sums"])) == STEPS
     assert (r0["qids"] >= 0).sum() == 12  # both ranks' rows were enqueued, with their query groups
 
@@ -141,16 +145,7 @@ def test_two_workers_equal_one_big_batch(case, with_negatives, tmp_path):
     prefill = kwargs.pop("prefill", False)
     state = make_tiny_encoder(seed=0).state_dict()
     ref_losses, ref_grads, ref_sums = _run(_model(state, kwargs), _batches(with_negatives), 0, 2 * B, prefill)
-    init_file = tmp_path / "pg"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(init_file), state, kwargs, with_negatives, str(tmp_path), prefill))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-        assert p.exitcode == 0
-    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2))
+    r0, r1 = _spawn_two(_worker, tmp_path, state, kwargs, with_negatives, str(tmp_path), prefill)
     for s in range(STEPS):
         assert r0["losses"][s] == pytest.approx(ref_losses[s], abs=1e-5)
         torch.testing.assert_close(r0["grads"][s], ref_grads[s], atol=1e-5, rtol=1e-4)
