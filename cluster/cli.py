@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    from negatron.trainers.encoder import ModelLoadError
+    from negatron.trainers.model_io import ModelLoadError
     from negatron.trainers.checkpoint import CheckpointError
     from negatron.trainers.schema import SchemaError
     from negatron.trainers.train import TrainingError

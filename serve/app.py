@@ -61,9 +61,9 @@ def deployment_options(scale: ScaleConfig, access_log: bool = True) -> dict[str,
 
 def _image_shape(folder: Path) -> tuple[int, int] | None:
     """(input side, channels) of an image encoder folder; None for a text model."""
-    from negatron.trainers.encoder import IMAGE_CONFIG, _read_json
+    from negatron.trainers.model_io import IMAGE_CONFIG, read_json
 
-    image = _read_json(folder / IMAGE_CONFIG)
+    image = read_json(folder / IMAGE_CONFIG)
     if not isinstance(image, dict):
         return None
     return int(image.get("image_size", 16)), int(image.get("channels", 1))
@@ -72,13 +72,13 @@ def _image_shape(folder: Path) -> tuple[int, int] | None:
 def _model_facts(folder: Path) -> tuple[int, int]:
     """(default max length, embedding dim) of a bi-encoder folder, without loading weights
     (max length 0 for an image encoder)."""
-    from negatron.trainers.encoder import IMAGE_CONFIG, _read_json, _read_st_settings
+    from negatron.trainers.model_io import IMAGE_CONFIG, read_json, read_st_settings
 
-    image = _read_json(folder / IMAGE_CONFIG)
+    image = read_json(folder / IMAGE_CONFIG)
     if isinstance(image, dict):
         return 0, int(image.get("dim", 0))
-    st = _read_st_settings(folder)
-    hf = _read_json(folder / "config.json") or {}
+    st = read_st_settings(folder)
+    hf = read_json(folder / "config.json") or {}
     dim = st.get("projection_dim") or int(hf.get("hidden_size", 0))
     return int(st.get("max_length", 128)), dim
 
@@ -89,11 +89,11 @@ def app_builder(args: ServeSection) -> Application:
     Raises:
         ConfigError: no encoder path, or a model/corpus path that does not exist.
     """
-    from negatron.trainers.encoder import ModelLoadError, resolve_model_path
+    from negatron.trainers.model_io import ModelLoadError, resolve_model_path
 
     if not args.encoder.path:
         raise ConfigError("serve.encoder.path is empty: give a bi-encoder folder, a run folder or 'default' (--model)")
-    from negatron.trainers.encoder import require_safetensors
+    from negatron.trainers.model_io import require_safetensors
 
     try:
         default_folder = resolve_model_path(args.encoder.path)
@@ -109,7 +109,7 @@ def app_builder(args: ServeSection) -> Application:
     default_name = next(iter(names))
     facts = {n: _model_facts(p) for n, p in names.items()}
     models = {n: str(p) for n, p in names.items()}
-    from negatron.trainers.encoder import IMAGE_CONFIG
+    from negatron.trainers.model_io import IMAGE_CONFIG
 
     image_models = sorted(n for n, p in names.items() if (p / IMAGE_CONFIG).is_file())
     if args.retriever.corpus and default_name in image_models:
@@ -124,8 +124,9 @@ def app_builder(args: ServeSection) -> Application:
     reranker = None
     rr_path = ""
     if args.reranker.path:
-        rr = Path(args.reranker.path)
-        rr = rr / "final" if not (rr / "config.json").is_file() and (rr / "final" / "config.json").is_file() else rr
+        from negatron.trainers.model_io import in_run_folder
+
+        rr = in_run_folder(Path(args.reranker.path), "config.json")
         if not (rr / "config.json").is_file():
             raise ConfigError(f"serve.reranker.path: not a Hugging Face model folder: {args.reranker.path}")
         try:
@@ -196,9 +197,9 @@ def served_name(path: str, folder: Path) -> str:
 def _reranker_len(folder: str) -> int:
     if not folder:
         return 0
-    from negatron.trainers.encoder import _read_json
+    from negatron.trainers.model_io import read_json
 
-    st = _read_json(Path(folder) / "sentence_bert_config.json") or {}
+    st = read_json(Path(folder) / "sentence_bert_config.json") or {}
     return int(st.get("max_seq_length") or 512)
 
 

@@ -384,6 +384,6 @@ class RetrieverDeployment:
 
 
 def enc_folder(path: str) -> str:
-    from negatron.trainers.encoder import resolve_model_path
+    from negatron.trainers.model_io import resolve_model_path
 
     return str(resolve_model_path(path))

@@ -103,3 +103,26 @@ def test_rayservice_api_needs_a_key_from_a_secret():
         env = {e["name"]: e for e in c.get("env", [])}
         assert args["api_key_env"] in env, c["name"]
         assert "secretKeyRef" in env[args["api_key_env"]]["valueFrom"], c["name"]
+
+
+def test_nginx_example_is_valid_with_and_without_its_throttle(tmp_path):
+    """The shipped nginx.conf parses as it is and with its per-client throttle switched on (the
+    commented block the docs tell users to uncomment)."""
+    import re
+    import shutil
+    import subprocess
+
+    import pytest
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (.ci/run installs nginx-light)")
+    conf = (MANIFESTS / "nginx.conf").read_text()
+    on = re.sub(r"^(\s*)# (limit_req|error_page 429)", r"\1\2", conf, flags=re.M)
+    assert on != conf
+    for name, text in (("off", conf), ("on", on)):
+        (tmp_path / f"{name}.conf").write_text(text)
+        r = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / f"{name}.conf")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr)
+    assert "limit_req zone=per_client" in on and "\n        limit_req zone" in on

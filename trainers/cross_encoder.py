@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoder import ModelLoadError, _read_json, load_error, require_safetensors
+from .model_io import FINAL, ModelLoadError, in_run_folder, load_error, read_json, require_safetensors
 
 RERANK_FILE = "negatron_rerank.json"  # in a reranker folder: the fusion weight chosen on dev
 
@@ -28,7 +28,7 @@ def saved_rerank_weight(reranker: str | Path) -> float | None:
     import json
 
     folder = Path(reranker)
-    for f in (folder / RERANK_FILE, folder / "final" / RERANK_FILE):
+    for f in (folder / RERANK_FILE, folder / FINAL / RERANK_FILE):
         if f.is_file():
             try:
                 w = float(json.loads(f.read_text())["rerank_weight"])
@@ -65,12 +65,10 @@ class CrossEncoder(nn.Module):
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        folder = Path(path)
-        if not (folder / "config.json").is_file() and (folder / "final" / "config.json").is_file():
-            folder = folder / "final"
+        folder = in_run_folder(Path(path), "config.json")
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"reranker folder not found or not a Hugging Face model (no config.json): {folder}")
-        cfg = _read_json(folder / "config.json") or {}
+        cfg = read_json(folder / "config.json") or {}
         archs = cfg.get("architectures") or []
         if archs and not any("SequenceClassification" in a for a in archs):
             raise ModelLoadError(f"{folder}: not a cross-encoder (architectures {archs}; "
@@ -84,7 +82,7 @@ class CrossEncoder(nn.Module):
             raise
         except Exception as e:  # noqa: BLE001 - transformers/torch raise many types; one line for the user
             raise load_error(folder, "reranker", e) from None
-        st = _read_json(folder / "sentence_bert_config.json") or {}
+        st = read_json(folder / "sentence_bert_config.json") or {}
         default_len = int(st.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", 512) or 512, 512))
         return cls(model, tokenizer, max_length=max_length or default_len)
 
@@ -98,10 +96,10 @@ class CrossEncoder(nn.Module):
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .encoder import resolve_model_path
+        from .model_io import resolve_model_path
 
         folder = resolve_model_path(path)
-        cfg = _read_json(folder / "config.json") or {}
+        cfg = read_json(folder / "config.json") or {}
         if any("SequenceClassification" in a for a in cfg.get("architectures") or []):
             return cls.from_pretrained(folder, max_length=max_length)
         require_safetensors(folder)

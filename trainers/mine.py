@@ -104,7 +104,7 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
     """
     import faiss
 
-    from .encoder import resolve_model_path
+    from .model_io import resolve_model_path
 
     from negatron.cluster.config import ConfigError
     from negatron.cluster.files import same_file

