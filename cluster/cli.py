@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
+from .errors import NegatronError
 from .files import write_json
 
 
@@ -495,23 +496,13 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    from negatron.trainers.model_io import ModelLoadError
-    from negatron.trainers.checkpoint import CheckpointError
-    from negatron.trainers.schema import SchemaError
-    from negatron.trainers.train import TrainingError
-
-    from .jobs import JobsError
-    from .serve_config import ServeStartError
-    from .multinode import ClusterError
-
     if args.command in ("submit", "jobs"):
         from .jobs import auth_env_for
 
         auth_env_for(args.address)  # Ray reads its auth mode once, at import: set it first
     try:
         return args.func(args)
-    except (ConfigError, SchemaError, ModelLoadError, CheckpointError, TrainingError, OSError,
-            JobsError, ClusterError, ServeStartError) as e:
+    except (NegatronError, OSError) as e:
         if os.environ.get("NEGATRON_DEBUG"):
             raise
         print(f"negatron: error: {_one_line(e)}", file=sys.stderr)

@@ -17,10 +17,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import NegatronError
 from .serve_config import ServeSection
 
 
-class ConfigError(ValueError):
+class ConfigError(NegatronError, ValueError):
     """A config file, override or value is invalid. The message names the key."""
 
 

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
+from .errors import NegatronError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(NegatronError, RuntimeError):
     """Starting or stopping the local cluster failed (one-line message)."""
 
 
@@ -155,7 +156,7 @@ def wait_jobs_ready(state: dict, timeout_s: float = 180.0, log=print) -> None:
     Raises:
         ClusterError: the Jobs API did not run it within ``timeout_s``.
     """
-    from .jobs import JobsError, retry_transient
+    from .retry import JobsError, retry_transient
 
     env = token_env(state["token_path"])
     saved = {k: os.environ.get(k) for k in env}

@@ -11,8 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .errors import NegatronError
 
-class ServeStartError(RuntimeError):
+
+class ServeStartError(NegatronError, RuntimeError):
     """The Serve application did not start (a deployment failed or timed out); the message is one
     line. Defined here, with no Ray import, so the CLI can catch it without importing Ray."""
 

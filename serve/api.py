@@ -438,9 +438,9 @@ class Ingress:
         if settings.get("colocate"):  # the encoders run in this replica: no hop per request
             from negatron.trainers.encoder import load_encoder
 
-            from .deployments import _set_threads
+            from .deployments import set_threads
 
-            _set_threads(int(settings.get("torch_threads", 1)))
+            set_threads(int(settings.get("torch_threads", 1)))
             self.local = {n: load_encoder(p).eval() for n, p in settings["models"].items()}
             batch = settings["batch"]
             self.chunk = int(batch["chunk_size"])

@@ -23,7 +23,7 @@ logger = logging.getLogger("ray.serve")
 MAX_MODELS_PER_REPLICA = 4
 
 
-def _set_threads(n: int) -> None:
+def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, n))
@@ -234,7 +234,7 @@ class EncoderDeployment:
     """
 
     def __init__(self, models: dict[str, str], max_length: int, batch: dict, torch_threads: int = 1):
-        _set_threads(torch_threads)
+        set_threads(torch_threads)
         self.paths = dict(models)
         self.max_length = max_length
         self.chunk = int(batch["chunk_size"])
@@ -286,7 +286,7 @@ class RerankerDeployment:
     def __init__(self, path: str, max_length: int, batch: dict, torch_threads: int = 1):
         from negatron.trainers.cross_encoder import CrossEncoder
 
-        _set_threads(torch_threads)
+        set_threads(torch_threads)
         self.path = path
         self.model = CrossEncoder.from_pretrained(path, max_length=max_length or None)
         self.model.eval()
@@ -324,7 +324,7 @@ class RetrieverDeployment:
     """
 
     def __init__(self, batch: dict, torch_threads: int = 1):
-        _set_threads(torch_threads)
+        set_threads(torch_threads)
         self.chunk = int(batch["chunk_size"])
         _configure_batching(self._search_batch, batch)
         self.state: dict[str, Any] | None = None

@@ -23,11 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from negatron.cluster.errors import NegatronError
+
 FORMAT_VERSION = 1
 STATE_DIR = "train_state"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NegatronError, ValueError):
     """A checkpoint is missing, truncated, corrupt or not a Negatron checkpoint."""
 
 

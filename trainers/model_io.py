@@ -7,8 +7,8 @@ One place for the rules that apply to every model kind:
 - weights load from safetensors only (a pickled checkpoint is refused in one line);
 - a loading error becomes one ``ModelLoadError`` line naming the folder.
 
-It imports nothing from Negatron, so ``encoder``, ``images``, ``cross_encoder``, ``serve`` and
-``tune`` can all use it without importing each other.
+It imports nothing from Negatron but the base error class, so ``encoder``, ``images``,
+``cross_encoder``, ``serve`` and ``tune`` can all use it without importing each other.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from negatron.cluster.errors import NegatronError
+
 DEFAULT_MODEL = "default"
 FINAL = "final"  # a run folder's final checkpoint
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(NegatronError, ValueError):
     """A model folder is missing, incomplete or unreadable."""
 
 

@@ -13,8 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from negatron.cluster.errors import NegatronError
 
-class SchemaError(ValueError):
+
+class SchemaError(NegatronError, ValueError):
     """A user Parquet file does not have the expected columns or values."""
 
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from negatron.cluster.config import Config, ConfigError
+from negatron.cluster.errors import NegatronError
 
 from .checkpoint import STATE_DIR, read_meta
 
 
-class TrainingError(RuntimeError):
+class TrainingError(NegatronError, RuntimeError):
     """The Ray Train run failed; the message carries the worker's error."""
 
 

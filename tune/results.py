@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,18 @@ import pyarrow.parquet as pq
 
 from negatron.cluster.config import Config, dump_yaml
 
-from .search import TuneOutcome
+
+@dataclass
+class TuneOutcome:
+    """What ``negatron tune`` hands back: the experiment folder, one row per trial, the best
+    trial's config (``best.yaml``) and checkpoint, and the plot."""
+
+    experiment_dir: Path
+    rows: list[dict]
+    best_config_path: Path | None
+    best_checkpoint: str | None
+    best_metric: float | None
+    plot: Path | None
 
 
 def _status(result, max_steps: int, tune_status: str | None) -> str:

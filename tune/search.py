@@ -12,20 +12,11 @@ trial's training run), ``results.parquet``, ``tune.png`` and ``best.yaml``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from negatron.cluster.config import Config, ConfigError
 
-
-@dataclass
-class TuneOutcome:
-    experiment_dir: Path
-    rows: list[dict]
-    best_config_path: Path | None
-    best_checkpoint: str | None
-    best_metric: float | None
-    plot: Path | None
+from .results import TuneOutcome, summarize  # noqa: F401 - TuneOutcome is re-exported
 
 
 def check_space(cfg: Config) -> None:
@@ -270,7 +261,6 @@ def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None
     from negatron.cluster.local import ensure_ray
     from negatron.trainers.train import absolute_paths, validate_inputs
 
-    from .results import summarize
 
     check_space(cfg)
     validate_inputs(cfg)
