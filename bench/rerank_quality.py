@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
 
-    from negatron.cluster.cli import reranker_stage
+    from negatron.trainers.recipes import reranker_stage
     from negatron.cluster.config import load_config
     from negatron.cluster.local import ensure_ray
     from negatron.trainers.cross_encoder import CrossEncoder

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .config import ConfigError
 from .errors import NegatronError
-from .files import write_json
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -152,113 +151,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     """Build data, evaluate zero-shot, fine-tune with 2 workers + bank, evaluate, compare."""
-    from negatron.trainers.encoder import Encoder
-    from negatron.trainers.evaluate import evaluate_encoder, format_table
-    from negatron.trainers.stdlib_data import build_stdlib_dataset
-    from negatron.trainers.train import run_training
+    from negatron.trainers.recipes import quickstart
 
     from .config import load_config
 
-    t0 = time.perf_counter()
-    n = 7 if args.with_reranker else 4  # stages, for the progress labels
     cfg = load_config(args.config or Path(__file__).with_name("quickstart.yaml"), args.overrides)
-    out = Path(cfg.run.storage_path)
-    data_dir = Path(cfg.data.train).parent if cfg.data.train else out / "data"
-    if not (data_dir / "train.parquet").is_file():
-        print(f"[1/{n}] building the stdlib code-search dataset in {data_dir}", flush=True)
-        build_stdlib_dataset(data_dir)
-    else:
-        print(f"[1/{n}] dataset already in {data_dir}", flush=True)
-    cfg = cfg.replace({"data.train": str(data_dir / "train.parquet"), "data.dev": str(data_dir / "dev"),
-                       "data.test": str(data_dir / "test")})
-    test_dir = cfg.data.test
-    qlen = cfg.model.query_max_length or None
-    out.mkdir(parents=True, exist_ok=True)
     _torch_threads(args.threads)
-    print(f"[2/{n}] zero-shot evaluation of {cfg.model.path} on {test_dir}", flush=True)
-    before = evaluate_encoder(Encoder.from_pretrained(cfg.model.path, max_length=cfg.model.max_length),
-                              test_dir, query_max_length=qlen)
-    write_json(out / "zero_shot.json", before)
-    print(format_table({"zero-shot": before}), flush=True)
-    print(f"[3/{n}] fine-tuning with {cfg.trainer.num_workers} Ray Train workers, bank size {cfg.bank.size}, "
-          f"{cfg.trainer.max_steps} steps", flush=True)
-    res = run_training(cfg, address=args.address)
-    print(f"[4/{n}] evaluating the fine-tuned model ({res.final_dir}) on {test_dir}", flush=True)
-    after = evaluate_encoder(Encoder.from_pretrained(str(res.final_dir)), test_dir, query_max_length=qlen)
-    write_json(out / "fine_tuned.json", after)
-    wall = time.perf_counter() - t0
-    summary = {"zero_shot": before, "fine_tuned": after, "wall_s": round(wall, 1),
-               "train": res.metrics, "final_model": str(res.final_dir)}
-    write_json(out / "quickstart.json", summary)
-    print("\ntest split, before and after fine-tuning:")
-    print(format_table({"zero-shot": before, "fine-tuned": after}))
-    print(f"\nMRR@10 {before['mrr@10']:.4f} -> {after['mrr@10']:.4f} in {wall / 60:.1f} min; "
-          f"model in {res.final_dir}, plot in {res.run_dir / 'training.png'}")
-    if args.with_reranker:
-        rr = reranker_stage(cfg, Path(res.final_dir), data_dir, out, address=args.address,
-                            steps=args.reranker_steps, depth=args.rerank_depth, init=args.reranker_init)
-        summary["reranker"] = rr
-        summary["wall_s"] = round(time.perf_counter() - t0, 1)
-        write_json(out / "quickstart.json", summary)
+    quickstart(cfg, address=args.address, with_reranker=args.with_reranker, reranker_steps=args.reranker_steps,
+               rerank_depth=args.rerank_depth, reranker_init=args.reranker_init)
     return 0
-
-
-def reranker_stage(cfg, bi_encoder: Path, data_dir: Path, out: Path, address: str | None = None,
-                   steps: int = 300, depth: int = 20, init: str | None = None) -> dict:
-    """Mine hard negatives with the fine-tuned bi-encoder, train a cross-encoder on them with Ray
-    Train (from ``init``, a cross-encoder folder, or else the fine-tuned bi-encoder with a fresh
-    scoring head), rerank the test top ``depth``."""
-    from negatron.trainers.cross_encoder import RERANK_FILE, CrossEncoder
-    from negatron.trainers.encoder import Encoder
-    from negatron.trainers.evaluate import RerankEval, evaluate_two_stage, format_table
-    from negatron.trainers.mine import mine
-    from negatron.trainers.train import run_training
-
-    print(f"[5/7] mining hard negatives for {data_dir / 'train.parquet'} with {bi_encoder}", flush=True)
-    stats = mine(str(bi_encoder), data_dir / "train.parquet", out / "mined.parquet", k=40, skip=3, take=7,
-                 max_length=cfg.model.max_length, workers=cfg.trainer.num_workers, cpus_per_worker=cfg.trainer.cpus_per_worker)
-    print(f"      {stats['pairs']} pairs, {stats['negatives_per_query_mean']:.1f} negatives each ({stats['wall_s']:.0f}s)",
-          flush=True)
-    ce_cfg = cfg.replace(reranker_recipe(cfg, bi_encoder, out / "mined.parquet", steps, depth, init))
-    print(f"[6/7] training a cross-encoder reranker: {steps} steps, {ce_cfg.trainer.num_workers} Ray Train workers, "
-          f"in-batch negatives for {ce_cfg.data.hard_negatives_after} steps, then 1 positive + "
-          f"{ce_cfg.data.num_negatives} hard + {ce_cfg.data.in_batch_negatives} in-batch negatives per query", flush=True)
-    res = run_training(ce_cfg, address=address)
-    reranker = CrossEncoder.from_pretrained(res.final_dir)
-    qlen = cfg.model.query_max_length or None
-    bi = Encoder.from_pretrained(str(bi_encoder))
-    print(f"      choosing the fusion weight on {cfg.data.dev} (top {depth})", flush=True)
-    dev = RerankEval(bi, cfg.data.dev, depth=depth, query_max_length=qlen)
-    weight, curve = dev.choose_weight(reranker)
-    write_json(Path(res.final_dir) / RERANK_FILE,
-               {"rerank_weight": weight, "first_stage": str(bi_encoder), "rerank_depth": depth,
-                "chosen_on": str(cfg.data.dev), "dev_mrr@10_by_weight": curve})
-    print(f"[7/7] two-stage evaluation on {cfg.data.test}: bi-encoder top {depth} reranked", flush=True)
-    two = evaluate_two_stage(bi, reranker, cfg.data.test, depth=depth, query_max_length=qlen,
-                             weights=(1.0, weight))
-    two["rerank_weight"], two["dev_mrr@10_by_weight"] = weight, curve
-    write_json(out / "two_stage.json", two)
-    print(format_table({"bi-encoder": two["retrieval"], f"+ reranker@{depth}": two["reranked"],
-                        f"+ reranker@{depth}, w={weight:g}": two[f"reranked@w={weight:g}"]}))
-    print(f"w = fusion weight of the reranker's z-scored logits with the bi-encoder's scores, chosen on dev "
-          f"(saved in {Path(res.final_dir) / RERANK_FILE}; `negatron eval --reranker` uses it)")
-    print(f"reranker in {res.final_dir}")
-    return {"mined": stats, "reranker": str(res.final_dir), **two}
-
-
-def reranker_recipe(cfg, bi_encoder: Path, mined: Path, steps: int, depth: int, init: str | None = None) -> dict:
-    """Overrides that turn the bi-encoder config into the reranker's (measured on the stdlib data:
-    from hard negatives alone a fresh head stays at chance; a fast head and in-batch negatives first
-    get it learning within ~50 steps)."""
-    return {
-        "model.kind": "cross-encoder", "model.path": init or str(bi_encoder), "model.max_length": 128,
-        "data.train": str(mined), "data.num_negatives": 2, "data.in_batch_negatives": 1,
-        "data.hard_negatives_after": steps // 5, "bank.size": 0, "bank.momentum": 0.0,
-        "augment.mask_prob": 0.0, "augment.delete_prob": 0.0, "augment.crop": False, "augment.dropout_views": False,
-        "trainer.batch_size": 4, "trainer.max_steps": steps, "trainer.checkpoint_every": steps,
-        "optim.lr": 1e-4, "optim.head_lr": 0.0 if init else 2e-3, "optim.warmup_steps": max(1, steps // 10),
-        "loss.temperature": 1.0, "loss.learnable_temperature": False, "eval.first_stage": str(bi_encoder),
-        "eval.rerank_depth": depth, "data.max_dev_queries": 100, "run.name": f"{cfg.run.name}-reranker"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -485,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a fresh head, which needs far more steps than a CPU quickstart gives it)")
     q.add_argument("overrides", nargs="*", help="a.b=value overrides")
     q.set_defaults(func=_cmd_quickstart)
+    for sp in sub.choices.values():
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything Ray prints (by default its INFO chatter goes to ray.log in the run folder)")
     return p
 
 
@@ -496,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    from . import console
+
+    console.set_verbose(getattr(args, "verbose", False))
+    console.quiet_libraries()
     if args.command in ("submit", "jobs"):
         from .jobs import auth_env_for
 

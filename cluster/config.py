@@ -34,6 +34,8 @@ SEED_MAX = 2**32 - 1  # numpy's and torch's seeding both take it; larger ones fa
 
 
 class DataConfig(_Section):
+    """Training and evaluation data: a pairs Parquet file and eval folders (docs/data.md has the schemas)."""
+
     train: Optional[str] = Field(None, description="Pairs Parquet: query, positive, query_id, positive_id [, negatives].")
     dev: Optional[str] = Field(None, description="Eval folder (queries/corpus/qrels.parquet) used during training.")
     test: Optional[str] = Field(None, description="Eval folder used by the quickstart's before/after table.")
@@ -49,12 +51,14 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The model trained: its starting weights, kind and shape."""
+
     path: str = Field("default", min_length=1, description="Hugging Face folder, or 'default' for the packaged all-MiniLM-L6-v2.")
-    kind: Literal["bi-encoder", "cross-encoder", "image"] = "bi-encoder"
-    pooling: Literal["mean", "cls"] = "mean"
+    kind: Literal["bi-encoder", "cross-encoder", "image"] = Field("bi-encoder", description="What is trained: a bi-encoder (text embeddings), a cross-encoder (reranker) or an image encoder.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="Token pooling of a bi-encoder: mean of the token vectors, or the [CLS] vector.")
     projection_dim: int = Field(0, ge=0, description="Add a linear projection head of this size (0 = none).")
-    normalize: bool = True
-    max_length: int = Field(128, ge=8, le=8192)
+    normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity).")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text (longer texts are truncated).")
     query_max_length: int = Field(0, ge=0, le=8192, description="Query-side max length (0 = model.max_length).")
     image_size: int = Field(16, ge=4, le=512, description="kind image: inputs are resized to this square size.")
     image_channels: Literal[1, 3] = Field(1, description="kind image: 1 (grey) or 3 (RGB) input channels.")
@@ -62,25 +66,29 @@ class ModelConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    num_workers: int = Field(2, ge=1, le=1024)
+    """Ray Train: workers, steps, checkpoints."""
+
+    num_workers: int = Field(2, ge=1, le=1024, description="Ray Train workers (data-parallel processes).")
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per worker (fractional on small machines).")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="One GPU per worker.")
     batch_size: int = Field(16, ge=1, description="Per-worker batch size.")
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = Field(100, ge=1, description="Optimizer steps of the run.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed (-1 = unlimited).")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint (and evaluate on data.dev) every N steps and at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the latest is always kept).")
-    log_every_s: float = Field(5.0, gt=0)
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-    placement: Literal["pack", "spread"] = "pack"
+    log_every_s: float = Field(5.0, gt=0, description="Seconds between progress lines.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of data order, augmentation and initialisation (the same seed gives the same run).")
+    placement: Literal["pack", "spread"] = Field("pack", description="Ray placement of the workers: pack onto few nodes, or spread across nodes.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker.")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(2e-5, gt=0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "linear"] = "linear"
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(2e-5, gt=0, le=1.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from 0.")
+    schedule: Literal["constant", "linear"] = Field("linear", description="Learning rate after warm-up: constant, or linear decay to 0 at max_steps.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
     head_lr: float = Field(0.0, ge=0, le=1.0, description=(
         "Cross-encoder: learning rate of the scoring head (pooler + classifier), which starts fresh "
@@ -88,11 +96,13 @@ class OptimConfig(_Section):
 
 
 class LossConfig(_Section):
-    temperature: float = Field(0.05, gt=0, le=10.0)
-    learnable_temperature: bool = False
+    """InfoNCE: temperature and which negatives count."""
+
+    temperature: float = Field(0.05, gt=0, le=10.0, description="InfoNCE softmax temperature (the initial value when learnable).")
+    learnable_temperature: bool = Field(False, description="Learn the temperature (CLIP-style log-parameter), clamped at min_temperature.")
     min_temperature: float = Field(0.01, gt=0, description="Clamp for a learnable temperature.")
-    symmetric: bool = False
-    cross_worker_negatives: bool = True
+    symmetric: bool = Field(False, description="Add the positive-to-query direction of InfoNCE (CLIP-style).")
+    cross_worker_negatives: bool = Field(True, description="Gather every worker's keys as negatives (global batch); off: each worker's own batch only.")
 
     @model_validator(mode="after")
     def _check_clamp(self) -> "LossConfig":
@@ -104,6 +114,8 @@ class LossConfig(_Section):
 
 
 class BankConfig(_Section):
+    """The shared cross-worker negative memory bank (a MoCo-style queue, identical on every worker)."""
+
     size: int = Field(0, ge=0, le=1 << 22, description=(
         "Memory bank slots K (0 = no bank; at most 4,194,304: K × dim × 4 bytes live on every worker)."))
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="EMA key encoder momentum (0 = keys from the live encoder, detached).")
@@ -123,25 +135,29 @@ class BankConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    apply_to: Literal["query", "positive", "both"] = "query"
-    mask_prob: float = Field(0.0, ge=0.0, le=0.9)
-    delete_prob: float = Field(0.0, ge=0.0, le=0.9)
-    crop: bool = False
-    crop_min_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    """Views of a pair: text augmentations, or image transforms for kind image."""
+
+    apply_to: Literal["query", "positive", "both"] = Field("query", description="Which side of each pair the text augmentations change.")
+    mask_prob: float = Field(0.0, ge=0.0, le=0.9, description="Probability of masking each token.")
+    delete_prob: float = Field(0.0, ge=0.0, le=0.9, description="Probability of deleting each token.")
+    crop: bool = Field(False, description="Keep a random contiguous span of each text.")
+    crop_min_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Smallest kept fraction of a cropped text.")
     dropout_views: bool = Field(False, description="SimCSE: the query is the positive text itself; dropout makes the two views differ.")
     strength: float = Field(0.5, ge=0.0, le=1.0, description="kind image: sets every image transform at once.")
     image_crop_min: Optional[float] = Field(None, ge=0.05, le=1.0, description="Random resized crop: smallest area fraction.")
     image_flip: Optional[float] = Field(None, ge=0.0, le=1.0, description="Horizontal flip probability (default 0).")
-    image_brightness: Optional[float] = Field(None, ge=0.0, le=1.0)
-    image_contrast: Optional[float] = Field(None, ge=0.0, le=1.0)
+    image_brightness: Optional[float] = Field(None, ge=0.0, le=1.0, description="Brightness jitter (fraction of the range; default from strength).")
+    image_contrast: Optional[float] = Field(None, ge=0.0, le=1.0, description="Contrast jitter (fraction; default from strength).")
     image_noise: Optional[float] = Field(None, ge=0.0, le=1.0, description="Gaussian noise std (pixels in 0..1).")
     image_blur: Optional[float] = Field(None, ge=0.0, le=1.0, description="Probability of a 3x3 gaussian blur.")
 
 
 class RunConfig(_Section):
+    """Where a run writes: `<storage_path>/<name>/`."""
+
     name: str = Field("negatron", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$", description=(
         "The run folder's name under storage_path: one path component (not '.' or '..')."))
-    storage_path: str = Field("runs", min_length=1)
+    storage_path: str = Field("runs", min_length=1, description="Folder that holds the run folders and Ray's checkpoints.")
 
     @field_validator("name")
     @classmethod
@@ -153,8 +169,10 @@ class RunConfig(_Section):
 
 
 class EvalConfig(_Section):
-    batch_size: int = Field(64, ge=1)
-    top_k: int = Field(100, ge=1)
+    """Dev and test evaluation (MRR@10, nDCG@10, recall@k; k-NN accuracy for images)."""
+
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass when embedding queries and corpus.")
+    top_k: int = Field(100, ge=1, description="Documents retrieved per query for the ranking metrics.")
     first_stage: str = Field("default", min_length=1, description=(
         "Cross-encoder training: the bi-encoder whose top rerank_depth dev candidates the reranker reorders."))
     rerank_depth: int = Field(20, ge=1, le=1000, description="Cross-encoder dev checks: candidates reranked per query.")
@@ -166,22 +184,24 @@ _DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "
 
 
 class TuneSection(_Section):
+    """`negatron tune`: the search space, the scheduler and the trials."""
+
     space: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "dotted config key -> {loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}"))
-    num_samples: int = Field(8, ge=1)
-    metric: str = Field("dev_mrr@10", pattern=r"^dev_[a-z0-9@_]+$")
-    mode: Literal["max", "min"] = "max"
-    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
-    search: Literal["random", "optuna"] = "random"
-    max_concurrent_trials: int = Field(2, ge=1)
+    num_samples: int = Field(8, ge=1, description="Trials (configurations sampled from tune.space).")
+    metric: str = Field("dev_mrr@10", pattern=r"^dev_[a-z0-9@_]+$", description="Dev metric the search optimises (a key of metrics.json).")
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher or a lower metric is better.")
+    scheduler: Literal["asha", "pbt", "fifo"] = Field("asha", description="Early stopping: ASHA, population-based training, or none (fifo).")
+    search: Literal["random", "optuna"] = Field("random", description="How trials are sampled: at random, or by Optuna's TPE (pip install negatron[optuna]).")
+    max_concurrent_trials: int = Field(2, ge=1, description="Trials that run at once.")
     grace_period: int = Field(1, ge=1, description="ASHA: reports (checkpoints) before a trial can be stopped.")
-    reduction_factor: int = Field(2, ge=2)
+    reduction_factor: int = Field(2, ge=2, description="ASHA: 1/reduction_factor of the trials go on at each rung.")
     asha_recheck: bool = Field(True, description=(
         "ASHA: when a later trial reaches a rung, stop running trials no longer in its top "
         "1/reduction_factor (Ray's ASHA promotes first arrivals unconditionally)."))
     perturbation_interval: int = Field(2, ge=1, description="PBT: reports between exploit/explore.")
     trial_cpus: float = Field(0.1, gt=0, description="CPU share of each trial's driver.")
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the search (which configurations are sampled).")
 
     @model_validator(mode="after")
     def _check_space(self) -> "TuneSection":

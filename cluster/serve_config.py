@@ -28,14 +28,14 @@ class ScaleConfig(_Section):
     """Replica resources and autoscaling of one deployment (Ray Serve ``autoscaling_config``)."""
 
     num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per replica (fractional on small machines).")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas the autoscaler keeps.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas the autoscaler starts.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Scale up when requests in flight per replica exceed this.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica accepts at once (queue beyond it).")
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds of sustained load before a replica is added.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Seconds of low load before a replica is removed.")
     look_back_period_s: float = Field(15.0, gt=0, description="Averaging window of the load metric.")
-    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between Serve's health checks of a replica.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
 
     @model_validator(mode="after")
@@ -59,6 +59,8 @@ class BatchConfig(_Section):
 
 
 class EncoderServe(_Section):
+    """The Encoder deployment: the served bi-encoder(s) and their batching."""
+
     path: str = Field("", description="Bi-encoder folder or 'default'; empty = the run's final/ checkpoint, else model.path.")
     name: str = Field("", pattern=r"^[A-Za-z0-9_.:\-]*$", description="Model name clients send (empty = the folder name).")
     models: dict[str, str] = Field(default_factory=dict, description="Extra encoders served side by side: name -> folder.")
@@ -73,6 +75,8 @@ class EncoderServe(_Section):
 
 
 class RerankerServe(_Section):
+    """The Reranker deployment (optional): a cross-encoder for /rerank and reranked /search."""
+
     path: str = Field("", description="Cross-encoder folder (empty = no reranker).")
     max_length: int = Field(0, ge=0, le=8192, description="Token limit per query+text pair (0 = the model's own).")
     scale: ScaleConfig = ScaleConfig()
@@ -80,12 +84,14 @@ class RerankerServe(_Section):
 
 
 class RetrieverServe(_Section):
+    """The Retriever deployment (optional): a faiss index over a corpus for /search."""
+
     corpus: str = Field("", description="Corpus Parquet with doc_id, text (empty = no /search).")
-    index: Literal["flat", "hnsw", "ivf"] = "flat"
-    hnsw_m: int = Field(32, ge=4, le=256)
-    hnsw_ef_search: int = Field(64, ge=1)
+    index: Literal["flat", "hnsw", "ivf"] = Field("flat", description="faiss index: exact (flat), HNSW graph, or IVF-flat.")
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW: neighbours per node.")
+    hnsw_ef_search: int = Field(64, ge=1, description="HNSW: candidates explored per search (recall vs latency).")
     ivf_nlist: int = Field(0, ge=0, description="IVF lists (0 = about 4*sqrt(N)).")
-    ivf_nprobe: int = Field(16, ge=1)
+    ivf_nprobe: int = Field(16, ge=1, description="IVF: lists scanned per search (recall vs latency).")
     cache_dir: str = Field("", description="Where built indexes are cached (empty = <corpus folder>/.negatron_index).")
     rerank_depth: int = Field(50, ge=1, le=1000, description="Candidates the reranker rescores when a search asks for rerank.")
     rerank_weight: float | None = Field(None, ge=0, le=1, description=(
@@ -96,9 +102,11 @@ class RetrieverServe(_Section):
 
 
 class LimitsConfig(_Section):
+    """Request limits: anything larger is refused with a JSON 413/422 naming the limit."""
+
     max_texts: int = Field(256, ge=1, description="Texts per /v1/embeddings or /rerank request.")
     max_text_chars: int = Field(20000, ge=1, description="Characters per text.")
-    max_top_k: int = Field(100, ge=1)
+    max_top_k: int = Field(100, ge=1, description="Most results per /search request.")
     max_body_bytes: int = Field(8_000_000, ge=1024, description=(
         "Largest request body; a bigger one is refused with 413 before it is parsed."))
     max_image_bytes: int = Field(2_000_000, ge=1024, description="Image models: largest encoded image.")
@@ -111,13 +119,15 @@ class LimitsConfig(_Section):
 
 
 class ServeSection(_Section):
+    """`negatron serve`: the HTTP app and its deployments."""
+
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Ray Serve's proxy.")
     request_timeout_s: float = Field(60.0, ge=0, description=(
         "A request not answered within this many seconds gets an error instead of hanging (0 = no limit)."))
     startup_timeout_s: float = Field(600.0, gt=0, description=(
         "How long `negatron serve` waits for every deployment to be running before it gives up."))
-    app_name: str = Field("negatron", pattern=r"^[A-Za-z0-9_\-]+$")
+    app_name: str = Field("negatron", pattern=r"^[A-Za-z0-9_\-]+$", description="Ray Serve application name (and the route prefix's default).")
     api_key_env: str = Field("", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$|^$",
                              description="Name of an environment variable holding the API key (empty = no key).")
     access_log: bool = Field(False, description=(

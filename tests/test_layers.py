@@ -3,7 +3,7 @@ each other (directly or round a longer loop), and no private name crosses a modu
 
 Layers, bottom to top (docs/development.md):
 
-0. foundation: errors, configuration, file writing, the local-Ray helper (``cluster.errors``,
+0. foundation: errors, configuration, file writing, console output, the local-Ray helper (``cluster.errors``,
    ``cluster.config``, ``cluster.serve_config``, ``cluster.files``, ``cluster.local``);
 1. ``trainers``: models, data, losses, training, evaluation, mining;
 2. ``tune`` and ``serve``, independent of each other;
@@ -22,7 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cluster", "trainers", "tune", "serve")
-FOUNDATION = {"cluster.__init__", "cluster.errors", "cluster.config", "cluster.serve_config", "cluster.files",
+FOUNDATION = {"cluster.__init__", "cluster.errors", "cluster.config", "cluster.serve_config", "cluster.config_reference",
+              "cluster.console", "cluster.files",
               "cluster.local"}
 TOP = {"cluster.cli", "cluster.jobs", "cluster.multinode", "cluster.retry"}
 

@@ -53,7 +53,8 @@ def test_cross_encoder_config_rejects_a_bank(tmp_path):
 
 
 def test_quickstart_reranker_stage_saves_a_dev_chosen_weight_that_eval_uses(tmp_path, tiny_model_dir, capsys):
-    from negatron.cluster.cli import main, reranker_stage
+    from negatron.cluster.cli import main
+    from negatron.trainers.recipes import reranker_stage
     from negatron.trainers.cross_encoder import RERANK_FILE, saved_rerank_weight
 
     task = write_synthetic_task(tmp_path / "task", n_train=64)
@@ -73,3 +74,28 @@ def test_quickstart_reranker_stage_saves_a_dev_chosen_weight_that_eval_uses(tmp_
                  "--rerank-depth", "10", "--out", str(tmp_path / "two.json")]) == 0
     assert json.loads((tmp_path / "two.json").read_text())["reranked"]["mrr@10"] == pytest.approx(
         rr[f"reranked@w={w:g}"]["mrr@10"])
+
+
+def test_quickstart_runs_the_main_job_and_reports_the_time_of_each_stage(tmp_path, tiny_model_dir, capsys):
+    """`negatron quickstart` end to end on a tiny model: zero-shot and fine-tuned test metrics,
+    quickstart.json, and the closing time-by-stage table."""
+    import shutil
+
+    from negatron.cluster.cli import main
+
+    task = write_synthetic_task(tmp_path / "task", n_train=64)
+    shutil.copytree(task / "dev", task / "test")
+    assert main(["quickstart", f"model.path={tiny_model_dir}", f"data.train={task / 'train.parquet'}",
+                 "trainer.max_steps=4", "trainer.checkpoint_every=4", "trainer.batch_size=4", "bank.size=0",
+                 "bank.momentum=0", "model.max_length=32", "trainer.log_every_s=60",
+                 f"run.storage_path={tmp_path / 'runs'}", "run.name=qs"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "quickstart.json").read_text())
+    assert summary["train"]["steps"] == 4 and 0 <= summary["fine_tuned"]["mrr@10"] <= 1
+    stages = summary["stage_s"]
+    assert list(stages) == ["data", "zero-shot evaluation", "training", "evaluation", "total"]
+    assert all(v >= 0 for v in stages.values()) and stages["total"] >= stages["training"] > 0
+    assert "time by stage:" in out and "zero-shot evaluation" in out.split("time by stage:")[1]
+    assert f"MRR@10 {summary['zero_shot']['mrr@10']:.4f} -> {summary['fine_tuned']['mrr@10']:.4f}" in out
+    # the plot starts at the zero-shot dev score, measured on the dev subset the run checks
+    assert 0 <= summary["zero_shot_dev"]["mrr@10"] <= 1 and (tmp_path / "runs" / "qs" / "training.png").stat().st_size > 0

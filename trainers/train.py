@@ -122,15 +122,17 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from negatron.cluster import console
     from negatron.cluster.local import ensure_ray
 
     from .loop import primary_metric, train_loop_per_worker
 
     validate_inputs(cfg)
     cfg = absolute_paths(cfg)
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    console.log_to(run_dir / "ray.log")  # Ray's chatter goes here unless --verbose
     ensure_ray(address)
     t0 = time.perf_counter()
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
     ckpt_cfg = (CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints,
                                  checkpoint_score_attribute=primary_metric(cfg), checkpoint_score_order="max")
                 if cfg.data.dev else CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints))
@@ -248,8 +250,10 @@ def root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {last}" if type(e).__name__ not in last else last
 
 
-def plot_history(history: list[dict], out: Path, title: str = "", metric: str = "dev_mrr@10") -> Path | None:
-    """Loss and the dev metric (MRR@10, or probe accuracy for images) over steps, as a PNG."""
+def plot_history(history: list[dict], out: Path, title: str = "", metric: str = "dev_mrr@10",
+                 zero_shot: float | None = None) -> Path | None:
+    """Loss and the dev metric (MRR@10, or probe accuracy for images) over steps, as a PNG; with
+    ``zero_shot`` (the starting model's dev score, when measured) the curve starts at step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,16 +262,21 @@ def plot_history(history: list[dict], out: Path, title: str = "", metric: str = 
     train = [h for h in history if "loss" in h]
     dev = [h for h in history if metric in h]
     label = "dev " + metric.removeprefix("dev_").replace("mrr@10", "MRR@10")
-    if not train and not dev:
+    if not train and not dev and zero_shot is None:
         return None
     fig, ax1 = plt.subplots(figsize=(7, 4))
     if train:
         ax1.plot([h["step"] for h in train], [h["loss"] for h in train], color="tab:blue", label="train loss")
     ax1.set_xlabel("step")
     ax1.set_ylabel("train loss", color="tab:blue")
-    if dev:
+    if dev or zero_shot is not None:
         ax2 = ax1.twinx()
-        ax2.plot([h["step"] for h in dev], [h[metric] for h in dev], "o-", color="tab:orange", label=label)
+        steps, values = [h["step"] for h in dev], [h[metric] for h in dev]
+        if zero_shot is not None:
+            steps, values = [0, *steps], [zero_shot, *values]
+            ax2.annotate("zero-shot", (0, zero_shot), textcoords="offset points", xytext=(6, 4),
+                         color="tab:orange", fontsize=8)
+        ax2.plot(steps, values, "o-", color="tab:orange", label=label)
         ax2.set_ylabel(label, color="tab:orange")
     ax1.set_title(f"negatron {title}".strip())
     fig.tight_layout()

@@ -258,6 +258,7 @@ def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None
     """
     from ray import tune
 
+    from negatron.cluster import console
     from negatron.cluster.local import ensure_ray
     from negatron.trainers.train import absolute_paths, validate_inputs
 
@@ -266,6 +267,7 @@ def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None
     validate_inputs(cfg)
     cfg = absolute_paths(cfg)
     exp_dir = Path(cfg.run.storage_path) / cfg.run.name
+    console.log_to(exp_dir / "ray.log")  # Ray's chatter goes here unless --verbose
     ensure_ray(address)
     fit_concurrency(cfg)
     fn = pbt_trial_fn if cfg.tune.scheduler == "pbt" else trial_fn
