@@ -155,3 +155,24 @@ def test_the_checker_sees_violations(tmp_path):
             test_no_private_name_is_imported_across_modules()
     finally:
         globals()["ROOT"] = saved
+
+
+def test_model_kinds_are_compared_only_in_the_task_registry_and_the_schema():
+    """`cfg.model.kind == "image"` branches belong in trainers/tasks.py (or the config schema's own
+    cross-key checks): everywhere else asks the task."""
+    from negatron.trainers.tasks import TASKS
+
+    allowed = {"trainers.tasks", "cluster.config"}
+    bad = []
+    for m, path in modules().items():
+        if m in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            consts = [n.value for side in (node.left, *node.comparators) for n in ast.walk(side)
+                      if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            hits = [c for c in consts if c in TASKS]
+            if hits:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} compares with {hits}")
+    assert not bad, "model-kind branches outside the task registry:\n" + "\n".join(bad)

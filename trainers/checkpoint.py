@@ -74,18 +74,16 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: str | Path, model, optimizer, scheduler, step: int, config: dict,
                     metrics: dict, history: list[dict]) -> Path:
-    """Write the full checkpoint of a ContrastiveModel into ``folder``."""
+    """Write the full checkpoint of a training model into ``folder``: the model's encoder, each
+    part of its training state (``model.state_parts()``, one safetensors file per part), the
+    optimizer and scheduler, and ``negatron.json``."""
     folder = Path(folder)
     model.encoder.save(folder)
     state = folder / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
-    if model.bank is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.bank.state_dict().items()},
-                  str(state / "bank.safetensors"))
-    if model.key_encoder is not None:
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.key_encoder.state_dict().items()}
-        save_file(_dedupe_shared(sd), str(state / "key_encoder.safetensors"))
-    save_file({"log_scale": model.temperature.log_scale.detach().cpu().reshape(1)}, str(state / "extra.safetensors"))
+    for name, sd in model.state_parts().items():
+        save_file(dedupe_shared({k: v.detach().cpu().contiguous() for k, v in sd.items()}),
+                  str(state / f"{name}.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
                state / "optimizer.pt")
     meta = {"format": FORMAT_VERSION, "step": step, "config": config, "metrics": metrics, "history": history}
@@ -93,7 +91,7 @@ def save_checkpoint(folder: str | Path, model, optimizer, scheduler, step: int, 
     return folder
 
 
-def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): clone them apart."""
     seen: set[int] = set()
     out = {}
@@ -105,25 +103,15 @@ def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_training_state(folder: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore bank, momentum encoder, τ, optimizer and scheduler into live objects; return meta.
+    """Restore the model's training state (``model.load_state_parts``: bank, momentum encoder, τ),
+    the optimizer and the scheduler into live objects; return meta.
 
     The encoder weights are loaded by the caller (``Encoder.from_pretrained(folder)``).
     """
     folder = Path(folder)
     meta = read_meta(folder)
     state = folder / STATE_DIR
-    if model.bank is not None:
-        sd = _load_safetensors(state / "bank.safetensors")
-        if sd.get("keys") is None or tuple(sd["keys"].shape) != tuple(model.bank.keys.shape):
-            got = tuple(sd["keys"].shape) if "keys" in sd else None
-            raise CheckpointError(f"{state / 'bank.safetensors'}: bank shape {got} does not match the config "
-                                  f"({tuple(model.bank.keys.shape)}); resume with the same bank.size")
-        model.bank.load_state_dict(sd)
-    if model.key_encoder is not None:
-        model.key_encoder.load_state_dict(_load_safetensors(state / "key_encoder.safetensors"))
-    extra = _load_safetensors(state / "extra.safetensors")
-    with torch.no_grad():
-        model.temperature.log_scale.copy_(extra["log_scale"].reshape(()))
+    model.load_state_parts(lambda name: _load_safetensors(state / f"{name}.safetensors"), state)
     opt_path = state / "optimizer.pt"
     if not opt_path.is_file():
         raise CheckpointError(f"{opt_path}: missing")

@@ -19,35 +19,26 @@ import torch
 from negatron.cluster.config import Config
 
 from . import distributed as D
-from .augment import TextAugmenter
 from .checkpoint import load_training_state, optimizer_checksum, save_checkpoint
-from .data import PairStream
-from .encoder import Encoder
-from .step import ContrastiveModel, augment_batch
+from .step import ContrastiveModel
+from .tasks import task_for
 
 ReportFn = Callable[[dict, Optional[str]], None]
 
 
 def primary_metric(cfg: Config) -> str:
-    """The dev metric that picks the best checkpoint: MRR@10 for text, k-NN accuracy for images."""
-    return "dev_knn_acc" if cfg.model.kind == "image" else "dev_mrr@10"
+    """The dev metric that picks the best checkpoint (the task's: MRR@10 for text, k-NN accuracy
+    for images)."""
+    return task_for(cfg).primary_metric
 
 
 def build_encoder(cfg: Config, path: str | None = None):
-    if cfg.model.kind == "image":
-        from .images import BUILTIN_CNN, build_image_encoder
-
-        src = path or (BUILTIN_CNN if cfg.model.path == "default" else cfg.model.path)
-        return build_image_encoder(src, seed=cfg.trainer.seed, channels=cfg.model.image_channels,
-                                   image_size=cfg.model.image_size, width=cfg.model.image_width,
-                                   dim=cfg.model.projection_dim or 64, normalize=cfg.model.normalize)
-    return Encoder.from_pretrained(path or cfg.model.path, pooling=cfg.model.pooling,
-                                   projection_dim=cfg.model.projection_dim, normalize=cfg.model.normalize,
-                                   max_length=cfg.model.max_length)
+    """The task's encoder, from ``path`` or ``model.path``."""
+    return task_for(cfg).build_encoder(cfg, path)
 
 
 def make_optimizer(model: ContrastiveModel, cfg: Config):
-    head_lr = cfg.optim.head_lr if cfg.model.kind == "cross-encoder" else 0.0
+    head_lr = task_for(cfg).head_lr(cfg)
     buckets: dict[tuple[bool, bool], list] = {}
     for name, p in model.encoder.named_parameters():
         no_decay = p.ndim < 2 or "LayerNorm" in name or "bias" in name
@@ -123,35 +114,14 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     if rank == 0 and worker_nodes:
         log(f"[negatron] {world} worker(s) on {len(set(worker_nodes))} node(s): "
             + ", ".join(f"rank {r} → {n[:8]}" for r, n in enumerate(worker_nodes)))
-    table = pq.read_table(cfg.data.train)
-    image = cfg.model.kind == "image"
-    if image:
-        from .images import ImageAugmenter, ImageEval, ImageStream
-
-        stream = ImageStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed)
-    else:
-        stream = PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
-                            num_negatives=cfg.data.num_negatives)
+    task = task_for(cfg)
+    stream = task.stream(cfg, pq.read_table(cfg.data.train), rank, world)
     # fresh heads (a reranker's classifier, a projection) must start identical on every worker
     torch.manual_seed(cfg.trainer.seed)
-    if cfg.model.kind == "cross-encoder":
-        from .cross_encoder import CrossEncoder
-        from .rerank_step import CrossEncoderModel
-
-        encoder = CrossEncoder.for_training(resume_dir or cfg.model.path, max_length=cfg.model.max_length)
-        model = CrossEncoderModel.from_config(encoder, cfg).to(device)
-    else:
-        encoder = build_encoder(cfg, resume_dir)
-        model = ContrastiveModel.from_config(encoder, cfg).to(device)
+    model = task.build_model(cfg, resume_dir).to(device)
     model.train()
     opt, sched = make_optimizer(model, cfg)
-    a = cfg.augment
-    if image:
-        aug = ImageAugmenter(a.strength, crop_min=a.image_crop_min, flip=a.image_flip, brightness=a.image_brightness,
-                             contrast=a.image_contrast, noise=a.image_noise, blur=a.image_blur)
-    else:
-        aug = TextAugmenter(mask_prob=a.mask_prob, delete_prob=a.delete_prob, crop=a.crop,
-                            crop_min_ratio=a.crop_min_ratio, mask_token=encoder.tokenizer.mask_token or "[MASK]")
+    aug = task.augmenter(cfg, model.encoder)
     start, history, last_metrics = 0, [], {}
     if resume_dir:
         meta = load_training_state(resume_dir, model, opt, sched)
@@ -169,19 +139,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         fill = model.prefill_bank(texts, ids, batch_size=cfg.eval.batch_size)
         if rank == 0:
             log(f"[negatron] bank prefilled: {fill}/{model.bank.size} keys in {time.perf_counter() - t_fill:.1f} s")
-    dev = None
-    if rank == 0 and cfg.data.dev and image:
-        dev = ImageEval.load(cfg.data.dev)
-    elif rank == 0 and cfg.data.dev:
-        from .schema import check_eval_dir
-
-        dev = check_eval_dir(cfg.data.dev)
-        if cfg.model.kind == "cross-encoder":  # first-stage candidates once; each check reranks them
-            from .evaluate import RerankEval
-
-            dev = RerankEval(Encoder.from_pretrained(cfg.eval.first_stage), dev, depth=cfg.eval.rerank_depth,
-                             batch_size=cfg.eval.batch_size, max_queries=cfg.data.max_dev_queries,
-                             max_docs=cfg.data.max_dev_docs, query_max_length=cfg.model.query_max_length or None)
+    dev = task.dev_evaluator(cfg) if rank == 0 else None
 
     params = model.trainable_parameters()
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
@@ -194,13 +152,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     for step in range(start, end):
         torch.manual_seed(_step_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
         data_digest = rows_digest(data_digest, stream.global_rows(step))
-        if image:  # SimCLR: two independently augmented views of the same images
-            batch = stream.batch(step)
-            batch["query"] = aug(batch["query"], cfg.trainer.seed, step, rank, stream=0)
-            batch["positive"] = aug(batch["positive"], cfg.trainer.seed, step, rank, stream=1)
-        else:
-            batch = augment_batch(stream.batch(step), aug, cfg.augment.apply_to, cfg.augment.dropout_views,
-                                  cfg.trainer.seed, step, rank)
+        batch = task.views(stream.batch(step), aug, cfg, step, rank)
         opt.zero_grad(set_to_none=True)
         loss, state = model.loss(batch, step)
         if not torch.isfinite(loss):
@@ -239,20 +191,9 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             if worker_nodes:
                 metrics["worker_nodes"] = worker_nodes
             if rank == 0 and dev is not None:
-                from .evaluate import evaluate_encoder
-
-                if image:
-                    m = dev.evaluate(model.encoder, k=cfg.eval.knn_k, shots=cfg.eval.probe_shots)
-                elif cfg.model.kind == "cross-encoder":
-                    m = dev.evaluate(model.encoder, chunk_size=cfg.eval.batch_size)
-                else:
-                    m = evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
-                                         max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
-                                         query_max_length=cfg.model.query_max_length or None, progress=False)
+                m = task.evaluate(dev, model, cfg)
                 metrics.update({f"dev_{k}": v for k, v in m.items()})
-                shown = (("knn_acc", "probe_acc", "fewshot_probe_acc") if image
-                         else ("mrr@10", "recall@10", "ndcg@10"))
-                shown = tuple(k for k in shown if k in m)
+                shown = tuple(k for k in task.shown_metrics if k in m)
                 history.append({"step": done, **{f"dev_{k}": m[k] for k in shown}})
                 best = max(best, metrics[key])
                 log(f"[negatron] step {done} dev " + " ".join(f"{k} {m[k]:.4f}" for k in shown[:2])

@@ -36,6 +36,14 @@ class Temperature(nn.Module):
     def value(self) -> float:
         return float(1.0 / self.scale().detach())
 
+    def state_part(self) -> dict[str, torch.Tensor]:
+        """τ as a checkpoint part (``train_state/extra.safetensors``)."""
+        return {"log_scale": self.log_scale.detach().cpu().reshape(1)}
+
+    def load_state_part(self, part: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.log_scale.copy_(part["log_scale"].reshape(()))
+
 
 def same_id_mask(query_pos_ids: torch.Tensor, cand_ids: torch.Tensor,
                  keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -60,7 +60,11 @@ def build_groups(batch: dict, in_batch: int = 0, hard: bool = True) -> tuple[lis
 
 
 class CrossEncoderModel(nn.Module):
-    """The trainer's view of a reranker: same interface as ContrastiveModel (no bank)."""
+    """The trainer's view of a reranker: the training-model interface of ``ContrastiveModel``
+    (loss, after-step update, trainable parameters, training state by part). A reranker has no
+    memory bank: ``bank`` is None by declaration (the trainer reports no bank for it)."""
+
+    bank = None
 
     def __init__(self, encoder: CrossEncoder, temperature: float = 1.0, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, in_batch_negatives: int = 0, hard_negatives_after: int = 0):
@@ -69,13 +73,17 @@ class CrossEncoderModel(nn.Module):
         self.hard_negatives_after = hard_negatives_after
         self.encoder = encoder
         self.temperature = Temperature(temperature, learnable_temperature, min_temperature)
-        self.bank = None
-        self.key_encoder = None
 
     @classmethod
     def from_config(cls, encoder: CrossEncoder, cfg) -> "CrossEncoderModel":
         return cls(encoder, cfg.loss.temperature, cfg.loss.learnable_temperature, cfg.loss.min_temperature,
                    cfg.data.in_batch_negatives, cfg.data.hard_negatives_after)
+
+    def state_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"extra": self.temperature.state_part()}
+
+    def load_state_parts(self, read, where) -> None:
+        self.temperature.load_state_part(read("extra"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.encoder.parameters())

@@ -69,6 +69,32 @@ class ContrastiveModel(nn.Module):
                    query_max_length=cfg.model.query_max_length, bank_filter_ratio=cfg.bank.filter_ratio,
                    bank_mode=cfg.bank.mode, bank_weight=cfg.bank.weight)
 
+    def state_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The training state besides the encoder's weights, by part: τ (``extra``), the bank and
+        the momentum encoder when the model has them."""
+        parts = {"extra": self.temperature.state_part()}
+        if self.bank is not None:
+            parts["bank"] = dict(self.bank.state_dict())
+        if self.key_encoder is not None:
+            parts["key_encoder"] = dict(self.key_encoder.state_dict())
+        return parts
+
+    def load_state_parts(self, read, where) -> None:
+        """Restore what ``state_parts`` saved; ``read(name)`` returns a part (CheckpointError if
+        missing or corrupt)."""
+        from .checkpoint import CheckpointError
+
+        if self.bank is not None:
+            sd = read("bank")
+            if sd.get("keys") is None or tuple(sd["keys"].shape) != tuple(self.bank.keys.shape):
+                got = tuple(sd["keys"].shape) if "keys" in sd else None
+                raise CheckpointError(f"{where / 'bank.safetensors'}: bank shape {got} does not match the config "
+                                      f"({tuple(self.bank.keys.shape)}); resume with the same bank.size")
+            self.bank.load_state_dict(sd)
+        if self.key_encoder is not None:
+            self.key_encoder.load_state_dict(read("key_encoder"))
+        self.temperature.load_state_part(read("extra"))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.encoder.parameters())
         if isinstance(self.temperature.log_scale, nn.Parameter):

@@ -36,52 +36,11 @@ class TrainResult:
 
 
 def validate_inputs(cfg: Config) -> None:
-    """Check data and model on the driver, before any worker starts (raises with a clear message)."""
-    from .model_io import resolve_model_path
-    from .schema import check_eval_dir, check_pairs
+    """Check data and model on the driver, before any worker starts (raises with a clear message);
+    the model kind's task knows what to check."""
+    from .tasks import task_for
 
-    if cfg.model.kind == "image":
-        return _validate_image_inputs(cfg)
-    if not cfg.data.train:
-        raise ConfigError("data.train: not set (a pairs Parquet with query, positive, query_id, positive_id)")
-    table = check_pairs(cfg.data.train)
-    global_batch = cfg.trainer.batch_size * cfg.trainer.num_workers
-    if table.num_rows < global_batch:
-        raise ConfigError(f"trainer.batch_size × trainer.num_workers = {global_batch} exceeds the "
-                          f"{table.num_rows} pairs in {cfg.data.train}")
-    if cfg.data.dev:
-        check_eval_dir(cfg.data.dev)
-    resolve_model_path(cfg.model.path)
-    if cfg.model.kind == "cross-encoder" and cfg.data.dev:
-        resolve_model_path(cfg.eval.first_stage)
-
-
-def _validate_image_inputs(cfg: Config) -> None:
-    from .images import ImageAugmenter, decode_images, is_image_model
-    from .schema import SchemaError, check_images
-
-    if not cfg.data.train:
-        raise ConfigError("data.train: not set (an images Parquet with id, image; `negatron data digits` makes one)")
-    table = check_images(cfg.data.train)
-    try:
-        decode_images(table.column("image").slice(0, 64).to_pylist())
-    except ValueError as e:
-        raise SchemaError(f"{cfg.data.train}: column 'image': {e}") from None
-    global_batch = cfg.trainer.batch_size * cfg.trainer.num_workers
-    if table.num_rows < global_batch:
-        raise ConfigError(f"trainer.batch_size × trainer.num_workers = {global_batch} exceeds the "
-                          f"{table.num_rows} images in {cfg.data.train}")
-    if cfg.data.dev:
-        for name in ("train", "test"):
-            check_images(Path(cfg.data.dev) / f"{name}.parquet", labels=True)
-    if cfg.model.path != "default" and not is_image_model(cfg.model.path):
-        raise ConfigError(f"model.path: {cfg.model.path!r} is not an image encoder folder "
-                          "(use 'cnn' for a new one, or a folder written by an image training run)")
-    a = cfg.augment
-    try:
-        ImageAugmenter(a.strength, crop_min=a.image_crop_min)
-    except ValueError as e:
-        raise ConfigError(f"augment: {e}") from None
+    task_for(cfg).validate(cfg)
 
 
 def absolute_paths(cfg: Config) -> Config:

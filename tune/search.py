@@ -29,11 +29,12 @@ def check_space(cfg: Config) -> None:
         raise ConfigError("tune.space: empty; give at least one key, e.g. loss.temperature: {loguniform: [0.01, 0.5]}")
     if not cfg.data.dev:
         raise ConfigError("data.dev: Tune needs a dev eval folder to report tune.metric")
-    image_metrics = ("dev_knn_acc", "dev_probe_acc", "dev_fewshot_probe_acc")
-    if (cfg.model.kind == "image") != (cfg.tune.metric in image_metrics):
-        want = ", ".join(image_metrics) if cfg.model.kind == "image" else "dev_mrr@10, dev_recall@10, dev_ndcg@10, ..."
+    from negatron.trainers.tasks import task_for
+
+    task = task_for(cfg)
+    if cfg.tune.metric not in task.metrics:
         raise ConfigError(f"tune.metric: {cfg.tune.metric!r} is not reported for model.kind {cfg.model.kind!r}; "
-                          f"use one of {want}")
+                          f"use one of {', '.join(task.metrics)}")
     for key, spec in cfg.tune.space.items():
         kind, values = next(iter(spec.items()))
         for v in values:
@@ -130,7 +131,9 @@ GIB = 1024 ** 3
 
 def weights_bytes(cfg: Config) -> int:
     """Bytes of the model's weight files (0 when unknown, e.g. the built-in image CNN)."""
-    if cfg.model.kind == "image" and cfg.model.path == "default":
+    from negatron.trainers.tasks import task_for
+
+    if not task_for(cfg).weights_known(cfg):
         return 0
     try:
         from negatron.trainers.model_io import resolve_model_path

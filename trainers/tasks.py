@@ -1,0 +1,242 @@
+"""One task per model kind: everything the trainer, Tune and the CLI need to know about a kind.
+
+A task answers, for its ``model.kind``:
+
+- ``validate(cfg)``: the driver's checks of data and model before any worker starts;
+- ``stream(cfg, table, rank, world)``: the worker's batches (``PairStream`` for text);
+- ``build_encoder(cfg, path)`` and ``build_model(cfg, resume_dir)``: the encoder, and the
+  training model around it (loss, after-step update, trainable parameters, bank);
+- ``augmenter(cfg, encoder)`` and ``views(batch, aug, cfg, step, rank)``: the two views of a batch;
+- ``dev_evaluator(cfg)`` and ``evaluate(dev, model, cfg)``: the dev checks at each checkpoint;
+- ``primary_metric`` (picks the best checkpoint), ``shown_metrics`` (the progress line) and
+  ``metrics`` (what Tune may optimise).
+
+``run_worker`` asks the task and never compares kind strings. Adding a fourth kind is one
+``Task`` subclass and one line in ``TASKS`` (and the kind's name in ``ModelConfig.kind``);
+docs/development.md shows how.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from negatron.cluster.config import Config, ConfigError
+
+TEXT_METRICS = ("dev_mrr@10", "dev_recall@1", "dev_recall@10", "dev_recall@100", "dev_ndcg@10")
+
+
+class Task:
+    """The bi-encoder task (text pairs, InfoNCE with in-batch and bank negatives); the base class."""
+
+    kind: ClassVar[str] = "bi-encoder"
+    primary_metric: ClassVar[str] = "dev_mrr@10"
+    shown_metrics: ClassVar[tuple[str, ...]] = ("mrr@10", "recall@10", "ndcg@10")
+    metrics: ClassVar[tuple[str, ...]] = TEXT_METRICS
+    what_trains: ClassVar[str] = "a pairs Parquet with query, positive, query_id, positive_id"
+
+    # -- the driver ------------------------------------------------------------------------------
+
+    def validate(self, cfg: Config) -> None:
+        """Check data and model on the driver (raises ConfigError / SchemaError / ModelLoadError)."""
+        from .model_io import resolve_model_path
+        from .schema import check_eval_dir, check_pairs
+
+        table = check_pairs(self._train_path(cfg))
+        self._check_batch(cfg, table.num_rows, "pairs")
+        if cfg.data.dev:
+            check_eval_dir(cfg.data.dev)
+        resolve_model_path(cfg.model.path)
+
+    def _train_path(self, cfg: Config) -> str:
+        if not cfg.data.train:
+            raise ConfigError(f"data.train: not set ({self.what_trains})")
+        return cfg.data.train
+
+    @staticmethod
+    def _check_batch(cfg: Config, rows: int, what: str) -> None:
+        global_batch = cfg.trainer.batch_size * cfg.trainer.num_workers
+        if rows < global_batch:
+            raise ConfigError(f"trainer.batch_size × trainer.num_workers = {global_batch} exceeds the "
+                              f"{rows} {what} in {cfg.data.train}")
+
+    def weights_known(self, cfg: Config) -> bool:
+        """Whether ``model.path`` names weight files (for Tune's memory estimate)."""
+        return True
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def stream(self, cfg: Config, table, rank: int, world: int):
+        from .data import PairStream
+
+        return PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
+                          num_negatives=cfg.data.num_negatives)
+
+    def build_encoder(self, cfg: Config, path: str | None = None):
+        from .encoder import Encoder
+
+        return Encoder.from_pretrained(path or cfg.model.path, pooling=cfg.model.pooling,
+                                       projection_dim=cfg.model.projection_dim, normalize=cfg.model.normalize,
+                                       max_length=cfg.model.max_length)
+
+    def build_model(self, cfg: Config, resume_dir: str | None = None):
+        from .step import ContrastiveModel
+
+        return ContrastiveModel.from_config(self.build_encoder(cfg, resume_dir), cfg)
+
+    def head_lr(self, cfg: Config) -> float:
+        """Learning rate of a fresh scoring head (0: the head trains at ``optim.lr``)."""
+        return 0.0
+
+    def augmenter(self, cfg: Config, encoder):
+        from .augment import TextAugmenter
+
+        a = cfg.augment
+        return TextAugmenter(mask_prob=a.mask_prob, delete_prob=a.delete_prob, crop=a.crop,
+                             crop_min_ratio=a.crop_min_ratio, mask_token=encoder.tokenizer.mask_token or "[MASK]")
+
+    def views(self, batch: dict, aug, cfg: Config, step: int, rank: int) -> dict:
+        from .step import augment_batch
+
+        return augment_batch(batch, aug, cfg.augment.apply_to, cfg.augment.dropout_views, cfg.trainer.seed, step, rank)
+
+    def dev_evaluator(self, cfg: Config) -> Any:
+        """What rank 0 evaluates at each checkpoint (None without ``data.dev``)."""
+        from .schema import check_eval_dir
+
+        return check_eval_dir(cfg.data.dev) if cfg.data.dev else None
+
+    def evaluate(self, dev: Any, model, cfg: Config) -> dict[str, float]:
+        from .evaluate import evaluate_encoder
+
+        return evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
+                                max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
+                                query_max_length=cfg.model.query_max_length or None, progress=False)
+
+
+class BiEncoderTask(Task):
+    """Text bi-encoder: the base task as it is."""
+
+
+class CrossEncoderTask(Task):
+    """Cross-encoder reranker: listwise contrastive loss over (positive, hard and in-batch negatives);
+    dev checks rerank the top ``eval.rerank_depth`` of the ``eval.first_stage`` bi-encoder."""
+
+    kind = "cross-encoder"
+
+    def validate(self, cfg: Config) -> None:
+        from .model_io import resolve_model_path
+
+        super().validate(cfg)
+        if cfg.data.dev:
+            resolve_model_path(cfg.eval.first_stage)
+
+    def build_encoder(self, cfg: Config, path: str | None = None):
+        from .cross_encoder import CrossEncoder
+
+        return CrossEncoder.for_training(path or cfg.model.path, max_length=cfg.model.max_length)
+
+    def build_model(self, cfg: Config, resume_dir: str | None = None):
+        from .rerank_step import CrossEncoderModel
+
+        return CrossEncoderModel.from_config(self.build_encoder(cfg, resume_dir), cfg)
+
+    def head_lr(self, cfg: Config) -> float:
+        return cfg.optim.head_lr
+
+    def dev_evaluator(self, cfg: Config) -> Any:
+        if not cfg.data.dev:
+            return None
+        from .encoder import Encoder
+        from .evaluate import RerankEval
+        from .schema import check_eval_dir
+
+        # first-stage candidates once; each check reranks them
+        return RerankEval(Encoder.from_pretrained(cfg.eval.first_stage), check_eval_dir(cfg.data.dev),
+                          depth=cfg.eval.rerank_depth, batch_size=cfg.eval.batch_size,
+                          max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
+                          query_max_length=cfg.model.query_max_length or None)
+
+    def evaluate(self, dev: Any, model, cfg: Config) -> dict[str, float]:
+        return dev.evaluate(model.encoder, chunk_size=cfg.eval.batch_size)
+
+
+class ImageTask(Task):
+    """Image encoder: SimCLR views of each image (two augmentations), the same InfoNCE and bank;
+    dev checks are k-NN and probe accuracy on frozen features."""
+
+    kind = "image"
+    primary_metric = "dev_knn_acc"
+    shown_metrics = ("knn_acc", "probe_acc", "fewshot_probe_acc")
+    metrics = ("dev_knn_acc", "dev_probe_acc", "dev_fewshot_probe_acc")
+    what_trains = "an images Parquet with id, image; `negatron data digits` makes one"
+
+    def validate(self, cfg: Config) -> None:
+        from .images import ImageAugmenter, decode_images, is_image_model
+        from .schema import SchemaError, check_images
+
+        table = check_images(self._train_path(cfg))
+        try:
+            decode_images(table.column("image").slice(0, 64).to_pylist())
+        except ValueError as e:
+            raise SchemaError(f"{cfg.data.train}: column 'image': {e}") from None
+        self._check_batch(cfg, table.num_rows, "images")
+        if cfg.data.dev:
+            for name in ("train", "test"):
+                check_images(Path(cfg.data.dev) / f"{name}.parquet", labels=True)
+        if cfg.model.path != "default" and not is_image_model(cfg.model.path):
+            raise ConfigError(f"model.path: {cfg.model.path!r} is not an image encoder folder "
+                              "(use 'cnn' for a new one, or a folder written by an image training run)")
+        a = cfg.augment
+        try:
+            ImageAugmenter(a.strength, crop_min=a.image_crop_min)
+        except ValueError as e:
+            raise ConfigError(f"augment: {e}") from None
+
+    def weights_known(self, cfg: Config) -> bool:
+        return cfg.model.path != "default"  # the built-in CNN has no weight files
+
+    def stream(self, cfg: Config, table, rank: int, world: int):
+        from .images import ImageStream
+
+        return ImageStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed)
+
+    def build_encoder(self, cfg: Config, path: str | None = None):
+        from .images import BUILTIN_CNN, build_image_encoder
+
+        src = path or (BUILTIN_CNN if cfg.model.path == "default" else cfg.model.path)
+        return build_image_encoder(src, seed=cfg.trainer.seed, channels=cfg.model.image_channels,
+                                   image_size=cfg.model.image_size, width=cfg.model.image_width,
+                                   dim=cfg.model.projection_dim or 64, normalize=cfg.model.normalize)
+
+    def augmenter(self, cfg: Config, encoder):
+        from .images import ImageAugmenter
+
+        a = cfg.augment
+        return ImageAugmenter(a.strength, crop_min=a.image_crop_min, flip=a.image_flip, brightness=a.image_brightness,
+                              contrast=a.image_contrast, noise=a.image_noise, blur=a.image_blur)
+
+    def views(self, batch: dict, aug, cfg: Config, step: int, rank: int) -> dict:
+        # SimCLR: two independently augmented views of the same images
+        batch["query"] = aug(batch["query"], cfg.trainer.seed, step, rank, stream=0)
+        batch["positive"] = aug(batch["positive"], cfg.trainer.seed, step, rank, stream=1)
+        return batch
+
+    def dev_evaluator(self, cfg: Config) -> Any:
+        from .images import ImageEval
+
+        return ImageEval.load(cfg.data.dev) if cfg.data.dev else None
+
+    def evaluate(self, dev: Any, model, cfg: Config) -> dict[str, float]:
+        return dev.evaluate(model.encoder, k=cfg.eval.knn_k, shots=cfg.eval.probe_shots)
+
+
+TASKS: dict[str, Task] = {t.kind: t for t in (BiEncoderTask(), CrossEncoderTask(), ImageTask())}
+
+
+def task_for(cfg: Config) -> Task:
+    """The task of ``cfg.model.kind``."""
+    try:
+        return TASKS[cfg.model.kind]
+    except KeyError:  # the schema's Literal and TASKS disagree: a bug, named
+        raise ConfigError(f"model.kind: {cfg.model.kind!r} has no task (known: {', '.join(TASKS)})") from None
