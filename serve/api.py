@@ -1,4 +1,4 @@
-"""HTTP API: request/response schemas and the FastAPI ingress deployment.
+"""HTTP API: the FastAPI app, its error handlers and the Ingress deployment (the routes).
 
 - ``POST /v1/embeddings``: OpenAI-compatible (``input`` string or list, ``model``, ``encoding_format``
   float|base64, ``usage``), so the official ``openai`` client works unchanged.
@@ -7,16 +7,15 @@
 - ``GET /healthz``, ``GET /v1/models``, OpenAPI docs at ``/docs``.
 
 Every rejected request gets a 4xx with ``{"error": {"message", "type", "param", "code"}}`` naming
-the field; nothing from inside Ray reaches the client.
+the field; nothing from inside Ray reaches the client. The schemas are in ``schemas``, the guard
+middleware in ``guard``, image decoding in ``image_input``, reranked-search scores in ``scoring``.
 """
 
 import asyncio
 import base64
-import hmac
-import json
 import logging
 import os
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import orjson
@@ -24,207 +23,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from .deployments import Coalescer, LoadAwareWait, Readiness, mark_ready, per_model, was_ready
+from .guard import Guard
+from .image_input import decode_images_request
+from .schemas import (ApiError, EmbeddingsRequest, EmbeddingsResponse, ImageEmbeddingsRequest, IngressSettings,
+                      RerankRequest, RerankResult, SearchRequest, SearchResult, error_body)
+from .scoring import rerank_order, sigmoid  # noqa: F401 - re-exported
 
 logger = logging.getLogger("ray.serve")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-            503: "service_unavailable", 504: "timeout_error"}.get(status, "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# -- request / response schemas -------------------------------------------------------------------
-
-class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    input: Union[str, list[str]] = Field(..., description="A text or a list of texts.")
-    model: Optional[str] = Field(None, description="Served model name (GET /v1/models); default model if omitted.")
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Optional[int] = Field(None, description="Must equal the model's dimension if given.")
-    user: Optional[str] = None
-
-
-class EmbeddingItem(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: Union[list[float], str]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingsResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingItem]
-    model: str
-    usage: Usage
-
-
-class RerankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    query: str
-    texts: list[str]
-    top_n: Optional[int] = Field(None, ge=1, description="Return only the best N (default: all).")
-    return_text: bool = False
-
-
-class RerankResult(BaseModel):
-    index: int
-    score: float
-    text: Optional[str] = None
-
-
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    query: str
-    top_k: int = Field(10, ge=1)
-    rerank: bool = False
-
-
-class ImageEmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    input: Union[str, list[str]] = Field(..., description="A base64 PNG/JPEG image (or a data: URL), or a list of them.")
-    model: Optional[str] = Field(None, description="Served image model name; the default model if omitted.")
-    encoding_format: Literal["float", "base64"] = "float"
-
-
-IMAGE_FORMATS = ("PNG", "JPEG")
-
-
-def _b64_bytes(item: str, param: str, max_bytes: int) -> bytes:
-    import binascii
-
-    if item.startswith("data:"):
-        item = item.split(",", 1)[1] if "," in item else ""
-    if len(item) > (max_bytes * 4) // 3 + 4:
-        raise ApiError(413, f"'{param}' is over {max_bytes} bytes", param, "image_too_large")
-    try:
-        return base64.b64decode(item, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"'{param}' is not valid base64", param, "invalid_image") from None
-
-
-def _open_image(raw: bytes, param: str):
-    """PIL image (header read, pixels not decoded yet); PNG and JPEG only."""
-    import io
-
-    from PIL import Image
-
-    try:
-        return Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
-    except Exception:  # PIL raises several types for bad bytes or other formats
-        raise ApiError(400, f"'{param}' is not a readable PNG or JPEG image", param, "invalid_image") from None
-
-
-def decode_image_b64(item: str, param: str, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """One base64 image → H×W (grey) or H×W×3 uint8, or an ApiError naming ``param``."""
-    im = _open_image(_b64_bytes(item, param, max_bytes), param)
-    with im:
-        if im.width * im.height > max_pixels:
-            raise ApiError(413, f"'{param}' is {im.width}x{im.height} pixels; the limit is {max_pixels}",
-                           param, "image_too_large")
-        return _pixels(im, param)
-
-
-def _pixels(im, param: str) -> np.ndarray:
-    try:
-        im = im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16", "LA") else im.convert("RGB")
-        return np.asarray(im, dtype=np.uint8)
-    except Exception:  # truncated or corrupt pixel data
-        raise ApiError(400, f"'{param}' is not a readable PNG or JPEG image", param, "invalid_image") from None
-
-
-def decode_images_request(items: list[str], single: bool, limits: dict, size: int = 0,
-                          channels: int = 0) -> list[np.ndarray]:
-    """A request's base64 PNG/JPEG images → model-ready arrays, with every limit checked first.
-
-    Each image's bytes and pixels are checked, then the pixels of the whole request
-    (``limits['max_request_pixels']``) from the image headers, before any pixel is decoded. With
-    ``size`` (the image model's input side) each image is shrunk to the model's input as soon as it
-    is decoded (exactly the model's own resize: embeddings are unchanged), so at most one full-size
-    image is held at a time and the Encoder receives size×size arrays. Blocking: call it off the
-    event loop.
-
-    Raises:
-        ApiError: 400 for a bad image, 413 naming the limit that was passed.
-    """
-    if not items:
-        raise ApiError(400, "'input' is empty: give at least one image", "input", "empty_input")
-    if len(items) > limits["max_texts"]:
-        raise ApiError(413, f"'input' has {len(items)} images; the limit is {limits['max_texts']} per request",
-                       "input", "too_many_inputs")
-    budget = int(limits.get("max_request_pixels") or 0)
-    opened, total = [], 0
-    try:
-        for i, item in enumerate(items):
-            at = "input" if single else f"input[{i}]"
-            im = _open_image(_b64_bytes(item, at, limits["max_image_bytes"]), at)
-            opened.append((at, im))
-            if im.width * im.height > limits["max_image_pixels"]:
-                raise ApiError(413, f"'{at}' is {im.width}x{im.height} pixels; the limit is "
-                                    f"{limits['max_image_pixels']}", at, "image_too_large")
-            total += im.width * im.height
-            if budget and total > budget:
-                raise ApiError(413, f"the images of this request hold over {budget} pixels in all "
-                                    f"(serve.limits.max_request_pixels); send fewer or smaller images",
-                               "input", "request_pixels_too_large")
-        return [_shrink(_pixels(im, at), size, channels) if size else _pixels(im, at) for at, im in opened]
-    finally:
-        for _, im in opened:
-            im.close()
-
-
-def _shrink(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """uint8 H×W[×C] → float32 C×size×size, through the image model's own ``prepare``."""
-    import torch
-
-    from negatron.trainers.images import prepare, to_tensor
-
-    with torch.no_grad():
-        return prepare(to_tensor([arr]), size, channels)[0].numpy()
-
-
-class SearchResult(BaseModel):
-    doc_id: str
-    score: float
-    text: str
-    retrieval_score: Optional[float] = Field(None, description="The bi-encoder score when reranked.")
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Probabilities from logits (float64; no overflow warning at large |logit|)."""
-    z = np.asarray(logits, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -z))
-
-
-def rerank_order(retrieval: list[float], logits: np.ndarray, weight: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(the scores results are sorted by, the top_k candidate order) for a reranked search.
-
-    weight 1: the reranker's probabilities (ordered by its logits, which keep apart candidates
-    whose probabilities round to the same float). Below 1: the reranker's logits and the retrieval
-    scores, each z-scored over the candidates, mixed as weight : 1 - weight — the fusion
-    ``negatron eval --rerank-weight`` measures.
-    """
-    from negatron.trainers.evaluate import fuse_scores
-
-    logits = np.asarray(logits, dtype=np.float64)
-    if weight >= 1.0:
-        return sigmoid(logits), np.argsort(-logits, kind="stable")[:top_k]
-    final = fuse_scores(np.asarray(retrieval, dtype=np.float64), logits, weight)
-    return final, np.argsort(-final, kind="stable")[:top_k]
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -233,136 +41,19 @@ app = FastAPI(title="Negatron", version="0.1.0",
               description="Embeddings (OpenAI-compatible), reranking and retrieval from Negatron checkpoints.")
 
 
-OPEN_PATHS = ("/healthz", "/readyz")  # answer without the API key (exact paths, after the route prefix)
-UNGATED_PATHS = OPEN_PATHS + ("/docs", "/openapi.json", "/v1/models", "/docs/oauth2-redirect", "/redoc")
-
-
-class Guard:
-    """ASGI middleware that runs before routing and body parsing, so a refused request costs nothing:
-
-    - the API key (``Authorization: Bearer``, constant-time) on every HTTP route and websocket but
-      exactly ``/healthz`` and ``/readyz`` (the OpenAPI schema and ``/docs`` included);
-    - readiness: until every deployment the app needs has answered once (``ready``), a request to
-      a model route gets a JSON 503 with ``Retry-After`` at once instead of waiting in a queue;
-    - the body size limit (``serve.limits.max_body_bytes``), from Content-Length when sent;
-      a chunked body is read up to the limit first and then handed on;
-    - a deadline (``deadline_s``, a little under ``serve.request_timeout_s``): a request not
-      answered by then gets a JSON 504, before Ray Serve's proxy would answer 408 in plain text.
-
-    Settings live on the class: each Ingress replica is its own process and sets them at start.
-    """
-
-    api_key: Optional[bytes] = None
-    max_body_bytes: int = 8_000_000
-    ready = None  # async () -> None when ready, else the seconds a client should wait
-    deadline_s: Optional[float] = None
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @staticmethod
-    async def _refuse(send, status: int, message: str, code: str, param: Optional[str] = None,
-                      extra_headers: tuple = ()) -> None:
-        body = json.dumps(_error_body(status, message, param, code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   *extra_headers]
-        if status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    @staticmethod
-    def _route(scope) -> str:
-        """The path after the application's route prefix."""
-        path, root = scope.get("path", ""), scope.get("root_path", "") or ""
-        return path[len(root):] if root and path.startswith(root) else path
-
-    def _key_ok(self, headers: dict) -> bool:
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.inner(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        route = self._route(scope)
-        if scope["type"] == "websocket":  # the API has none; never let one past the key
-            if self.api_key is not None and not self._key_ok(headers):
-                return await send({"type": "websocket.close", "code": 1008})
-            return await self.inner(scope, receive, send)
-        if self.api_key is not None and route not in OPEN_PATHS and not self._key_ok(headers):
-            return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      "invalid_api_key")
-        if self.ready is not None and route not in UNGATED_PATHS:
-            wait = await type(self).ready()  # a plain callable, not a method
-            if wait is not None:
-                return await self._refuse(send, 503, "the server is starting: its models or index are not "
-                                          f"ready yet; retry in {wait} s (GET /readyz says when)", "not_ready",
-                                          extra_headers=((b"retry-after", str(wait).encode()),))
-        limit = self.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                return await self._refuse(send, 400, "invalid Content-Length header", "invalid_header")
-            if size > limit:
-                return await self._refuse(send, 413, f"the request body is {size} bytes; the limit is {limit}",
-                                          "body_too_large")
-        if declared is not None or scope.get("method") in ("GET", "HEAD"):
-            return await self._with_deadline(scope, receive, send)
-        # no Content-Length (chunked): read up to the limit first, then replay the body
-        chunks, received = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client went away
-            chunks.append(msg.get("body", b""))
-            received += len(chunks[-1])
-            if received > limit:
-                return await self._refuse(send, 413, f"the request body exceeds the limit of {limit} bytes",
-                                          "body_too_large")
-            if not msg.get("more_body"):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replayed():
-            return replay.pop() if replay else await receive()
-
-        await self._with_deadline(scope, replayed, send)
-
-    async def _with_deadline(self, scope, receive, send):
-        if not self.deadline_s:
-            return await self.inner(scope, receive, send)
-        started = False
-
-        async def tracked(msg):
-            nonlocal started
-            started = True
-            await send(msg)
-
-        try:
-            await asyncio.wait_for(self.inner(scope, receive, tracked), self.deadline_s)
-        except asyncio.TimeoutError:
-            if not started:
-                await self._refuse(send, 504, f"the request was not answered within {self.deadline_s:g} s "
-                                   "(serve.request_timeout_s); the server is overloaded or a model is stuck",
-                                   "timeout")
-
-
 app.add_middleware(Guard)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(_error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+    return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     """Routing and body-reading errors (404, 405, an unreadable body) in the same JSON shape."""
     code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return JSONResponse(_error_body(e.status_code, str(e.detail), None, code), status_code=e.status_code,
+    return JSONResponse(error_body(e.status_code, str(e.detail), None, code), status_code=e.status_code,
                         headers=getattr(e, "headers", None))
 
 
@@ -393,7 +84,7 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
         if where not in seen:  # a union reports once per member type: keep the first
             seen.add(where)
             msgs.append(f"{where}: {er.get('msg')}")
-    return JSONResponse(_error_body(422, "; ".join(msgs[:5]), param or None, "invalid_type"), status_code=422)
+    return JSONResponse(error_body(422, "; ".join(msgs[:5]), param or None, "invalid_type"), status_code=422)
 
 
 def _f32_base64(vec: np.ndarray) -> str:
@@ -424,56 +115,53 @@ class Ingress:
     Args:
         encoder: handle of the Encoder deployment.
         reranker / retriever: handles, or None when not deployed.
-        settings: model names -> folders (``models``), ``default_model``, ``reranker_path``,
-            ``limits`` (LimitsConfig dict), ``max_length`` (encoder token limit, 0 = model's),
-            ``reranker_max_length``, ``rerank_depth``, ``api_key_env``.
+        settings: ``IngressSettings`` (or the same as a dict): served models and their folders,
+            limits, token limits, the reranker, batching, the API key's environment variable.
     """
 
-    def __init__(self, encoder, reranker, retriever, settings: dict[str, Any]):
+    def __init__(self, encoder, reranker, retriever, settings: IngressSettings | dict[str, Any]):
         from transformers import AutoTokenizer
 
+        st = settings if isinstance(settings, IngressSettings) else IngressSettings.model_validate(settings)
         self.encoder, self.reranker, self.retriever = encoder, reranker, retriever
         self.local: dict[str, Any] = {}
         self._coalesce: Optional[Coalescer] = None
-        if settings.get("colocate"):  # the encoders run in this replica: no hop per request
+        if st.colocate:  # the encoders run in this replica: no hop per request
             from negatron.trainers.encoder import load_encoder
 
             from .deployments import set_threads
 
-            set_threads(int(settings.get("torch_threads", 1)))
-            self.local = {n: load_encoder(p).eval() for n, p in settings["models"].items()}
-            batch = settings["batch"]
-            self.chunk = int(batch["chunk_size"])
-            self._local_embed.set_max_batch_size(int(batch["max_batch_size"]))
-            self._batch_wait = LoadAwareWait(self._local_embed, float(batch["batch_wait_timeout_s"]),
-                                             int(batch["max_batch_size"]))
-        elif int(settings.get("batch", {}).get("max_batch_size", 1)) > 1:
+            set_threads(st.torch_threads)
+            self.local = {n: load_encoder(p).eval() for n, p in st.models.items()}
+            self.chunk = st.batch.chunk_size
+            self._local_embed.set_max_batch_size(st.batch.max_batch_size)
+            self._batch_wait = LoadAwareWait(self._local_embed, st.batch.batch_wait_timeout_s, st.batch.max_batch_size)
+        elif st.batch.max_batch_size > 1:
             # separate Encoder: requests that arrive while its calls are busy travel together
-            self._coalesce = Coalescer(self._remote_embed, int(settings.get("encoder_slots", 1)),
-                                       int(settings["batch"]["max_batch_size"]))
-        self.models: dict[str, str] = settings["models"]
-        self.default_model: str = settings["default_model"]
-        self.limits: dict[str, Any] = settings["limits"]
-        self.rerank_depth = int(settings.get("rerank_depth", 50))
-        self.rerank_weight = float(settings.get("rerank_weight", 1.0))
-        self.dims: dict[str, int] = settings.get("dims", {})
-        self.image_models = set(settings.get("image_models", []))
+            self._coalesce = Coalescer(self._remote_embed, st.encoder_slots, st.batch.max_batch_size)
+        self.models: dict[str, str] = st.models
+        self.default_model: str = st.default_model
+        self.limits: dict[str, Any] = st.limits.model_dump()
+        self.rerank_depth = st.rerank_depth
+        self.rerank_weight = st.rerank_weight
+        self.dims: dict[str, int] = st.dims
+        self.image_models = set(st.image_models)
         text = {n: p for n, p in self.models.items() if n not in self.image_models}
         self.tokenizers = {n: AutoTokenizer.from_pretrained(p, local_files_only=True) for n, p in text.items()}
-        self.token_limits = {n: int(settings.get("max_length") or settings["model_max_lengths"][n]) for n in text}
+        self.token_limits = {n: st.max_length or st.model_max_lengths[n] for n in text}
         self.rr_tokenizer = None
-        if settings.get("reranker_path"):
-            self.rr_tokenizer = AutoTokenizer.from_pretrained(settings["reranker_path"], local_files_only=True)
-            self.rr_limit = int(settings.get("reranker_max_length") or 512)
-        env = settings.get("api_key_env") or ""
+        if st.reranker_path:
+            self.rr_tokenizer = AutoTokenizer.from_pretrained(st.reranker_path, local_files_only=True)
+            self.rr_limit = st.reranker_max_length or 512
+        env = st.api_key_env
         key = os.environ.get(env) if env else None
         if env and not key:
             raise RuntimeError(f"serve.api_key_env names {env!r}, but that environment variable is not set")
         Guard.api_key = key.encode() if key else None
-        Guard.max_body_bytes = int(self.limits.get("max_body_bytes", Guard.max_body_bytes))
-        self.image_shapes: dict[str, tuple[int, int]] = {n: tuple(v) for n, v in settings.get("image_shapes", {}).items()}
+        Guard.max_body_bytes = st.limits.max_body_bytes
+        self.image_shapes: dict[str, tuple[int, int]] = dict(st.image_shapes)
         # answer before the proxy's own (plain-text 408) timeout fires
-        timeout = float(settings.get("request_timeout_s") or 0)
+        timeout = st.request_timeout_s
         Guard.deadline_s = max(1.0, timeout - min(5.0, timeout * 0.1)) if timeout else None
         # Readiness from the Serve controller's view: a deployment can answer once it has a
         # replica that finished starting (RUNNING, or UPDATING: reconfiguring a running one, e.g.
@@ -583,7 +271,7 @@ class Ingress:
                 "default_model": self.default_model, "reranker": self.reranker is not None,
                 "search": self.retriever is not None}
         if not ready:
-            body["error"] = _error_body(503, "not ready: " + ", ".join(f"{n} {v}" for n, v in status.items()
+            body["error"] = error_body(503, "not ready: " + ", ".join(f"{n} {v}" for n, v in status.items()
                                                                        if v != "ready"), None, "not_ready")["error"]
         headers = None if ready else {"Retry-After": str(self.readiness.retry_after_s)}
         return JSONResponse(body, status_code=200 if ready else 503, headers=headers)

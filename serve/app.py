@@ -25,6 +25,7 @@ from negatron.cluster.config import Config, ConfigError
 from negatron.cluster.serve_config import ScaleConfig, ServeSection, ServeStartError
 
 from .api import Ingress
+from .schemas import IngressSettings
 from .deployments import EncoderDeployment, RerankerDeployment, RetrieverDeployment
 
 IMPORT_PATH = "negatron.serve.app:app_builder"
@@ -149,21 +150,21 @@ def app_builder(args: ServeSection) -> Application:
         retriever = RetrieverDeployment.options(**deployment_options(r.scale, args.access_log), user_config=user_config).bind(
             r.batch.model_dump(), r.scale.torch_threads)
 
-    settings = {
-        "models": models, "default_model": default_name, "limits": args.limits.model_dump(),
+    settings = IngressSettings(**{
+        "models": models, "default_model": default_name, "limits": args.limits,
         "max_length": args.encoder.max_length, "model_max_lengths": {n: f[0] for n, f in facts.items()},
         "dims": {n: f[1] for n, f in facts.items()}, "reranker_path": rr_path,
         "reranker_max_length": args.reranker.max_length or _reranker_len(rr_path),
         "rerank_depth": args.retriever.rerank_depth, "rerank_weight": _rerank_weight(args, rr_path),
         "api_key_env": args.api_key_env,
-        "colocate": args.encoder.colocate, "batch": args.encoder.batch.model_dump(),
+        "colocate": args.encoder.colocate, "batch": args.encoder.batch,
         "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
         "image_shapes": {n: _image_shape(names[n]) for n in image_models},
         "request_timeout_s": args.request_timeout_s,
         # calls the ingress keeps in flight to a separate Encoder: enough for its autoscaler to
         # reach max_replicas (serve.deployments.Coalescer)
         "encoder_slots": max(1, math.ceil(args.encoder.scale.max_replicas * args.encoder.scale.target_ongoing_requests)),
-    }
+    })
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress
     return Ingress.options(**deployment_options(ingress_scale, args.access_log)).bind(encoder, reranker, retriever, settings)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from negatron.cluster.config import Config, ConfigError
+from negatron.cluster.config import Config
 from negatron.cluster.errors import NegatronError
 
 from .checkpoint import STATE_DIR, read_meta
