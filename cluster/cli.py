@@ -31,7 +31,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_digits(args: argparse.Namespace) -> int:
-    from negatron.trainers.images import build_digits_dataset
+    from negatron.trainers.digits_data import build_digits_dataset
 
     info = build_digits_dataset(args.out, seed=args.seed)
     print(f"built the digits image dataset in {args.out}: {info['images']} {info['size'][0]}x{info['size'][1]} images, "
@@ -41,7 +41,8 @@ def _cmd_digits(args: argparse.Namespace) -> int:
 
 
 def _eval_images(args: argparse.Namespace) -> int:
-    from negatron.trainers.images import ImageEval, build_image_encoder
+    from negatron.trainers.evaluate import ImageEval
+    from negatron.trainers.image_encoder import build_image_encoder
 
     data = ImageEval.load(args.data)  # before loading any model
     _torch_threads(args.threads)
@@ -58,7 +59,7 @@ def _eval_images(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from negatron.trainers.encoder import Encoder
     from negatron.trainers.evaluate import evaluate_encoder, format_table
-    from negatron.trainers.images import is_image_model
+    from negatron.trainers.image_encoder import is_image_model
     from negatron.trainers.schema import check_eval_dir
 
     if is_image_model(args.model):

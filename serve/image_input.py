@@ -97,7 +97,7 @@ def _shrink(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
     """uint8 H×W[×C] → float32 C×size×size, through the image model's own ``prepare``."""
     import torch
 
-    from negatron.trainers.images import prepare, to_tensor
+    from negatron.trainers.image_encoder import prepare, to_tensor
 
     with torch.no_grad():
         return prepare(to_tensor([arr]), size, channels)[0].numpy()

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .image_encoder import decode_images, to_tensor
+
 
 def stable_id(value) -> int:
     """A 63-bit integer id for any string/int id (stable across processes and machines)."""
@@ -132,3 +134,18 @@ class PairStream(RowSchedule):
             out["neg_ids"] = torch.tensor(ids, dtype=torch.long)
             out["neg_valid"] = torch.tensor(valid, dtype=torch.bool)
         return out
+
+
+class ImageStream(RowSchedule):
+    """Global step s → this rank's B images (uint8 → float) and their ids, in the same row
+    order as the text pair stream: one seeded permutation per epoch, laid end to end."""
+
+    def __init__(self, table: pa.Table, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+        super().__init__(table.num_rows, batch_size, rank, world, seed)
+        self.images = decode_images(table.column("image").to_pylist())  # N×H×W[×C] uint8
+        self.ids = np.array([stable_id(v) for v in table.column("id").to_pylist()], dtype=np.int64)
+
+    def batch(self, step: int) -> dict:
+        rows = self.local_rows(step)
+        x = to_tensor(self.images[rows])
+        return {"rows": rows, "query": x, "positive": x, "pos_ids": torch.from_numpy(self.ids[rows])}

@@ -26,7 +26,7 @@ def load_encoder(path: str):
     """A text ``Encoder`` or an ``ImageEncoder``, whichever the folder holds."""
     folder = resolve_model_path(path)
     if (folder / IMAGE_CONFIG).is_file():
-        from .images import ImageEncoder
+        from .image_encoder import ImageEncoder
 
         return ImageEncoder.from_pretrained(folder)
     return Encoder.from_pretrained(str(folder))

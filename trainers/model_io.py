@@ -26,7 +26,7 @@ class ModelLoadError(NegatronError, ValueError):
     """A model folder is missing, incomplete or unreadable."""
 
 
-IMAGE_CONFIG = "negatron_image_encoder.json"  # marks an ImageEncoder folder (trainers/images.py)
+IMAGE_CONFIG = "negatron_image_encoder.json"  # marks an ImageEncoder folder (trainers/image_encoder.py)
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 

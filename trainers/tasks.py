@@ -172,7 +172,8 @@ class ImageTask(Task):
     what_trains = "an images Parquet with id, image; `negatron data digits` makes one"
 
     def validate(self, cfg: Config) -> None:
-        from .images import ImageAugmenter, decode_images, is_image_model
+        from .augment import ImageAugmenter
+        from .image_encoder import decode_images, is_image_model
         from .schema import SchemaError, check_images
 
         table = check_images(self._train_path(cfg))
@@ -197,12 +198,12 @@ class ImageTask(Task):
         return cfg.model.path != "default"  # the built-in CNN has no weight files
 
     def stream(self, cfg: Config, table, rank: int, world: int):
-        from .images import ImageStream
+        from .data import ImageStream
 
         return ImageStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed)
 
     def build_encoder(self, cfg: Config, path: str | None = None):
-        from .images import BUILTIN_CNN, build_image_encoder
+        from .image_encoder import BUILTIN_CNN, build_image_encoder
 
         src = path or (BUILTIN_CNN if cfg.model.path == "default" else cfg.model.path)
         return build_image_encoder(src, seed=cfg.trainer.seed, channels=cfg.model.image_channels,
@@ -210,7 +211,7 @@ class ImageTask(Task):
                                    dim=cfg.model.projection_dim or 64, normalize=cfg.model.normalize)
 
     def augmenter(self, cfg: Config, encoder):
-        from .images import ImageAugmenter
+        from .augment import ImageAugmenter
 
         a = cfg.augment
         return ImageAugmenter(a.strength, crop_min=a.image_crop_min, flip=a.image_flip, brightness=a.image_brightness,
@@ -223,7 +224,7 @@ class ImageTask(Task):
         return batch
 
     def dev_evaluator(self, cfg: Config) -> Any:
-        from .images import ImageEval
+        from .evaluate import ImageEval
 
         return ImageEval.load(cfg.data.dev) if cfg.data.dev else None
 
