@@ -62,7 +62,7 @@ def bench_training(args, tmp: Path) -> dict:
 
     from negatron.cluster.config import load_config
     from negatron.trainers.stdlib_data import build_stdlib_dataset
-    from negatron.serve.loadgen import tagged_pids
+    from bench.loadgen import tagged_pids
     from negatron.trainers.train import registered_steps, run_training
 
     data = tmp / "data"
@@ -131,7 +131,7 @@ def bench_training(args, tmp: Path) -> dict:
 
 
 def bench_serving(args, tmp: Path) -> dict:
-    from negatron.serve.loadgen import Load, ServeProcess, free_port, replica_pids, summarize
+    from bench.loadgen import Load, ServeProcess, free_port, replica_pids, summarize
 
     body = {"input": ["def read_lines(path):\n    with open(path) as f:\n        return f.readlines()"] * 4}
     port = free_port()
@@ -244,7 +244,7 @@ def bench_flood(args, tmp: Path) -> dict:
     ``args.flood_clients`` clients (image bombs, 100k-text bodies, invalid JSON, slow senders)."""
     import httpx
 
-    from negatron.serve.loadgen import Load, ServeProcess, free_port
+    from bench.loadgen import Load, ServeProcess, free_port
     from negatron.trainers.images import build_image_encoder
 
     build_image_encoder("cnn").save(tmp / "img")

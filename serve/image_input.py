@@ -35,16 +35,6 @@ def open_image(raw: bytes, param: str):
         raise ApiError(400, f"'{param}' is not a readable PNG or JPEG image", param, "invalid_image") from None
 
 
-def decode_image_b64(item: str, param: str, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """One base64 image → H×W (grey) or H×W×3 uint8, or an ApiError naming ``param``."""
-    im = open_image(b64_bytes(item, param, max_bytes), param)
-    with im:
-        if im.width * im.height > max_pixels:
-            raise ApiError(413, f"'{param}' is {im.width}x{im.height} pixels; the limit is {max_pixels}",
-                           param, "image_too_large")
-        return _pixels(im, param)
-
-
 def _pixels(im, param: str) -> np.ndarray:
     try:
         im = im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16", "LA") else im.convert("RGB")

@@ -114,3 +114,23 @@ def test_warm_start_takes_mutated_temperature_and_lr(tmp_path, tiny_model_dir):
     assert got[8]["temperature"] != pytest.approx(0.05, rel=1e-3)
     # learnable τ moves a little in 4 steps, but from 0.2, not from the donor's 0.05
     assert got[8]["temperature"] == pytest.approx(0.2, rel=0.05)
+
+
+def test_a_run_resumed_at_its_last_step_reports_its_final_result_again(tmp_path, tiny_model_dir):
+    """A run (or Tune trial) restarted after it finished resumes at its final checkpoint and
+    reports that result once more, with the checkpoint, instead of reporting nothing."""
+    import shutil
+
+    final = tmp_path / "final"
+
+    def keep(metrics, ckpt_dir):
+        if metrics["step"] == 8:
+            shutil.copytree(ckpt_dir, final)
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "trainer.max_steps=8", "trainer.checkpoint_every=4")
+    done = run_worker(cfg, 0, 1, keep, log=lambda s: None)
+    again = []
+    out = run_worker(cfg, 0, 1, lambda m, d: again.append((m, d)), resume_dir=str(final), log=lambda s: None)
+    assert len(again) == 1 and again[0][1] == str(final)
+    assert again[0][0]["step"] == 8 and again[0][0]["loss"] == pytest.approx(done["loss"])
+    assert out["bank_checksum"] == done["bank_checksum"]

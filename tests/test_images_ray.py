@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from negatron.cluster.config import load_config
-from negatron.serve.loadgen import free_port
+from bench.loadgen import free_port
 from negatron.trainers.images import ImageEncoder, build_digits_dataset, decode_images
 from negatron.trainers.train import run_training
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from negatron.serve.loadgen import Load, ServeProcess, free_port, replica_pids, summarize
+from bench.loadgen import Load, ServeProcess, free_port, replica_pids, summarize
 from tests.helpers import make_tiny_encoder
 
 pytestmark = pytest.mark.ray

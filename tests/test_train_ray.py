@@ -13,7 +13,7 @@ import pytest
 
 from negatron.cluster.config import load_config
 from negatron.trainers.encoder import Encoder
-from negatron.serve.loadgen import tagged_pids
+from bench.loadgen import tagged_pids
 from negatron.trainers.train import registered_steps, run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]

@@ -43,9 +43,6 @@ class RowSchedule:
     def global_batch(self) -> int:
         return self.b * self.world
 
-    def steps_per_epoch(self) -> float:
-        return self.n / self.global_batch
-
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
             if len(self._perm_cache) > 2:

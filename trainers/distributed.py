@@ -82,29 +82,6 @@ def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank (returns it everywhere)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_max(value: float) -> float:
-    """The maximum of a float over ranks."""
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def all_gather_object(obj) -> list:
     """Every rank's picklable ``obj``, in rank order (``[obj]`` when not distributed)."""
     if not is_distributed():

@@ -133,6 +133,13 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         if rank == 0:
             bank = f", bank {model.bank.fill()}/{model.bank.size} sum {model.bank.checksum()}" if model.bank else ""
             log(f"[negatron] resumed from step {start}{bank}")
+    end = min(cfg.trainer.max_steps, stop_at or cfg.trainer.max_steps)
+    if resume_dir and start >= end:
+        # resumed at or past its last step (a run, or a Tune trial, restarted after it finished):
+        # report the final result again, so whoever waits for it (Tune) gets it
+        scalars = {k: v for k, v in last_metrics.items() if not isinstance(v, list)}
+        report(scalars, resume_dir if rank == 0 else None)
+        return last_metrics
     if model.bank is not None and cfg.bank.prefill and not resume_dir:
         t_fill = time.perf_counter()
         texts, ids = stream.prefill(cfg.bank.size)
@@ -145,7 +152,6 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
     key = primary_metric(cfg)
     best = max((h[key] for h in history if key in h), default=-1.0)
-    end = min(cfg.trainer.max_steps, stop_at or cfg.trainer.max_steps)
     # a running digest of every global batch's rows since step 0: a resumed run that continues at
     # the saved data position ends with the same digest as an uninterrupted one
     data_digest = last_metrics.get("data_digest", "")

@@ -123,11 +123,6 @@ def split_of(module: str, seed: int, dev_frac: float, test_frac: float) -> str:
     return "train"
 
 
-@dataclass
-class BuildStats:
-    counts: dict[str, dict[str, int]]
-
-
 def build_stdlib_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.1,
                          test_frac: float = 0.3, min_words: int = 5, min_body_lines: int = 3,
                          max_code_chars: int = 4000, distractors_per_query: float = 1.0,

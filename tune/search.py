@@ -83,26 +83,9 @@ def trial_fn(params: dict, base: dict, trials_dir: str) -> None:
     overrides.update(overrides.pop("preset", None) or {})
     overrides.update({"run.name": f"train-{trial_id}", "run.storage_path": trials_dir})
     cfg = base.replace(overrides)
-    # a trial interrupted after its last step but before Tune marked it finished is restarted on
-    # resume; Ray Train then restores the final checkpoint and reports nothing, so report here
-    done_before = completed_step(Path(trials_dir) / f"train-{trial_id}") >= cfg.trainer.max_steps
-    res = run_training(cfg, callbacks=[TuneReportCallback()])
-    if done_before:
-        scalars = {k: v for k, v in res.reported.items() if not isinstance(v, list)}
-        tune.report({**scalars, "step": res.metrics["steps"], "checkpoint_path": str(res.checkpoint_dir)})
-
-
-def completed_step(run_dir: Path) -> int:
-    """The highest step among a training run's Ray Train checkpoints (0 if none)."""
-    from negatron.trainers.checkpoint import read_meta
-
-    steps = [0]
-    for d in Path(run_dir).glob("checkpoint_*"):
-        try:
-            steps.append(int(read_meta(d)["step"]))
-        except Exception:  # a checkpoint being written or damaged: not evidence of completion
-            continue
-    return max(steps)
+    # a trial restarted after its last step (interrupted before Tune marked it finished) resumes
+    # at its final checkpoint, whose result the training run reports again (loop.run_worker)
+    run_training(cfg, callbacks=[TuneReportCallback()])
 
 
 def fit_concurrency(cfg: Config) -> None:

@@ -1,9 +1,10 @@
 """A closed-loop HTTP load generator that records every request's outcome, and a `negatron serve`
 child process to point it at.
 
-Used by the fault tests and ``bench/faults.py`` to drive ``/v1/embeddings`` while something
-breaks, and to say afterwards what clients saw: successes, clean JSON errors, transport
-errors, hangs, and how long the service took to recover.
+Test and benchmark tooling, not installed with the package. The fault tests and
+``bench/faults.py`` use it to drive ``/v1/embeddings`` while something breaks, and to say
+afterwards what clients saw: successes, clean JSON errors, transport errors, hangs, and how long
+the service took to recover.
 """
 
 from __future__ import annotations
