@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,6 +30,28 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def sample_presets(cfg, n: int, seed: int = 0) -> list[dict]:
+    """``n`` configurations drawn from ``cfg.tune.space`` (to rerun the same ones elsewhere)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = {}
+        for key, spec in cfg.tune.space.items():
+            kind, a = next(iter(spec.items()))
+            if kind == "loguniform":
+                p[key] = math.exp(rng.uniform(math.log(a[0]), math.log(a[1])))
+            elif kind == "uniform":
+                p[key] = rng.uniform(a[0], a[1])
+            elif kind == "randint":
+                p[key] = rng.randint(a[0], a[1])
+            else:
+                p[key] = rng.choice(a)
+        out.append(p)
+    return out
 
 
 def main() -> dict:
@@ -46,7 +69,7 @@ def main() -> dict:
     from negatron.cluster.config import load_config
     from negatron.cluster.local import ensure_ray
     from negatron.trainers.stdlib_data import build_stdlib_dataset
-    from negatron.tune.search import run_tune, sample_presets
+    from negatron.tune.search import run_tune
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

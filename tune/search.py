@@ -215,39 +215,17 @@ def _search_alg(cfg: Config):
     return OptunaSearch(seed=cfg.tune.seed)
 
 
-def sample_presets(cfg: Config, n: int, seed: int = 0) -> list[dict]:
-    """``n`` configurations drawn from ``cfg.tune.space`` (to rerun the same ones elsewhere)."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p = {}
-        for key, spec in cfg.tune.space.items():
-            kind, a = next(iter(spec.items()))
-            if kind == "loguniform":
-                p[key] = math.exp(rng.uniform(math.log(a[0]), math.log(a[1])))
-            elif kind == "uniform":
-                p[key] = rng.uniform(a[0], a[1])
-            elif kind == "randint":
-                p[key] = rng.randint(a[0], a[1])
-            else:
-                p[key] = rng.choice(a)
-        out.append(p)
-    return out
-
-
 def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None = None) -> TuneOutcome:
     """Run (or resume) the experiment described by ``cfg.tune``; write results; return them.
 
-    ``presets``: run exactly these override dicts (one trial each) instead of sampling the space.
+    ``presets``: run exactly these override dicts (one trial each) instead of sampling the space
+    (to compare schedulers on the same configurations, as ``bench/tune_budget.py`` does).
     """
     from ray import tune
 
     from negatron.cluster import console
     from negatron.cluster.local import ensure_ray
     from negatron.trainers.train import absolute_paths, validate_inputs
-
 
     check_space(cfg)
     validate_inputs(cfg)
