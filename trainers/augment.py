@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .seeds import image_generator, text_rng
+
 
 @dataclass(frozen=True)
 class TextAugmenter:
@@ -59,7 +61,7 @@ class TextAugmenter:
         """Augment a batch; deterministic in (seed, step, rank, stream)."""
         if not self.active:
             return list(texts)
-        rng = random.Random(f"{seed}:{step}:{rank}:{stream}")
+        rng = text_rng(seed, step, rank, stream)
         return [self.one(t, rng) for t in texts]
 
 
@@ -94,7 +96,7 @@ class ImageAugmenter:
 
     def __call__(self, x: torch.Tensor, seed: int, step: int, rank: int, stream: int) -> torch.Tensor:
         """x: B×C×H×W in [0, 1] → an augmented copy (same shape)."""
-        g = torch.Generator().manual_seed(_mix(seed, step, rank, stream))
+        g = image_generator(seed, step, rank, stream)
         b = x.shape[0]
         cfg = self.settings
 
@@ -134,9 +136,3 @@ class ImageAugmenter:
         return y.clamp(0.0, 1.0)
 
 
-def _mix(*parts: int) -> int:
-    """FNV-1a over the parts: the seed of one (seed, step, rank, stream) view."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) & ((1 << 63) - 1)
-    return h

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from .image_encoder import decode_images, to_tensor
+from .seeds import epoch_rng
 
 
 def stable_id(value) -> int:
@@ -47,7 +48,7 @@ class RowSchedule:
         if epoch not in self._perm_cache:
             if len(self._perm_cache) > 2:
                 self._perm_cache.clear()
-            self._perm_cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_cache[epoch] = epoch_rng(self.seed, epoch).permutation(self.n)
         return self._perm_cache[epoch]
 
     def global_rows(self, step: int) -> np.ndarray:
@@ -68,7 +69,7 @@ class RowSchedule:
         rounded down to a multiple of the world size), and rank order gives the sample's order.
         """
         per = min(count, self.n) // self.world
-        rows = np.random.default_rng([self.seed, _PREFILL_STREAM]).permutation(self.n)[: per * self.world]
+        rows = epoch_rng(self.seed, _PREFILL_STREAM).permutation(self.n)[: per * self.world]
         return rows[self.rank * per:(self.rank + 1) * per]
 
     def epoch_of(self, step: int) -> float:

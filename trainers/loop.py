@@ -21,6 +21,7 @@ from negatron.cluster.config import Config
 from . import distributed as D
 from .checkpoint import load_training_state, optimizer_checksum, save_checkpoint
 from .step import ContrastiveModel
+from .seeds import dropout_seed
 from .tasks import task_for
 
 ReportFn = Callable[[dict, Optional[str]], None]
@@ -69,10 +70,6 @@ def _is_scoring_head(name: str) -> bool:
 
 def _group_lr(cfg: Config, group: dict) -> float:
     return cfg.optim.head_lr if group.get("head") and cfg.optim.head_lr else cfg.optim.lr
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31)
 
 
 def _apply_hparams(cfg: Config, model: ContrastiveModel, opt, sched) -> None:
@@ -156,7 +153,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     # the saved data position ends with the same digest as an uninterrupted one
     data_digest = last_metrics.get("data_digest", "")
     for step in range(start, end):
-        torch.manual_seed(_step_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
+        torch.manual_seed(dropout_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
         data_digest = rows_digest(data_digest, stream.global_rows(step))
         batch = task.views(stream.batch(step), aug, cfg, step, rank)
         opt.zero_grad(set_to_none=True)

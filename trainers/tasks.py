@@ -19,9 +19,34 @@ docs/development.md shows how.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from negatron.cluster.config import Config, ConfigError
+
+@runtime_checkable
+class TrainingModel(Protocol):
+    """What ``run_worker`` and ``checkpoint`` need of the model a task builds (``ContrastiveModel``
+    for bi-encoders and images, ``CrossEncoderModel`` for rerankers)."""
+
+    encoder: Any  # saved as the checkpoint's model folder (``encoder.save``)
+    temperature: Any  # ``losses.Temperature``
+    bank: Any  # the cross-worker ``MemoryBank``, or None for a model that has none
+
+    def loss(self, batch: dict, step: int) -> tuple[Any, dict]:
+        """The batch's loss and the state ``after_step`` needs."""
+
+    def after_step(self, state: dict, step: int) -> None:
+        """After the optimizer step: enqueue bank keys, update a momentum encoder."""
+
+    def trainable_parameters(self) -> list:
+        """The parameters whose gradients are all-reduced and clipped."""
+
+    def state_parts(self) -> dict[str, dict]:
+        """Training state besides the encoder's weights, by part (one safetensors file each)."""
+
+    def load_state_parts(self, read: Callable[[str], dict], where: Path) -> None:
+        """Restore what ``state_parts`` saved; ``read(name)`` returns one part."""
+
 
 TEXT_METRICS = ("dev_mrr@10", "dev_recall@1", "dev_recall@10", "dev_recall@100", "dev_ndcg@10")
 
