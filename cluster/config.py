@@ -90,6 +90,9 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from 0.")
     schedule: Literal["constant", "linear"] = Field("linear", description="Learning rate after warm-up: constant, or linear decay to 0 at max_steps.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+    temperature_lr: float = Field(0.0, ge=0, le=1.0, description=(
+        "Learning rate of a learnable temperature (0 = optim.lr); τ is a single log-parameter that "
+        "barely moves at an encoder's learning rate."))
     head_lr: float = Field(0.0, ge=0, le=1.0, description=(
         "Cross-encoder: learning rate of the scoring head (pooler + classifier), which starts fresh "
         "from a bi-encoder (0 = optim.lr)."))
@@ -100,7 +103,8 @@ class LossConfig(_Section):
 
     temperature: float = Field(0.05, gt=0, le=10.0, description="InfoNCE softmax temperature (the initial value when learnable).")
     learnable_temperature: bool = Field(False, description="Learn the temperature (CLIP-style log-parameter), clamped at min_temperature.")
-    min_temperature: float = Field(0.01, gt=0, description="Clamp for a learnable temperature.")
+    min_temperature: float = Field(0.01, gt=0, description=(
+        "Lower bound of a learnable temperature (the stored value is clamped after each step)."))
     symmetric: bool = Field(False, description="Add the positive-to-query direction of InfoNCE (CLIP-style).")
     cross_worker_negatives: bool = Field(True, description="Gather every worker's keys as negatives (global batch); off: each worker's own batch only.")
 

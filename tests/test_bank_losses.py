@@ -75,9 +75,11 @@ def test_id_masking_removes_exactly_matching_entries():
 
 
 def test_learnable_temperature_clamped_and_has_finite_grad():
+    """The stored τ is clamped after an optimizer step (``clamp_``), not inside the forward pass."""
     t = Temperature(0.05, learnable=True, min_temperature=0.02)
     with torch.no_grad():
         t.log_scale.fill_(10.0)
+    t.clamp_()
     assert t.value() == pytest.approx(0.02)
     t2 = Temperature(0.1, learnable=True)
     q = torch.randn(3, 4, requires_grad=True)
@@ -187,3 +189,34 @@ def test_moco_mode_scores_bank_against_the_key_positive():
     for w in (0.0, 1.0, 2.5):
         got_w = info_nce(q, pos, ids, scale, bank_keys=bank, bank_ids=bank_ids, bank_key_pos=kpos, bank_weight=w)
         assert float(got_w) == pytest.approx(float(in_batch + w * moco), abs=1e-6)
+
+
+def test_a_temperature_at_its_bound_still_learns_and_is_clamped_after_the_step():
+    """At min_τ the gradient is not zero (no clamp in the forward pass), so an update that wants a
+    larger τ moves it back off the bound; one that wants a smaller τ is clamped after the step."""
+    t = Temperature(0.02, learnable=True, min_temperature=0.02)
+    opt = torch.optim.SGD([t.log_scale], lr=0.5)
+    (t.scale() * 0.01).backward()  # d/dlog_scale > 0: descending lowers the scale (raises τ)
+    assert float(t.log_scale.grad) > 0
+    opt.step()
+    t.clamp_()
+    assert 0.02 < t.value() < 0.05
+    opt.zero_grad()
+    (-t.scale() * 1e4).backward()  # wants a far smaller τ
+    opt.step()
+    t.clamp_()
+    assert t.value() == pytest.approx(0.02)
+
+
+def test_temperature_trains_at_its_own_learning_rate(tiny_model_dir):
+    from negatron.cluster.config import load_config
+    from negatron.trainers.loop import make_optimizer
+    from negatron.trainers.tasks import task_for
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "loss.learnable_temperature=true", "optim.lr=1e-4",
+                             "optim.temperature_lr=0.01", "bank.size=0", "bank.momentum=0"])
+    model = task_for(cfg).build_model(cfg)
+    opt, _ = make_optimizer(model, cfg)
+    tau = [g for g in opt.param_groups if g.get("temperature")]
+    assert len(tau) == 1 and tau[0]["lr"] == 0.01 and tau[0]["params"] == [model.temperature.log_scale]
+    assert all(g["lr"] == 1e-4 for g in opt.param_groups if not g.get("temperature"))

@@ -110,3 +110,17 @@ def test_serve_start_failures_are_one_line():
            "RuntimeError: serve.api_key_env names 'KEY', but that environment variable is not set\n")
     assert short_serve_error(msg) == ("RuntimeError: serve.api_key_env names 'KEY', but that environment "
                                       "variable is not set")
+
+
+def test_use_gpu_without_a_gpu_is_an_error_not_a_silent_cpu_run(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """On the embedded Ray the workers run here: no CUDA GPU here means a one-line error before
+    Ray starts (and a worker that sees no GPU raises instead of falling back to the CPU)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("NEGATRON_RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pairs = write_pairs(tmp_path / "p.parquet", n=48)
+    rc = cli.main(["train", f"model.path={tiny_model_dir}", f"data.train={pairs}", "trainer.use_gpu=true",
+                   f"run.storage_path={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trainer.use_gpu is true, but this machine has no CUDA GPU" in err
+    assert not (tmp_path / "runs").exists()

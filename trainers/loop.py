@@ -49,7 +49,7 @@ def make_optimizer(model: ContrastiveModel, cfg: Config):
                "lr": head_lr if head else cfg.optim.lr} for (head, nd), ps in sorted(buckets.items())]
     if isinstance(model.temperature.log_scale, torch.nn.Parameter):
         groups.append({"params": [model.temperature.log_scale], "weight_decay": 0.0, "head": False,
-                       "lr": cfg.optim.lr})
+                       "temperature": True, "lr": cfg.optim.temperature_lr or cfg.optim.lr})
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     warm, total = cfg.optim.warmup_steps, cfg.trainer.max_steps
 
@@ -69,6 +69,8 @@ def _is_scoring_head(name: str) -> bool:
 
 
 def _group_lr(cfg: Config, group: dict) -> float:
+    if group.get("temperature") and cfg.optim.temperature_lr:
+        return cfg.optim.temperature_lr
     return cfg.optim.head_lr if group.get("head") and cfg.optim.head_lr else cfg.optim.lr
 
 
@@ -165,6 +167,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
+        model.temperature.clamp_()  # the stored τ, after the step (its gradient never vanishes at a bound)
         sched.step()
         model.after_step(state, step)
         last_loss = float(loss.detach())
@@ -228,12 +231,14 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = Config.from_dict(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    try:
+    device = torch.device("cpu")
+    if cfg.trainer.use_gpu:  # never a silent CPU run when a GPU was asked for
         import ray.train.torch as rt
 
         device = rt.get_device()
-    except Exception:
-        device = torch.device("cpu")
+        if device.type != "cuda":
+            raise RuntimeError(f"trainer.use_gpu is true, but worker {rank} sees no CUDA device "
+                               f"(torch.cuda.is_available() = {torch.cuda.is_available()})")
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)

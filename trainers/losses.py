@@ -15,14 +15,20 @@ from torch import nn
 NEG_INF = float("-inf")
 
 
+MAX_TEMPERATURE = 10.0  # the config's upper bound on loss.temperature
+
+
 class Temperature(nn.Module):
-    """τ, fixed or learnable. Learnable τ is parametrised as log(1/τ) and clamped to τ ≥ min_τ."""
+    """τ, fixed or learnable. Learnable τ is parametrised as log(1/τ); ``clamp_`` keeps the stored
+    parameter in [min_τ, MAX_TEMPERATURE] after each optimizer step (as open_clip does), so the
+    gradient never vanishes at the bound and τ can move back from it."""
 
     def __init__(self, init: float, learnable: bool = False, min_temperature: float = 0.01):
         super().__init__()
         if init <= 0:
             raise ValueError(f"temperature must be > 0, got {init}")
         self.max_log_scale = math.log(1.0 / min_temperature)
+        self.min_log_scale = math.log(1.0 / MAX_TEMPERATURE)
         log_scale = torch.tensor(math.log(1.0 / init))
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
@@ -31,7 +37,13 @@ class Temperature(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """1/τ, a 0-d tensor (with grad when learnable)."""
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        return self.log_scale.exp()
+
+    def clamp_(self) -> None:
+        """After an optimizer step: a learnable τ back into [min_τ, MAX_TEMPERATURE]."""
+        if isinstance(self.log_scale, nn.Parameter):
+            with torch.no_grad():
+                self.log_scale.clamp_(self.min_log_scale, self.max_log_scale)
 
     def value(self) -> float:
         return float(1.0 / self.scale().detach())
@@ -43,6 +55,7 @@ class Temperature(nn.Module):
     def load_state_part(self, part: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.log_scale.copy_(part["log_scale"].reshape(()))
+        self.clamp_()
 
 
 def same_id_mask(query_pos_ids: torch.Tensor, cand_ids: torch.Tensor,

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from negatron.cluster.config import Config
+from negatron.cluster.config import Config, ConfigError
 from negatron.cluster.errors import NegatronError
 
 from .checkpoint import STATE_DIR, read_meta
@@ -35,12 +35,30 @@ class TrainResult:
     reported: dict | None = None   # the last metrics the workers reported (dev_* keys)
 
 
-def validate_inputs(cfg: Config) -> None:
+def validate_inputs(cfg: Config, address: str | None = None) -> None:
     """Check data and model on the driver, before any worker starts (raises with a clear message);
-    the model kind's task knows what to check."""
+    the model kind's task knows what to check. ``trainer.use_gpu`` on the embedded Ray (no
+    ``address``: the workers run on this machine) needs a CUDA GPU here."""
+    import os
+
     from .tasks import task_for
 
     task_for(cfg).validate(cfg)
+    if not cfg.trainer.use_gpu:
+        return
+    import ray
+
+    # only a driver about to start the embedded Ray knows its workers will run on this machine
+    # (a Tune trial runs in a Ray worker that holds no GPU itself)
+    embedded = not (address or os.environ.get("NEGATRON_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+                    or ray.is_initialized())
+    if embedded:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.use_gpu is true, but this machine has no CUDA GPU for the embedded Ray "
+                              "(torch.cuda.is_available() is False); set trainer.use_gpu=false, or give "
+                              "--address of a cluster with GPU nodes")
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -86,7 +104,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
 
     from .loop import primary_metric, train_loop_per_worker
 
-    validate_inputs(cfg)
+    validate_inputs(cfg, address)
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     console.log_to(run_dir / "ray.log")  # Ray's chatter goes here unless --verbose

@@ -228,7 +228,7 @@ def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None
     from negatron.trainers.train import absolute_paths, validate_inputs
 
     check_space(cfg)
-    validate_inputs(cfg)
+    validate_inputs(cfg, address)
     cfg = absolute_paths(cfg)
     exp_dir = Path(cfg.run.storage_path) / cfg.run.name
     console.log_to(exp_dir / "ray.log")  # Ray's chatter goes here unless --verbose
