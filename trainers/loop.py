@@ -197,7 +197,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             if worker_nodes:
                 metrics["worker_nodes"] = worker_nodes
             if rank == 0 and dev is not None:
-                m = task.evaluate(dev, model, cfg)
+                m = task.evaluate(dev, model.encoder, cfg)
                 metrics.update({f"dev_{k}": v for k, v in m.items()})
                 shown = tuple(k for k in task.shown_metrics if k in m)
                 history.append({"step": done, **{f"dev_{k}": m[k] for k in shown}})

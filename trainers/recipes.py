@@ -59,6 +59,7 @@ def quickstart(cfg: Config, address: str | None = None, with_reranker: bool = Fa
     from .encoder import Encoder
     from .evaluate import evaluate_encoder, format_table
     from .stdlib_data import build_stdlib_dataset
+    from .tasks import task_for
     from .train import run_training
 
     clock = StageClock()
@@ -82,10 +83,9 @@ def quickstart(cfg: Config, address: str | None = None, with_reranker: bool = Fa
         before = evaluate_encoder(zero_shot, test_dir, query_max_length=qlen)
         write_json(out / "zero_shot.json", before)
         print(format_table({"zero-shot": before}), flush=True)
-        # the same dev subset the training run checks, for the training plot's step 0
-        dev_before = evaluate_encoder(zero_shot, cfg.data.dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
-                                      max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
-                                      query_max_length=qlen, progress=False)
+        # the dev check the training run makes, on the starting model: the training plot's step 0
+        task = task_for(cfg)
+        dev_before = task.evaluate(task.dev_evaluator(cfg), zero_shot, cfg)
         del zero_shot
     with clock.stage("training"):
         print(f"[3/{n}] fine-tuning with {cfg.trainer.num_workers} Ray Train workers, bank size {cfg.bank.size}, "

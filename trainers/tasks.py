@@ -7,7 +7,7 @@ A task answers, for its ``model.kind``:
 - ``build_encoder(cfg, path)`` and ``build_model(cfg, resume_dir)``: the encoder, and the
   training model around it (loss, after-step update, trainable parameters, bank);
 - ``augmenter(cfg, encoder)`` and ``views(batch, aug, cfg, step, rank)``: the two views of a batch;
-- ``dev_evaluator(cfg)`` and ``evaluate(dev, model, cfg)``: the dev checks at each checkpoint;
+- ``dev_evaluator(cfg)`` and ``evaluate(dev, encoder, cfg)``: the dev checks at each checkpoint;
 - ``primary_metric`` (picks the best checkpoint), ``shown_metrics`` (the progress line) and
   ``metrics`` (what Tune may optimise).
 
@@ -131,10 +131,11 @@ class Task:
 
         return check_eval_dir(cfg.data.dev) if cfg.data.dev else None
 
-    def evaluate(self, dev: Any, model, cfg: Config) -> dict[str, float]:
+    def evaluate(self, dev: Any, encoder, cfg: Config) -> dict[str, float]:
+        """Dev metrics of ``encoder`` (the training model's, or any model of this kind)."""
         from .evaluate import evaluate_encoder
 
-        return evaluate_encoder(model.encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
+        return evaluate_encoder(encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
                                 max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
                                 query_max_length=cfg.model.query_max_length or None, progress=False)
 
@@ -182,8 +183,8 @@ class CrossEncoderTask(Task):
                           max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
                           query_max_length=cfg.model.query_max_length or None)
 
-    def evaluate(self, dev: Any, model, cfg: Config) -> dict[str, float]:
-        return dev.evaluate(model.encoder, chunk_size=cfg.eval.batch_size)
+    def evaluate(self, dev: Any, encoder, cfg: Config) -> dict[str, float]:
+        return dev.evaluate(encoder, chunk_size=cfg.eval.batch_size)
 
 
 class ImageTask(Task):
@@ -253,8 +254,8 @@ class ImageTask(Task):
 
         return ImageEval.load(cfg.data.dev) if cfg.data.dev else None
 
-    def evaluate(self, dev: Any, model, cfg: Config) -> dict[str, float]:
-        return dev.evaluate(model.encoder, k=cfg.eval.knn_k, shots=cfg.eval.probe_shots)
+    def evaluate(self, dev: Any, encoder, cfg: Config) -> dict[str, float]:
+        return dev.evaluate(encoder, k=cfg.eval.knn_k, shots=cfg.eval.probe_shots)
 
 
 TASKS: dict[str, Task] = {t.kind: t for t in (BiEncoderTask(), CrossEncoderTask(), ImageTask())}
