@@ -161,7 +161,9 @@ class RunConfig(_Section):
 
     name: str = Field("negatron", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$", description=(
         "The run folder's name under storage_path: one path component (not '.' or '..')."))
-    storage_path: str = Field("runs", min_length=1, description="Folder that holds the run folders and Ray's checkpoints.")
+    storage_path: str = Field("runs", min_length=1, description=(
+        "Folder or object-store URI (s3://bucket/prefix[?endpoint_override=host:port&scheme=http], gs://, "
+        "abfs://, hdfs://, file://) that holds the run folders and Ray's checkpoints."))
 
     @field_validator("name")
     @classmethod
@@ -253,6 +255,25 @@ class Config(_Section):
                              "(set bank.prefill: false)")
         return self
 
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> "Config":
+        """A URI anywhere in the config (data, model, storage, serve paths) carries no secret: the
+        config is printed, saved with runs and shipped to workers."""
+        from .storage import check_uri
+
+        def walk(value: Any, key: str) -> None:
+            if isinstance(value, str):
+                check_uri(value, key)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    walk(v, f"{key}.{k}" if key else str(k))
+            elif isinstance(value, list):
+                for v in value:
+                    walk(v, key)
+
+        walk(self.model_dump(mode="json"), "")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (what Ray workers receive)."""
         return self.model_dump(mode="json")
@@ -288,7 +309,8 @@ def _format_errors(e: ValidationError, source: str) -> str:
             lines.append(f"{source}: {key}: {msg}")
             continue
         if err["type"] == "value_error":  # from a cross-field validator: the message names the value
-            lines.append(f"{source}: {key}: {msg.removeprefix('Value error, ')}")
+            where = f"{key}: " if err["loc"] else ""  # a whole-config check names its key itself
+            lines.append(f"{source}: {where}{msg.removeprefix('Value error, ')}")
             continue
         lines.append(f"{source}: {key}: {msg} (got {short_repr(err.get('input'))})")
     return "invalid config:\n  " + "\n  ".join(lines[:20]) + (

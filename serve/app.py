@@ -40,8 +40,15 @@ def short_serve_error(message: str) -> str:
     return (lines[0] if lines else "see the Ray logs")[:400]
 
 
-def deployment_options(scale: ScaleConfig, access_log: bool = True) -> dict[str, Any]:
-    """Ray Serve deployment options for one ScaleConfig."""
+def deployment_options(scale: ScaleConfig, access_log: bool = True, drain_s: float = 60.0) -> dict[str, Any]:
+    """Ray Serve deployment options for one ScaleConfig.
+
+    ``drain_s``: how long a replica being replaced (a redeploy, a downscale) keeps answering the
+    requests it already holds before Serve kills it. Serve's rolling update stops an old replica
+    before its successor is running, so a request can wait on a replica that is still starting;
+    with Serve's default (20 s) the ingress holding it was killed first and the client got the
+    proxy's plain-text 500. It is the request timeout, so nothing the proxy still waits for is cut.
+    """
     return {
         "logging_config": {"enable_access_log": access_log},
         "num_replicas": "auto",
@@ -57,6 +64,7 @@ def deployment_options(scale: ScaleConfig, access_log: bool = True) -> dict[str,
         "max_ongoing_requests": scale.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": scale.num_cpus},
         "health_check_period_s": scale.health_check_period_s,
+        "graceful_shutdown_timeout_s": max(20.0, drain_s),
     }
 
 
@@ -117,9 +125,10 @@ def app_builder(args: ServeSection) -> Application:
         raise ConfigError("serve.retriever.corpus: search embeds text, but the default model "
                           f"{default_name!r} is an image encoder")
 
+    drain = args.request_timeout_s or 600.0  # 0 = no request limit: still bounded, as a kill must be
     encoder = None
     if not args.encoder.colocate:
-        encoder = EncoderDeployment.options(**deployment_options(args.encoder.scale, args.access_log)).bind(
+        encoder = EncoderDeployment.options(**deployment_options(args.encoder.scale, args.access_log, drain)).bind(
             models, args.encoder.max_length, args.encoder.batch.model_dump(), args.encoder.scale.torch_threads)
 
     reranker = None
@@ -135,7 +144,7 @@ def app_builder(args: ServeSection) -> Application:
         except ModelLoadError as e:
             raise ConfigError(f"serve.reranker.path: {e}") from None
         rr_path = str(rr.resolve())
-        reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale, args.access_log)).bind(
+        reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale, args.access_log, drain)).bind(
             rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads)
 
     retriever = None
@@ -147,7 +156,7 @@ def app_builder(args: ServeSection) -> Application:
         user_config = {"model": models[default_name], "corpus": str(corpus.resolve()), "index": r.index,
                        "cache_dir": r.cache_dir, "max_length": args.encoder.max_length, "hnsw_m": r.hnsw_m,
                        "hnsw_ef_search": r.hnsw_ef_search, "ivf_nlist": r.ivf_nlist, "ivf_nprobe": r.ivf_nprobe}
-        retriever = RetrieverDeployment.options(**deployment_options(r.scale, args.access_log), user_config=user_config).bind(
+        retriever = RetrieverDeployment.options(**deployment_options(r.scale, args.access_log, drain), user_config=user_config).bind(
             r.batch.model_dump(), r.scale.torch_threads)
 
     settings = IngressSettings(**{
@@ -167,7 +176,7 @@ def app_builder(args: ServeSection) -> Application:
     })
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress
-    return Ingress.options(**deployment_options(ingress_scale, args.access_log)).bind(encoder, reranker, retriever, settings)
+    return Ingress.options(**deployment_options(ingress_scale, args.access_log, drain)).bind(encoder, reranker, retriever, settings)
 
 
 def _rerank_weight(args, rr_path: str) -> float:

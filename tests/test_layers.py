@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cluster", "trainers", "tune", "serve")
 FOUNDATION = {"cluster.__init__", "cluster.errors", "cluster.config", "cluster.serve_config", "cluster.config_reference",
-              "cluster.console", "cluster.files",
+              "cluster.console", "cluster.files", "cluster.storage",
               "cluster.local"}
 TOP = {"cluster.cli", "cluster.jobs", "cluster.multinode", "cluster.retry"}
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model_io import FINAL, ModelLoadError, in_run_folder, load_error, read_json, require_safetensors
+from .model_io import FINAL, ModelLoadError, in_run_folder, load_error, local_model_folder, read_json, require_safetensors
 
 RERANK_FILE = "negatron_rerank.json"  # in a reranker folder: the fusion weight chosen on dev
 
@@ -65,7 +65,7 @@ class CrossEncoder(nn.Module):
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        folder = in_run_folder(Path(path), "config.json")
+        folder = in_run_folder(local_model_folder(path), "config.json")
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"reranker folder not found or not a Hugging Face model (no config.json): {folder}")
         cfg = read_json(folder / "config.json") or {}

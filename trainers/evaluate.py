@@ -209,10 +209,11 @@ class ImageEval:
     def load(cls, folder: str | Path) -> "ImageEval":
         from .schema import check_images
 
-        folder = Path(folder)
+        from negatron.cluster.storage import join
+
         parts = []
         for name in ("train", "test"):
-            t = check_images(folder / f"{name}.parquet", labels=True)
+            t = check_images(join(folder, f"{name}.parquet"), labels=True)
             parts += [decode_images(t.column("image").to_pylist()), np.asarray(t.column("label").to_pylist())]
         return cls(*parts)
 

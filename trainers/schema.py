@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from negatron.cluster import storage
 from negatron.cluster.errors import NegatronError
 
 
@@ -42,14 +43,18 @@ QRELS = [Column("query_id", "id"), Column("doc_id", "id"), Column("score", "numb
 IMAGES = [Column("id", "id", unique=True), Column("image", "binary"), Column("label", "integer", required=False)]
 
 
-def _read(path: Path, columns: list[Column], data: bytes | None = None) -> pa.Table:
-    if data is None and not path.exists():
-        raise SchemaError(f"{path}: file not found")
-    if data is None and path.is_dir():
-        raise SchemaError(f"{path}: is a folder; give a Parquet file")
-    source = pa.BufferReader(data) if data is not None else path
+def _read(path: str, columns: list[Column], data: bytes | None = None) -> pa.Table:
+    """``path``: a local path or a URI (printed as ``redact(path)``)."""
+    fs = None
+    source: object = pa.BufferReader(data) if data is not None else path
+    if data is None:
+        if not storage.exists(path):
+            raise SchemaError(f"{path}: file not found")
+        if storage.is_dir(path):
+            raise SchemaError(f"{path}: is a folder; give a Parquet file")
+        fs, source = storage.filesystem(path)
     try:
-        schema = pq.read_schema(source)
+        schema = pq.read_schema(source, filesystem=fs)
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
         raise SchemaError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
     names = set(schema.names)
@@ -61,7 +66,7 @@ def _read(path: Path, columns: list[Column], data: bytes | None = None) -> pa.Ta
         )
     wanted = [c.name for c in columns if c.name in names]
     try:
-        return pq.read_table(pa.BufferReader(data) if data is not None else path, columns=wanted)
+        return pq.read_table(pa.BufferReader(data) if data is not None else source, columns=wanted, filesystem=fs)
     except Exception as e:  # a valid footer over corrupt pages: ArrowInvalid, OSError, ...
         raise SchemaError(f"{path}: corrupt Parquet data ({type(e).__name__}: {_first_line(e)})") from None
 
@@ -99,7 +104,7 @@ def check_table(path: str | Path, columns: list[Column], data: bytes | None = No
     Raises:
         SchemaError: naming the file, the column and the problem.
     """
-    path = Path(path)
+    path = storage.redact(path) if storage.is_uri(path) else str(Path(path))
     table = _read(path, columns, data)
     if table.num_rows == 0:
         raise SchemaError(f"{path}: the table is empty (0 rows)")
@@ -170,17 +175,18 @@ def check_eval_dir(folder: str | Path) -> EvalData:
 
     Beyond per-file checks, every qrels query_id/doc_id must exist in queries/corpus.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SchemaError(f"{folder}: eval folder not found (expected queries.parquet, corpus.parquet, qrels.parquet)")
-    queries = check_table(folder / "queries.parquet", QUERIES)
-    corpus = check_table(folder / "corpus.parquet", CORPUS)
-    qrels = check_table(folder / "qrels.parquet", QRELS)
+    folder = str(folder)
+    if not storage.is_dir(folder):
+        raise SchemaError(f"{storage.redact(folder)}: eval folder not found "
+                          "(expected queries.parquet, corpus.parquet, qrels.parquet)")
+    queries = check_table(storage.join(folder, "queries.parquet"), QUERIES)
+    corpus = check_table(storage.join(folder, "corpus.parquet"), CORPUS)
+    qrels = check_table(storage.join(folder, "qrels.parquet"), QRELS)
     qids = set(map(str, queries.column("query_id").to_pylist()))
     dids = set(map(str, corpus.column("doc_id").to_pylist()))
     for col, known, other in (("query_id", qids, "queries.parquet"), ("doc_id", dids, "corpus.parquet")):
         unknown = [v for v in map(str, qrels.column(col).to_pylist()) if v not in known]
         if unknown:
             raise SchemaError(
-                f"{folder / 'qrels.parquet'}: column {col!r} has {len(unknown)} id(s) not in {other}, e.g. {unknown[0]!r}")
+                f"{storage.redact(storage.join(folder, 'qrels.parquet'))}: column {col!r} has {len(unknown)} id(s) not in {other}, e.g. {unknown[0]!r}")
     return EvalData(queries, corpus, qrels)

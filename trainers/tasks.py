@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
+from negatron.cluster import storage
 from negatron.cluster.config import Config, ConfigError
 
 @runtime_checkable
@@ -210,7 +211,7 @@ class ImageTask(Task):
         self._check_batch(cfg, table.num_rows, "images")
         if cfg.data.dev:
             for name in ("train", "test"):
-                check_images(Path(cfg.data.dev) / f"{name}.parquet", labels=True)
+                check_images(storage.join(cfg.data.dev, f"{name}.parquet"), labels=True)
         if cfg.model.path != "default" and not is_image_model(cfg.model.path):
             raise ConfigError(f"model.path: {cfg.model.path!r} is not an image encoder folder "
                               "(use 'cnn' for a new one, or a folder written by an image training run)")

@@ -2,13 +2,13 @@
 
 Outputs in the run folder ``<run.storage_path>/<run.name>/`` (besides Ray's own checkpoints):
 ``final/`` (the last checkpoint's model, a Hugging Face folder), ``best/`` (the best by dev
-MRR@10 when ``data.dev`` is set), ``metrics.json`` and ``training.png``.
+MRR@10 when ``data.dev`` is set), ``metrics.json``, ``history.json`` and ``training.png``. The
+storage path may be an object-store URI (``negatron.cluster.storage``): every output is written
+through that store, and the run needs no filesystem shared between nodes.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import threading
 import time
@@ -27,9 +27,11 @@ class TrainingError(NegatronError, RuntimeError):
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    final_dir: Path
-    best_dir: Path | None
+    """Where the outputs are: local folders as ``Path``, folders on an object store as URI strings."""
+
+    run_dir: Path | str
+    final_dir: Path | str
+    best_dir: Path | str | None
     metrics: dict
     checkpoint_dir: str = ""       # Ray's last checkpoint (model + train_state), for warm starts
     reported: dict | None = None   # the last metrics the workers reported (dev_* keys)
@@ -44,6 +46,10 @@ def validate_inputs(cfg: Config, address: str | None = None) -> None:
     from .tasks import task_for
 
     task_for(cfg).validate(cfg)
+    from negatron.cluster import storage
+
+    if storage.is_remote(cfg.run.storage_path):
+        storage.check_writable(run_folder(cfg))
     if not cfg.trainer.use_gpu:
         return
     import ray
@@ -62,27 +68,46 @@ def validate_inputs(cfg: Config, address: str | None = None) -> None:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Make paths absolute so workers (other processes, other cwd) find them."""
+    """Make local paths absolute so workers (other processes, other cwd) find them; URIs stay."""
+    from negatron.cluster.storage import resolve
+
     upd = {}
     for key in ("train", "dev", "test"):
         v = getattr(cfg.data, key)
         if v:
-            upd[f"data.{key}"] = str(Path(v).resolve())
+            upd[f"data.{key}"] = resolve(v)
     if cfg.model.path not in ("default", "cnn"):
-        upd["model.path"] = str(Path(cfg.model.path).resolve())
+        upd["model.path"] = resolve(cfg.model.path)
     if cfg.eval.first_stage != "default":
-        upd["eval.first_stage"] = str(Path(cfg.eval.first_stage).resolve())
-    if "://" not in cfg.run.storage_path:
-        upd["run.storage_path"] = str(Path(cfg.run.storage_path).resolve())
-    return cfg.replace(upd) if upd else cfg
+        upd["eval.first_stage"] = resolve(cfg.eval.first_stage)
+    upd["run.storage_path"] = resolve(cfg.run.storage_path)
+    return cfg.replace(upd)
 
 
-def _copy_model(src: Path, dst: Path) -> None:
-    """Copy a checkpoint's model into ``dst``: built beside it and swapped in, so a crash or a full
-    disk leaves the previous ``dst`` (never none, never half of one)."""
-    from negatron.cluster.files import replace_folder
+def run_folder(cfg: Config) -> Path | str:
+    """``<run.storage_path>/<run.name>``: a local ``Path``, or a URI (query kept) on a store."""
+    from negatron.cluster import storage
 
-    replace_folder(dst, lambda tmp: shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STATE_DIR)))
+    folder = storage.join(cfg.run.storage_path, cfg.run.name)
+    return folder if storage.is_remote(folder) else Path(storage.resolve(folder))
+
+
+def local_log(run_dir: Path | str) -> Path:
+    """``ray.log`` of a run: in the run folder when it is local, else in the local cache."""
+    from negatron.cluster import storage
+
+    if not storage.is_remote(run_dir):
+        return Path(run_dir) / "ray.log"
+    return storage.cache_root().parent / "logs" / storage.name(run_dir) / "ray.log"
+
+
+def _copy_model(src: Path, dst: Path | str) -> None:
+    """Copy a checkpoint's model (not its training state) into ``dst``: locally built beside it and
+    swapped in, so a crash or a full disk leaves the previous ``dst``; on an object store put file
+    by file (each file atomic)."""
+    from negatron.cluster.storage import put_folder
+
+    put_folder(src, dst, ignore=(STATE_DIR,))
 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
@@ -106,8 +131,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
 
     validate_inputs(cfg, address)
     cfg = absolute_paths(cfg)
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    console.log_to(run_dir / "ray.log")  # Ray's chatter goes here unless --verbose
+    run_dir = run_folder(cfg)
+    console.log_to(local_log(run_dir))  # Ray's chatter goes here unless --verbose
     ensure_ray(address)
     t0 = time.perf_counter()
     ckpt_cfg = (CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints,
@@ -132,15 +157,17 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         raise TrainingError(f"training failed: {root_cause(result.error)}")
     if result.checkpoint is None:
         raise TrainingError("training finished without a checkpoint")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from negatron.cluster import storage
+
+    final_dir = _sub(run_dir, "final")
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
-        _copy_model(Path(d), run_dir / "final")
+        _copy_model(Path(d), final_dir)
     best_dir = None
     if cfg.data.dev:
         best = result.get_best_checkpoint(primary_metric(cfg), "max")
         if best is not None:
-            best_dir = run_dir / "best"
+            best_dir = _sub(run_dir, "best")
             with best.as_directory() as d:
                 _copy_model(Path(d), best_dir)
     history = meta.get("history", [])
@@ -156,14 +183,19 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         "global_batch": cfg.trainer.batch_size * cfg.trainer.num_workers,
         "bank_size": cfg.bank.size,
     })
-    from negatron.cluster.files import atomic_write, write_json
-
-    write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "history.json", history, indent=1)
-    atomic_write(run_dir / "training.png",
-                 lambda tmp: plot_history(history, tmp, title=cfg.run.name, metric=primary_metric(cfg)))
-    return TrainResult(run_dir, run_dir / "final", best_dir, metrics,
+    storage.write_json(_sub(run_dir, "metrics.json"), metrics)
+    storage.write_json(_sub(run_dir, "history.json"), history, indent=1)
+    storage.write_with(_sub(run_dir, "training.png"),
+                       lambda tmp: plot_history(history, tmp, title=cfg.run.name, metric=primary_metric(cfg)))
+    return TrainResult(run_dir, final_dir, best_dir, metrics,
                        checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
+
+
+def _sub(run_dir: Path | str, *parts: str) -> Path | str:
+    """A path inside the run folder, of the same kind (``Path`` or URI)."""
+    from negatron.cluster import storage
+
+    return Path(run_dir, *parts) if isinstance(run_dir, Path) else storage.join(run_dir, *parts)
 
 
 def _fit_interruptibly(trainer, run_dir: Path):
@@ -199,13 +231,15 @@ def _fit_interruptibly(trainer, run_dir: Path):
     return box["result"]
 
 
-def registered_steps(run_dir: Path) -> list[int]:
+def registered_steps(run_dir: Path | str) -> list[int]:
     """Steps of the checkpoints Ray Train has registered for the run in ``run_dir`` (its snapshot
     file; a checkpoint folder on disk alone may not be registered yet)."""
+    from negatron.cluster import storage
+
     try:
-        snap = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+        snap = storage.read_json(_sub(run_dir, "checkpoint_manager_snapshot.json")) or {}
         return [int(c["metrics"]["step"]) for c in snap.get("checkpoint_results", [])]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
 
 

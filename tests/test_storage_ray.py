@@ -1,0 +1,112 @@
+"""Ray Train with data, model and storage on a real S3-compatible server (no shared folder needed):
+outputs written through the store, a SIGKILLed worker resumed from checkpoints there, and the
+exported model loaded back from the store by transformers."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bench.loadgen import tagged_pids
+from negatron.cluster import storage
+from negatron.cluster.config import load_config
+from negatron.trainers.encoder import Encoder
+from negatron.trainers.train import registered_steps, run_training
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3):
+    """The module's Ray, started after the S3 credentials are in the environment (workers inherit it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield s3
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def remote_inputs(ray_s3, tiny_model_dir, stdlib_data):
+    s3 = ray_s3
+    return {"model": s3.upload(tiny_model_dir, "inputs/tiny"),
+            "train": s3.upload(stdlib_data / "train.parquet", "inputs/train.parquet"),
+            "dev": s3.upload(stdlib_data / "dev", "inputs/dev")}
+
+
+def _cfg(s3, inputs, name, *extra):
+    return load_config(None, [
+        f"model.path={inputs['model']}", f"data.train={inputs['train']}", f"data.dev={inputs['dev']}",
+        "data.max_dev_queries=20", "model.max_length=32", "trainer.num_workers=2", "trainer.batch_size=8",
+        "trainer.cpus_per_worker=0.5", "optim.lr=1e-3", "optim.schedule=constant", "trainer.log_every_s=0.001",
+        f"run.storage_path={s3.uri('runs')}", f"run.name={name}", *extra])
+
+
+def test_train_with_data_model_and_storage_on_s3_then_sigkill_resume(ray_s3, remote_inputs, tmp_path, monkeypatch):
+    s3 = ray_s3
+    monkeypatch.setenv("NEGATRON_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(s3, remote_inputs, "s3run", "trainer.max_steps=60", "trainer.checkpoint_every=15",
+               "trainer.max_failures=1", "bank.size=32", "trainer.keep_checkpoints=10")
+    run_dir = s3.uri("runs/s3run")
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 300
+        while not killed and time.time() < deadline:
+            pids = tagged_pids("RayTrainWorker", os.getpid())
+            if len(pids) == 2 and registered_steps(run_dir):  # a checkpoint is registered in the store
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = run_training(cfg)
+    t.join(5)
+    assert killed, "no worker was killed"
+    assert res.run_dir == run_dir and res.final_dir == storage.join(run_dir, "final")
+
+    # every output is in the store, nothing in a local folder named after the URI
+    files = {f for f, _, _ in storage.list_files(run_dir)}
+    for name in ("final/model.safetensors", "final/config.json", "best/model.safetensors", "metrics.json",
+                 "history.json", "training.png", "checkpoint_manager_snapshot.json"):
+        assert name in files, (name, sorted(files)[:40])
+    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
+    history = storage.read_json(storage.join(run_dir, "history.json"))
+    resumes = [h["resumed_from"] for h in history if "resumed_from" in h]
+    assert len(resumes) == 1 and resumes[0] % 15 == 0 and resumes[0] > 0
+    metrics = storage.read_json(storage.join(run_dir, "metrics.json"))
+    assert metrics["steps"] == 60 and "mrr@10" in metrics
+
+    # the exported model, fetched from the store, loads in transformers and in Negatron alike
+    local = storage.local_folder(res.final_dir)
+    meta = json.loads((local / "negatron.json").read_text())
+    assert meta["step"] == 60
+    texts = ["return the sorted list of keys", "def f(x):\n    return x + 1"]
+    ours = Encoder.from_pretrained(res.final_dir).encode(texts)  # a URI, fetched into the cache
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, hf = AutoTokenizer.from_pretrained(local), AutoModel.from_pretrained(local)
+    b = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = hf(**b).last_hidden_state
+    mean = (h * b["attention_mask"][..., None]).sum(1) / b["attention_mask"].sum(1, keepdim=True)
+    np.testing.assert_allclose(torch.nn.functional.normalize(mean, dim=-1).numpy(), ours, atol=1e-5)
+
+    # a run folder URI works wherever a model is accepted (its final/ is fetched, not its checkpoints)
+    fetched = storage.local_folder(storage.join(run_dir, "final"))
+    assert not any(p.name.startswith("checkpoint_") for p in fetched.parent.iterdir() if p.is_dir())
+    assert Encoder.from_pretrained(run_dir).encode(texts).shape == ours.shape
+
+
+def test_missing_data_on_s3_is_named_before_ray_work(ray_s3, remote_inputs):
+    from negatron.trainers.schema import SchemaError
+
+    cfg = _cfg(ray_s3, remote_inputs, "missing").replace({"data.train": ray_s3.uri("inputs/nope.parquet")})
+    with pytest.raises(SchemaError, match=r"s3://negatron-test/inputs/nope.parquet.*file not found"):
+        run_training(cfg)
