@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import storage
 from .errors import NegatronError
 from .serve_config import ServeSection
 
@@ -442,6 +443,26 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _read_config_file(path: str | Path) -> tuple[str, bytes]:
+    """(the name to print, the bytes) of a local config file or one on an object store (e.g. the
+    ``best.yaml`` of an experiment stored on S3)."""
+    if storage.is_remote(path):
+        source = storage.redact(path)
+        try:
+            if not storage.is_file(path):
+                raise ConfigError(f"config file not found: {source}")
+            return source, storage.read_bytes(path)
+        except storage.StorageError as e:
+            raise ConfigError(f"config file {e}") from None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return str(p), p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p}: cannot read it ({e.strerror})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or the defaults when ``path`` is None) and apply overrides.
 
@@ -451,28 +472,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = p.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"config file {p}: cannot read it ({e.strerror})") from None
+        source, raw = _read_config_file(path)
         if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {p}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES}")
+            raise ConfigError(f"config file {source}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES}")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            raise ConfigError(f"config file {source}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         try:
             loaded = yaml_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {str(e)[:500]}") from None
+            raise ConfigError(f"{source}: not valid YAML: {str(e)[:500]}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = copy.deepcopy(loaded)
     cfg = Config.from_dict(data, source=source)
     if overrides:

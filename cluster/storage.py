@@ -61,6 +61,16 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return f"{path}?{query}" if query else path
 
 
+def sub(base: Path | str, *parts: str) -> Path | str:
+    """``join`` that keeps the kind of ``base``: a ``Path`` stays a ``Path``, a URI a string."""
+    return Path(base, *parts) if isinstance(base, Path) else join(base, *parts)
+
+
+def folder(path: str | os.PathLike) -> Path | str:
+    """A folder as Negatron hands it back: a local absolute ``Path``, or the URI of a remote one."""
+    return str(path) if is_remote(path) else Path(resolve(filesystem(path)[1] if is_uri(path) else path))
+
+
 def name(path: str | os.PathLike) -> str:
     """The last component (``runs/x`` -> ``x``), query dropped."""
     return _split(str(path))[0].rstrip("/").rsplit("/", 1)[-1] if is_uri(path) else Path(path).name

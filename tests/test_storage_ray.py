@@ -25,7 +25,8 @@ def ray_s3(s3):
     """The module's Ray, started after the S3 credentials are in the environment (workers inherit it)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    # the dashboard serves the state API Ray Train's placement-group cleaner needs under Tune
+    ray.init(address="local", num_cpus=4, include_dashboard=True)
     yield s3
     ray.shutdown()
 
@@ -110,3 +111,23 @@ def test_missing_data_on_s3_is_named_before_ray_work(ray_s3, remote_inputs):
     cfg = _cfg(ray_s3, remote_inputs, "missing").replace({"data.train": ray_s3.uri("inputs/nope.parquet")})
     with pytest.raises(SchemaError, match=r"s3://negatron-test/inputs/nope.parquet.*file not found"):
         run_training(cfg)
+
+
+def test_tune_experiment_on_s3_writes_results_there_and_its_best_config_loads(ray_s3, remote_inputs):
+    from negatron.tune.search import run_tune
+
+    s3 = ray_s3
+    cfg = _cfg(s3, remote_inputs, "tune-s3", "trainer.num_workers=1", "trainer.max_steps=8",
+               "trainer.checkpoint_every=4", "tune.scheduler=fifo", "tune.max_concurrent_trials=2", "tune.num_samples=1",
+               "tune.space={optim.lr: {grid: [1e-3, 1e-8]}}")
+    out = run_tune(cfg)
+    exp = s3.uri("runs/tune-s3")
+    assert out.experiment_dir == exp and out.best_config_path == storage.join(exp, "best.yaml")
+    assert len(out.rows) == 2 and all(r["status"] == "TERMINATED" for r in out.rows)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(storage.join(exp, "results.parquet")).num_rows == 2
+    assert storage.is_file(storage.join(exp, "tune.png"))
+    best = load_config(out.best_config_path)  # a config file read from the store
+    assert best.optim.lr == 1e-3 and best.run.name == "tune-s3-best"
+    assert out.best_checkpoint.startswith("s3://") and Encoder.from_pretrained(out.best_checkpoint)

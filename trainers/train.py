@@ -88,8 +88,7 @@ def run_folder(cfg: Config) -> Path | str:
     """``<run.storage_path>/<run.name>``: a local ``Path``, or a URI (query kept) on a store."""
     from negatron.cluster import storage
 
-    folder = storage.join(cfg.run.storage_path, cfg.run.name)
-    return folder if storage.is_remote(folder) else Path(storage.resolve(folder))
+    return storage.folder(storage.join(cfg.run.storage_path, cfg.run.name))
 
 
 def local_log(run_dir: Path | str) -> Path:
@@ -159,7 +158,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         raise TrainingError("training finished without a checkpoint")
     from negatron.cluster import storage
 
-    final_dir = _sub(run_dir, "final")
+    final_dir = storage.sub(run_dir, "final")
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         _copy_model(Path(d), final_dir)
@@ -167,7 +166,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     if cfg.data.dev:
         best = result.get_best_checkpoint(primary_metric(cfg), "max")
         if best is not None:
-            best_dir = _sub(run_dir, "best")
+            best_dir = storage.sub(run_dir, "best")
             with best.as_directory() as d:
                 _copy_model(Path(d), best_dir)
     history = meta.get("history", [])
@@ -183,19 +182,14 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         "global_batch": cfg.trainer.batch_size * cfg.trainer.num_workers,
         "bank_size": cfg.bank.size,
     })
-    storage.write_json(_sub(run_dir, "metrics.json"), metrics)
-    storage.write_json(_sub(run_dir, "history.json"), history, indent=1)
-    storage.write_with(_sub(run_dir, "training.png"),
+    storage.write_json(storage.sub(run_dir, "metrics.json"), metrics)
+    storage.write_json(storage.sub(run_dir, "history.json"), history, indent=1)
+    storage.write_with(storage.sub(run_dir, "training.png"),
                        lambda tmp: plot_history(history, tmp, title=cfg.run.name, metric=primary_metric(cfg)))
     return TrainResult(run_dir, final_dir, best_dir, metrics,
                        checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
 
 
-def _sub(run_dir: Path | str, *parts: str) -> Path | str:
-    """A path inside the run folder, of the same kind (``Path`` or URI)."""
-    from negatron.cluster import storage
-
-    return Path(run_dir, *parts) if isinstance(run_dir, Path) else storage.join(run_dir, *parts)
 
 
 def _fit_interruptibly(trainer, run_dir: Path):
@@ -237,7 +231,7 @@ def registered_steps(run_dir: Path | str) -> list[int]:
     from negatron.cluster import storage
 
     try:
-        snap = storage.read_json(_sub(run_dir, "checkpoint_manager_snapshot.json")) or {}
+        snap = storage.read_json(storage.sub(run_dir, "checkpoint_manager_snapshot.json")) or {}
         return [int(c["metrics"]["step"]) for c in snap.get("checkpoint_results", [])]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []

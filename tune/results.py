@@ -17,12 +17,12 @@ class TuneOutcome:
     """What ``negatron tune`` hands back: the experiment folder, one row per trial, the best
     trial's config (``best.yaml``) and checkpoint, and the plot."""
 
-    experiment_dir: Path
+    experiment_dir: Path | str  # a local folder, or a URI on an object store
     rows: list[dict]
-    best_config_path: Path | None
+    best_config_path: Path | str | None
     best_checkpoint: str | None
     best_metric: float | None
-    plot: Path | None
+    plot: Path | str | None
 
 
 def _status(result, max_steps: int, tune_status: str | None) -> str:
@@ -101,7 +101,7 @@ def format_rows(rows: list[dict], cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def write_parquet(rows: list[dict], path: Path) -> None:
+def write_parquet(rows: list[dict], path: Path | str) -> None:
     cols: dict[str, list] = {}
     for r in rows:
         for k in r:
@@ -111,9 +111,11 @@ def write_parquet(rows: list[dict], path: Path) -> None:
         if any(isinstance(v, (list, dict)) for v in vals) or len({type(v) for v in vals if v is not None}) > 1:
             vals = [None if v is None else str(v) for v in vals]
         cols[k] = vals
-    from negatron.cluster.files import write_parquet as write_atomic
+    import pyarrow.parquet as pq
 
-    write_atomic(pa.table(cols), path)  # temp file + rename
+    from negatron.cluster.storage import write_with
+
+    write_with(path, lambda tmp: pq.write_table(pa.table(cols), tmp))  # temp file + rename, or one PUT
 
 
 def plot_rows(rows: list[dict], cfg: Config, out: Path) -> Path | None:
@@ -150,26 +152,23 @@ def plot_rows(rows: list[dict], cfg: Config, out: Path) -> Path | None:
     return out
 
 
-def summarize(grid, cfg: Config, exp_dir: Path) -> TuneOutcome:
-    rows = collect_rows(grid, cfg)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet(rows, exp_dir / "results.parquet")
-    from negatron.cluster.files import atomic_write
+def summarize(grid, cfg: Config, exp_dir: Path | str) -> TuneOutcome:
+    from negatron.cluster import storage
 
-    plot = exp_dir / "tune.png"
-    atomic_write(plot, lambda tmp: plot_rows(rows, cfg, tmp))
-    plot = plot if plot.is_file() else None
+    rows = collect_rows(grid, cfg)
+    write_parquet(rows, storage.sub(exp_dir, "results.parquet"))
+    plot = storage.sub(exp_dir, "tune.png")
+    storage.write_with(plot, lambda tmp: plot_rows(rows, cfg, tmp))
+    plot = plot if storage.is_file(plot) else None
     best = best_row(rows, cfg)
     best_path = best_ckpt = None
     if best is not None:
         overrides = {k: best[k] for k in cfg.tune.space}
         best_cfg = cfg.replace({**overrides, "run.name": f"{cfg.run.name}-best"})
-        best_path = exp_dir / "best.yaml"
-        from negatron.cluster.files import write_text
-
-        write_text(best_path, f"# best trial {best['trial_id']}: {cfg.tune.metric} = {best[cfg.tune.metric]}\n"
-                   + dump_yaml(best_cfg))
+        best_path = storage.sub(exp_dir, "best.yaml")
+        storage.write_bytes(best_path, (f"# best trial {best['trial_id']}: {cfg.tune.metric} = "
+                                        f"{best[cfg.tune.metric]}\n" + dump_yaml(best_cfg)).encode())
         # ASHA stops a trial at max_t before its driver exports final/: use the last checkpoint
-        final = exp_dir / "trials" / f"train-{best['trial_id']}" / "final"
-        best_ckpt = str(final) if final.is_dir() else best["checkpoint_path"]
+        final = storage.sub(exp_dir, "trials", f"train-{best['trial_id']}", "final")
+        best_ckpt = str(final) if storage.is_dir(final) else best["checkpoint_path"]
     return TuneOutcome(exp_dir, rows, best_path, best_ckpt, best[cfg.tune.metric] if best else None, plot)

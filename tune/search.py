@@ -12,7 +12,6 @@ trial's training run), ``results.parquet``, ``tune.png`` and ``best.yaml``.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from negatron.cluster.config import Config, ConfigError
 
@@ -225,18 +224,19 @@ def run_tune(cfg: Config, address: str | None = None, presets: list[dict] | None
 
     from negatron.cluster import console
     from negatron.cluster.local import ensure_ray
-    from negatron.trainers.train import absolute_paths, validate_inputs
+    from negatron.cluster import storage
+    from negatron.trainers.train import absolute_paths, local_log, run_folder, validate_inputs
 
     check_space(cfg)
     validate_inputs(cfg, address)
     cfg = absolute_paths(cfg)
-    exp_dir = Path(cfg.run.storage_path) / cfg.run.name
-    console.log_to(exp_dir / "ray.log")  # Ray's chatter goes here unless --verbose
+    exp_dir = run_folder(cfg)  # a local Path, or a URI on an object store
+    console.log_to(local_log(exp_dir))  # Ray's chatter goes here unless --verbose
     ensure_ray(address)
     fit_concurrency(cfg)
     fn = pbt_trial_fn if cfg.tune.scheduler == "pbt" else trial_fn
     trainable = tune.with_resources(
-        tune.with_parameters(fn, base=cfg.to_dict(), trials_dir=str(exp_dir / "trials")),
+        tune.with_parameters(fn, base=cfg.to_dict(), trials_dir=str(storage.sub(exp_dir, "trials"))),
         {"cpu": cfg.tune.trial_cpus})
     if tune.Tuner.can_restore(str(exp_dir)):
         print(f"[negatron] resuming the experiment in {exp_dir} (finished trials are kept)", flush=True)
