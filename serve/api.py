@@ -146,12 +146,16 @@ class Ingress:
         self.rerank_weight = st.rerank_weight
         self.dims: dict[str, int] = st.dims
         self.image_models = set(st.image_models)
-        text = {n: p for n, p in self.models.items() if n not in self.image_models}
+        from negatron.trainers.model_io import in_run_folder, local_model_folder, resolve_model_path
+
+        # a model on an object store is fetched once per node into the local cache
+        text = {n: resolve_model_path(p) for n, p in self.models.items() if n not in self.image_models}
         self.tokenizers = {n: AutoTokenizer.from_pretrained(p, local_files_only=True) for n, p in text.items()}
         self.token_limits = {n: st.max_length or st.model_max_lengths[n] for n in text}
         self.rr_tokenizer = None
         if st.reranker_path:
-            self.rr_tokenizer = AutoTokenizer.from_pretrained(st.reranker_path, local_files_only=True)
+            self.rr_tokenizer = AutoTokenizer.from_pretrained(
+                in_run_folder(local_model_folder(st.reranker_path), "config.json"), local_files_only=True)
             self.rr_limit = st.reranker_max_length or 512
         env = st.api_key_env
         key = os.environ.get(env) if env else None

@@ -21,6 +21,7 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
+from negatron.cluster import storage
 from negatron.cluster.config import Config, ConfigError
 from negatron.cluster.serve_config import ScaleConfig, ServeSection, ServeStartError
 
@@ -117,7 +118,9 @@ def app_builder(args: ServeSection) -> Application:
         raise ConfigError(f"serve.encoder: {e}") from None
     default_name = next(iter(names))
     facts = {n: _model_facts(p) for n, p in names.items()}
-    models = {n: str(p) for n, p in names.items()}
+    # replicas get the URI of a model on an object store (each node fetches it), else the local folder
+    given = {default_name: args.encoder.path, **args.encoder.models}
+    models = {n: (given[n] if storage.is_remote(given[n]) else str(p)) for n, p in names.items()}
     from negatron.trainers.model_io import IMAGE_CONFIG
 
     image_models = sorted(n for n, p in names.items() if (p / IMAGE_CONFIG).is_file())
@@ -132,28 +135,34 @@ def app_builder(args: ServeSection) -> Application:
             models, args.encoder.max_length, args.encoder.batch.model_dump(), args.encoder.scale.torch_threads)
 
     reranker = None
-    rr_path = ""
+    rr_path = rr_local = ""
     if args.reranker.path:
         from negatron.trainers.model_io import in_run_folder
 
-        rr = in_run_folder(Path(args.reranker.path), "config.json")
-        if not (rr / "config.json").is_file():
-            raise ConfigError(f"serve.reranker.path: not a Hugging Face model folder: {args.reranker.path}")
+        from negatron.trainers.model_io import local_model_folder
+
         try:
+            rr = in_run_folder(local_model_folder(args.reranker.path), "config.json")
+            if not (rr / "config.json").is_file():
+                raise ConfigError(f"serve.reranker.path: not a Hugging Face model folder: {args.reranker.path}")
             require_safetensors(rr, "reranker")
         except ModelLoadError as e:
             raise ConfigError(f"serve.reranker.path: {e}") from None
-        rr_path = str(rr.resolve())
+        rr_local = str(rr.resolve())
+        rr_path = args.reranker.path if storage.is_remote(args.reranker.path) else rr_local
         reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale, args.access_log, drain)).bind(
             rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads)
 
     retriever = None
     if args.retriever.corpus:
-        corpus = Path(args.retriever.corpus)
-        if not corpus.is_file():
-            raise ConfigError(f"serve.retriever.corpus: file not found: {corpus}")
+        corpus = args.retriever.corpus
+        try:
+            if not storage.is_file(corpus):
+                raise ConfigError(f"serve.retriever.corpus: file not found: {storage.redact(corpus)}")
+        except storage.StorageError as e:
+            raise ConfigError(f"serve.retriever.corpus: {e}") from None
         r = args.retriever
-        user_config = {"model": models[default_name], "corpus": str(corpus.resolve()), "index": r.index,
+        user_config = {"model": models[default_name], "corpus": storage.resolve(corpus), "index": r.index,
                        "cache_dir": r.cache_dir, "max_length": args.encoder.max_length, "hnsw_m": r.hnsw_m,
                        "hnsw_ef_search": r.hnsw_ef_search, "ivf_nlist": r.ivf_nlist, "ivf_nprobe": r.ivf_nprobe}
         retriever = RetrieverDeployment.options(**deployment_options(r.scale, args.access_log, drain), user_config=user_config).bind(
@@ -163,8 +172,8 @@ def app_builder(args: ServeSection) -> Application:
         "models": models, "default_model": default_name, "limits": args.limits,
         "max_length": args.encoder.max_length, "model_max_lengths": {n: f[0] for n, f in facts.items()},
         "dims": {n: f[1] for n, f in facts.items()}, "reranker_path": rr_path,
-        "reranker_max_length": args.reranker.max_length or _reranker_len(rr_path),
-        "rerank_depth": args.retriever.rerank_depth, "rerank_weight": _rerank_weight(args, rr_path),
+        "reranker_max_length": args.reranker.max_length or _reranker_len(rr_local),
+        "rerank_depth": args.retriever.rerank_depth, "rerank_weight": _rerank_weight(args, rr_local),
         "api_key_env": args.api_key_env,
         "colocate": args.encoder.colocate, "batch": args.encoder.batch,
         "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
@@ -199,6 +208,9 @@ def served_name(path: str, folder: Path) -> str:
     the run's name for a Negatron run's final/ or best/ checkpoint, else the folder name."""
     if path == "default":
         return "all-MiniLM-L6-v2"
+    if storage.is_remote(path):  # fetched into a cache folder: name it after the URI
+        name = storage.name(path)
+        return storage.name(storage.parent(path)) if name in ("final", "best") else name
     if folder.name in ("final", "best") and (folder.parent / "metrics.json").is_file():
         return folder.parent.name
     return folder.name
@@ -222,11 +234,14 @@ def resolve_section(cfg: Config) -> ServeSection:
     s = cfg.serve
     enc = s.encoder.path
     if not enc:
-        final = Path(cfg.run.storage_path) / cfg.run.name / "final"
-        enc = str(final) if (final / "config.json").is_file() else cfg.model.path
+        final = storage.join(cfg.run.storage_path, cfg.run.name, "final")
+        try:
+            enc = final if storage.is_file(storage.join(final, "config.json")) else cfg.model.path
+        except storage.StorageError as e:
+            raise ConfigError(f"run.storage_path: {e}") from None
 
     def absolute(p: str) -> str:
-        return p if not p or p == "default" else str(Path(p).expanduser().resolve())
+        return p if not p or p == "default" else storage.resolve(p)
 
     data = s.model_dump(mode="json")
     data["encoder"]["path"] = absolute(enc)

@@ -234,8 +234,11 @@ class EncoderDeployment:
     """
 
     def __init__(self, models: dict[str, str], max_length: int, batch: dict, torch_threads: int = 1):
+        from negatron.trainers.model_io import resolve_model_path
+
         set_threads(torch_threads)
-        self.paths = dict(models)
+        # a folder on an object store is fetched once per node into the local cache
+        self.paths = {name: str(resolve_model_path(path)) for name, path in models.items()}
         self.max_length = max_length
         self.chunk = int(batch["chunk_size"])
         _configure_batching(self._embed_batch, batch)
@@ -286,9 +289,11 @@ class RerankerDeployment:
     def __init__(self, path: str, max_length: int, batch: dict, torch_threads: int = 1):
         from negatron.trainers.cross_encoder import CrossEncoder
 
+        from negatron.trainers.model_io import local_model_folder
+
         set_threads(torch_threads)
-        self.path = path
-        self.model = CrossEncoder.from_pretrained(path, max_length=max_length or None)
+        self.path = str(local_model_folder(path))  # fetched once per node when on an object store
+        self.model = CrossEncoder.from_pretrained(self.path, max_length=max_length or None)
         self.model.eval()
         self.chunk = int(batch["chunk_size"])
         _configure_batching(self._score_batch, batch)

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from negatron.cluster import storage
 from negatron.trainers.schema import CORPUS, SchemaError, check_table
 
 INDEX_VERSION = 1
@@ -132,42 +133,47 @@ def load_or_build(corpus: str | Path, encoder_folder: str | Path, embed: Callabl
         embed_settings: whatever else changes the embeddings (e.g. the token limit); part of the key.
     """
     t0 = time.perf_counter()
-    corpus = Path(corpus)
+    corpus = str(corpus)
     try:
-        raw = corpus.read_bytes()  # read once: the key hashes exactly the bytes the index is built from
-    except FileNotFoundError:
+        raw = storage.read_bytes(corpus)  # read once: the key hashes exactly the bytes the index is built from
+    except storage.StorageError as e:
+        if storage.exists(corpus):
+            raise SchemaError(str(e)) from None
         raw = None  # check_table names the missing file
-    except OSError as e:
-        raise SchemaError(f"{corpus}: cannot read it ({e.strerror})") from None
     table = check_table(corpus, CORPUS, data=raw)
     doc_ids = [str(x) for x in table.column("doc_id").to_pylist()]
     texts = table.column("text").to_pylist()
     settings = {"kind": kind, **index_args, **(embed_settings or {})}
     key = cache_key(model_id(encoder_folder), raw, settings)
     del raw
-    # an explicit cache_dir is used as given; the default beside the corpus falls back when read-only
-    root = Path(cache_dir) if cache_dir else _writable_root(corpus.parent / ".negatron_index", log)
-    folder = root / key
-    if (folder / "index.faiss").is_file() and (folder / "meta.json").is_file():
+    # an explicit cache_dir (a folder or a URI) is used as given; the default is beside a local
+    # corpus (falling back when read-only), and the local cache for a corpus on an object store
+    if cache_dir:
+        root: Path | str = storage.folder(cache_dir)
+    elif storage.is_remote(corpus):
+        root = default_cache_root()
+    else:
+        root = _writable_root(Path(storage.resolve(corpus)).parent / ".negatron_index", log)
+    folder = storage.sub(root, key)
+    index_file, meta_file = storage.sub(folder, "index.faiss"), storage.sub(folder, "meta.json")
+    if storage.is_file(index_file) and storage.is_file(meta_file):
         try:
-            index = faiss.read_index(str(folder / "index.faiss"))
+            index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(index_file), dtype=np.uint8))
             if index.ntotal == len(doc_ids):
-                log(f"index: loaded {index.ntotal} docs from cache {folder}")
+                log(f"index: loaded {index.ntotal} docs from cache {storage.redact(folder)}")
                 return CorpusIndex(index, doc_ids, texts, key, time.perf_counter() - t0, True)
-            log(f"index: cache {folder} holds {index.ntotal} docs, corpus has {len(doc_ids)}: rebuilding")
+            log(f"index: cache {storage.redact(folder)} holds {index.ntotal} docs, corpus has {len(doc_ids)}: rebuilding")
         except RuntimeError as e:  # a truncated or corrupt cache file: rebuild rather than fail
-            log(f"index: cache {folder} unreadable ({e}): rebuilding")
+            log(f"index: cache {storage.redact(folder)} unreadable ({e}): rebuilding")
     log(f"index: embedding {len(texts)} docs with {encoder_folder}")
     emb = np.ascontiguousarray(embed(texts), dtype=np.float32)
     index = make_index(emb, kind, **index_args)  # embed_settings are not index parameters
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"index.faiss.tmp{os.getpid()}"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, folder / "index.faiss")  # atomic: a crash never leaves a half-written index
-    (folder / "meta.json").write_text(json.dumps({"corpus": str(corpus), "encoder": str(encoder_folder),
-                                                  "docs": len(doc_ids), "dim": int(emb.shape[1]), **settings}, indent=2))
+    # atomic (temp file + rename, or one PUT): a crash never leaves a half-written index
+    storage.write_bytes(index_file, faiss.serialize_index(index).tobytes())
+    storage.write_json(meta_file, {"corpus": storage.redact(corpus), "encoder": str(encoder_folder),
+                                   "docs": len(doc_ids), "dim": int(emb.shape[1]), **settings})
     built = time.perf_counter() - t0
-    log(f"index: built {kind} index over {len(doc_ids)} docs in {built:.1f}s -> {folder}")
+    log(f"index: built {kind} index over {len(doc_ids)} docs in {built:.1f}s -> {storage.redact(folder)}")
     return CorpusIndex(index, doc_ids, texts, key, built, False)
 
 

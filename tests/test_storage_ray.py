@@ -131,3 +131,39 @@ def test_tune_experiment_on_s3_writes_results_there_and_its_best_config_loads(ra
     best = load_config(out.best_config_path)  # a config file read from the store
     assert best.optim.lr == 1e-3 and best.run.name == "tune-s3-best"
     assert out.best_checkpoint.startswith("s3://") and Encoder.from_pretrained(out.best_checkpoint)
+
+
+def test_serve_a_model_and_corpus_from_s3_with_the_index_cached_there(ray_s3, remote_inputs, tmp_path, monkeypatch):
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from negatron.serve.app import resolve_section, start
+    from negatron.serve.index import write_corpus
+
+    s3 = ray_s3
+    monkeypatch.setenv("NEGATRON_CACHE", str(tmp_path / "cache"))
+    docs = [f"def handler_{i}(x):\n    return x * {i}" for i in range(20)]
+    corpus = s3.upload(write_corpus(tmp_path / "corpus.parquet", [f"d{i}" for i in range(20)], docs),
+                       "serve/corpus.parquet")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = load_config(None, [
+        f"serve.encoder.path={remote_inputs['model']}", f"serve.retriever.corpus={corpus}",
+        f"serve.retriever.cache_dir={s3.uri('serve/index-cache')}", f"serve.port={port}",
+        "serve.encoder.scale.num_cpus=0.25", "serve.retriever.scale.num_cpus=0.25", "serve.ingress.num_cpus=0.25"])
+    section = resolve_section(cfg)
+    assert section.encoder.path == remote_inputs["model"]  # replicas fetch it on their own node
+    try:
+        url = start(section, blocking_wait_s=300)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            hits = c.post("/search", json={"query": docs[3], "top_k": 1}).json()
+            assert hits[0]["doc_id"] == "d3"
+            emb = c.post("/v1/embeddings", json={"input": ["x"], "model": "tiny"}).json()
+            assert len(emb["data"][0]["embedding"]) == 32
+    finally:
+        serve.shutdown()
+    cached = [f for f, _, _ in storage.list_files(s3.uri("serve/index-cache"))]
+    assert any(f.endswith("/index.faiss") for f in cached) and any(f.endswith("/meta.json") for f in cached)
