@@ -72,6 +72,12 @@ def _env(token_path: Path) -> dict[str, str]:
     return env
 
 
+def _node_env(env: dict, node_dir: Path) -> dict:
+    """Each node keeps its own cache of models fetched from object storage (as separate machines
+    would): nothing one node fetched is visible to another."""
+    return {**env, "NEGATRON_CACHE": str(node_dir / "negatron-cache")}
+
+
 def _run(cmd: list[str], env: dict, timeout: float) -> None:
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -130,12 +136,12 @@ def up(workers: int = 1, cpus_per_node: float = 2, log=print) -> dict:
         log(f"starting the head on {state['address']} (dashboard {state['dashboard']})")
         _run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dash}",
               "--dashboard-host=127.0.0.1", f"--num-cpus={cpus_per_node:g}", f"--temp-dir={root / 'head'}",
-              "--disable-usage-stats", *_agent_ports()], env, timeout=180)
+              "--disable-usage-stats", *_agent_ports()], _node_env(env, root / "head"), timeout=180)
         for i in range(workers):
             log(f"starting worker node {i + 1}/{workers}")
             _run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                   f"--num-cpus={cpus_per_node:g}", f"--temp-dir={root / f'node{i + 1}'}", "--disable-usage-stats",
-                  *_agent_ports()], env, timeout=180)
+                  *_agent_ports()], _node_env(env, root / f"node{i + 1}"), timeout=180)
     except Exception:
         down(log=lambda *_: None)
         raise

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,9 +50,28 @@ def _cli(*args, env=None, timeout=600):
                           env=env, timeout=timeout)
 
 
-def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir):
+def _workers_on_node(root: str, node: str) -> list[int]:
+    """RayTrainWorker processes under the raylet of one node of a `negatron cluster up` cluster."""
+    from bench.loadgen import tagged_pids
+    from negatron.cluster.multinode import our_processes
+
+    raylets = [p.pid for p in our_processes(f"{root}/{node}") if "raylet" in " ".join(p.info["cmdline"] or [])[:200]]
+    return [pid for r in raylets for pid in tagged_pids("RayTrainWorker", r)]
+
+
+def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir, stdlib_data, s3, monkeypatch):
+    """Two nodes that share nothing but an object store: data, model and storage are S3 URIs, each
+    node fetches into its own cache, a worker on the second node is SIGKILLed, and the run resumes
+    from the checkpoints in the store."""
+    import signal
+    import threading
+    import time
+
     import httpx
     import psutil
+
+    from negatron.cluster import storage
+    from negatron.trainers.train import registered_steps
 
     env = {**os.environ, "NEGATRON_CLUSTER_DIR": str(tmp_path / "state")}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
@@ -64,18 +84,51 @@ def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir):
     try:
         st = _cli("cluster", "status", env=env, timeout=120)
         assert st.returncode == 0 and "cluster at" in st.stdout, st.stdout + st.stderr
+        model = s3.upload(tiny_model_dir, "cluster/model")
+        train = s3.upload(write_pairs(tmp_path / "pairs.parquet", n=96), "cluster/pairs.parquet")
+        dev = s3.upload(stdlib_data / "dev", "cluster/dev")
         cfg = tmp_path / "train.yaml"
         cfg.write_text(
-            f"model: {{path: {tiny_model_dir}, max_length: 32}}\n"
-            f"data: {{train: {write_pairs(tmp_path / 'pairs.parquet', n=64)}}}\n"
-            "trainer: {num_workers: 2, cpus_per_worker: 0.5, batch_size: 4, max_steps: 4, checkpoint_every: 4}\n"
-            f"run: {{name: job, storage_path: {tmp_path / 'runs'}}}\n")
+            f"model: {{path: '{model}', max_length: 32}}\n"
+            f"data: {{train: '{train}', dev: '{dev}', max_dev_queries: 10}}\n"
+            "trainer: {num_workers: 2, cpus_per_worker: 0.5, batch_size: 4, max_steps: 24, checkpoint_every: 6,\n"
+            "          placement: spread, max_failures: 1, keep_checkpoints: 10}\n"
+            f"run: {{name: job, storage_path: '{s3.uri('cluster/runs')}'}}\n")
+        run_uri = s3.uri("cluster/runs/job")
+        killed: list[int] = []
+
+        def killer():  # SIGKILL the training worker on the second node once a checkpoint is in the store
+            deadline = time.time() + 600
+            while not killed and time.time() < deadline:
+                victims = _workers_on_node(state["root"], "node1")
+                if victims and registered_steps(run_uri):
+                    os.kill(victims[0], signal.SIGKILL)
+                    killed.append(victims[0])
+                time.sleep(0.2)
+
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
         sub = _cli("submit", "train", "--address", state["dashboard"], "--config", str(cfg), "optim.lr=1e-3",
                    env=env, timeout=900)
+        t.join(5)
         out = sub.stdout + sub.stderr
         assert sub.returncode == 0, out[-4000:]
+        assert killed, "no training worker was found on the second node"
         job_id = next(line.split()[2].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("submitted job"))
-        assert json.loads((tmp_path / "runs" / "job" / "metrics.json").read_text())["steps"] == 4
+        assert storage.read_json(storage.join(run_uri, "metrics.json"))["steps"] == 24
+        history = storage.read_json(storage.join(run_uri, "history.json"))
+        resumes = [h["resumed_from"] for h in history if "resumed_from" in h]
+        assert len(resumes) == 1 and resumes[0] % 6 == 0 and resumes[0] > 0, resumes
+        # each node fetched the model into its own cache (the nodes share no folder for it)
+        for node in ("head", "node1"):
+            assert list((Path(state["root"]) / node / "negatron-cache" / "remote").glob("model-*/config.json")), node
+        from transformers import AutoModel
+
+        monkeypatch.setenv("NEGATRON_CACHE", str(tmp_path / "cache"))
+        local = storage.local_folder(storage.join(run_uri, "final"))
+        assert json.loads((local / "negatron.json").read_text())["step"] == 24
+        AutoModel.from_pretrained(local)  # final/ downloaded from the store loads in transformers
+        assert not (tmp_path / "runs").exists()
         logs = _cli("jobs", "logs", job_id, "--address", state["dashboard"], env=env, timeout=120)
         assert '"samples_per_s"' in logs.stdout and "final model:" in logs.stdout
         status = _cli("jobs", "status", job_id, "--address", state["dashboard"], env=env, timeout=120)
