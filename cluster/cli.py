@@ -81,9 +81,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    from .files import write_json
+    from .storage import write_json
 
-    write_json(path, obj)
+    write_json(path, obj)  # a local file or a URI
     print(f"wrote {path}")
 
 

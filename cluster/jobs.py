@@ -108,6 +108,14 @@ def _absolute_local_paths(cfg):
     return cfg.replace(upd) if upd else cfg
 
 
+def job_env() -> dict[str, str]:
+    """The environment a job's ``runtime_env`` carries: fixed settings only. Credentials (object
+    store keys, tokens) are never shipped: each node reads its own from its environment, its
+    instance role or its provider's credential files."""
+    return {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
 def submit(kind: str, address: str, config: str | None, overrides: list[str], wait: bool = True,
            log=print) -> int:
     """Submit `negatron <kind>` as a Ray job; follow its logs unless ``wait`` is False.
@@ -128,8 +136,7 @@ def submit(kind: str, address: str, config: str | None, overrides: list[str], wa
         module = unpack_wheel(wheel, d / "module")
         job_id = f"negatron-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         entry = f"python -m negatron.cluster.cli {kind} --config negatron.yaml"
-        env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1"}
+        env = job_env()
         # a freshly started cluster answers 500 "No available agent" for a few seconds
         job_id = retry_transient(lambda: c.submit_job(entrypoint=entry, submission_id=job_id, runtime_env={
             "working_dir": str(job_dir), "py_modules": [str(module)], "env_vars": env}),

@@ -52,3 +52,13 @@ def test_other_errors_fail_at_once():
     with pytest.raises(JobsError, match="status code 400"):
         retry_transient(submit, "submitting", timeout_s=30, sleep=clock.sleep, clock=clock)
     assert clock.t == 0
+
+
+def test_a_job_ships_no_credentials(monkeypatch):
+    from negatron.cluster.jobs import job_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-TEST")
+    env = job_env()
+    assert not any(k.startswith(("AWS_", "GOOGLE_", "AZURE_", "RAY_AUTH")) for k in env)
+    assert "hunter2" not in repr(env) and "AKIA-TEST" not in repr(env)

@@ -27,7 +27,10 @@ def saved_rerank_weight(reranker: str | Path) -> float | None:
     """
     import json
 
-    folder = Path(reranker)
+    try:
+        folder = local_model_folder(reranker)  # a URI: the fetched model folder
+    except ModelLoadError:
+        return None  # the loader names what is wrong with the folder
     for f in (folder / RERANK_FILE, folder / FINAL / RERANK_FILE):
         if f.is_file():
             try:

@@ -106,14 +106,15 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
 
     from .model_io import resolve_model_path
 
+    from negatron.cluster import storage
     from negatron.cluster.config import ConfigError
     from negatron.cluster.files import same_file
 
     if take < 1 or skip < 0 or k < 1:
         raise ConfigError(f"mine: need --k >= 1, --skip >= 0, --take >= 1 (got k={k}, skip={skip}, take={take})")
-    if same_file(out, data) or (corpus is not None and same_file(out, corpus)):
+    if str(out) in (str(data), str(corpus)) or same_file(out, data) or (corpus is not None and same_file(out, corpus)):
         raise ConfigError(f"mine: --out {out} is an input of this run; write the mined pairs to a new file")
-    if Path(out).is_dir():
+    if storage.is_dir(out):
         raise ConfigError(f"mine: --out {out} is a folder; give a .parquet file path")
     if k < skip + take:
         log(f"note: k={k} < skip+take={skip + take}: fewer than {take} negatives per query")
@@ -159,11 +160,7 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
     base = table.drop_columns([c for c in ("negatives", "negative_ids") if c in table.column_names])
     result = base.append_column("negatives", pa.array(negs, type=pa.list_(pa.string())))
     result = result.append_column("negative_ids", pa.array(neg_ids, type=pa.list_(pa.string())))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    pq.write_table(result, tmp)
-    tmp.replace(out)
+    storage.write_with(out, lambda tmp: pq.write_table(result, tmp))  # temp file + rename, or one PUT
     counts = [len(p) for p in picked]
     return {"pairs": len(queries), "corpus": len(doc_ids), "negatives_per_query_mean": float(np.mean(counts)) if counts else 0.0,
             "queries_without_negatives": int(sum(c == 0 for c in counts)), "wall_s": round(time.perf_counter() - t0, 1),
