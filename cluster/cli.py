@@ -17,6 +17,13 @@ from .config import ConfigError
 from .errors import NegatronError
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from negatron.trainers.prepare import prepare
+
+    prepare(args.inputs, args.out, rows_per_file=args.rows_per_file, row_group_rows=args.row_group_rows)
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from negatron.trainers.stdlib_data import build_stdlib_dataset
 
@@ -289,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", required=True, help="output folder")
     ds.add_argument("--seed", type=NONNEG, default=0, help="split seed (default 0)")
     ds.set_defaults(func=_cmd_data)
+    dp = dsub.add_parser("prepare", help="rewrite JSONL/CSV/Parquet pairs into Parquet shards that stream well")
+    dp.add_argument("--in", dest="inputs", nargs="+", required=True,
+                    help="input files (.jsonl/.json, .csv, .parquet; paths or URIs) with query, positive "
+                         "[, query_id, positive_id, negatives, negative_ids]")
+    dp.add_argument("--out", required=True, help="output folder or URI prefix (part-00000.parquet, ...)")
+    dp.add_argument("--rows-per-file", type=POS, default=1_000_000, help="pairs per output file (default 1000000)")
+    dp.add_argument("--row-group-rows", type=POS, default=8192,
+                    help="pairs per Parquet row group, the unit a training worker reads (default 8192)")
+    dp.set_defaults(func=_cmd_prepare)
     dd = dsub.add_parser("digits", help="scikit-learn's bundled handwritten digits as image Parquet (no download)")
     dd.add_argument("--out", required=True, help="output folder")
     dd.add_argument("--seed", type=NONNEG, default=0, help="split seed (default 0)")

@@ -37,11 +37,17 @@ SEED_MAX = 2**32 - 1  # numpy's and torch's seeding both take it; larger ones fa
 class DataConfig(_Section):
     """Training and evaluation data: a pairs Parquet file and eval folders (docs/data.md has the schemas)."""
 
-    train: Optional[str] = Field(None, description="Pairs Parquet: query, positive, query_id, positive_id [, negatives].")
+    train: Optional[str] = Field(None, description=(
+        "Pairs Parquet (a file, a folder of files or a URI prefix): query, positive, query_id, positive_id "
+        "[, negatives, negative_ids]."))
     dev: Optional[str] = Field(None, description="Eval folder (queries/corpus/qrels.parquet) used during training.")
     test: Optional[str] = Field(None, description="Eval folder used by the quickstart's before/after table.")
     max_dev_queries: int = Field(0, ge=0, description="Evaluate on at most this many dev queries (0 = all).")
     max_dev_docs: int = Field(0, ge=0, description="Dev corpus cap: judged docs of the kept queries + distractors (0 = all).")
+    shuffle_rows: int = Field(65536, ge=1, description=(
+        "Rows per shuffle window of the streamed training table: a table up to this size is fully "
+        "permuted each epoch; a larger one is read a row group at a time, its row groups in a seeded "
+        "order and rows shuffled within windows of this many rows (a worker holds about two windows)."))
     num_negatives: int = Field(1, ge=0, le=64, description="Hard negatives per row taken from a 'negatives' column (0 = ignore it).")
     in_batch_negatives: int = Field(0, ge=0, le=64, description=(
         "Cross-encoder: other rows' positives from the worker's batch added to each query's group "

@@ -136,7 +136,7 @@ def test_prefill_rows_distinct_equal_shares_and_worker_equivalent(tmp_path):
     assert len(shares[0]) == len(shares[1]) == 15 and len(set(shares[0].tolist() + shares[1].tolist())) == 30
     texts, ids = two[1].prefill(20)
     assert ids.tolist() == [stable_id(f"d{i}") for i in two[1].prefill_rows(20)]
-    assert texts == [two[1].positives[i] for i in two[1].prefill_rows(20)]
+    assert texts == [table.column("positive")[int(i)].as_py() for i in two[1].prefill_rows(20)]
     assert PairStream(table, 4, seed=4).prefill_rows(20).tolist() != rows.tolist()  # seeded
 
 

@@ -126,3 +126,34 @@ def test_nginx_example_is_valid_with_and_without_its_throttle(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 0, (name, r.stderr)
     assert "limit_req zone=per_client" in on and "\n        limit_req zone" in on
+
+
+def _containers(spec):
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_manifests_put_data_and_storage_on_an_object_store_with_credentials_from_outside():
+    """Pods and nodes share no filesystem: the job reads data from and writes storage to S3, every
+    pod gets the credentials from a Secret (or the cloud identity), and no manifest holds a key."""
+    from negatron.cluster.config import load_config
+
+    job = _load("rayjob.yaml")
+    args = job["spec"]["entrypoint"].split()
+    assert args[:4] == ["python", "-m", "negatron.cluster.cli", "train"]
+    cfg = load_config(None, args[4:])  # the overrides are a valid config
+    assert cfg.data.train.startswith("s3://") and cfg.data.dev.startswith("s3://")
+    assert cfg.run.storage_path.startswith("s3://") and cfg.trainer.placement == "spread"
+    for spec in (job["spec"]["rayClusterSpec"], _load("raycluster.yaml")["spec"]):
+        for c in _containers(spec):
+            assert {"secretRef": {"name": "negatron-s3", "optional": True}} in c.get("envFrom", []), c["name"]
+    aws = _load("ray-cluster.aws.yaml")
+    for name, node in aws["available_node_types"].items():
+        assert "instance-profile" in node["node_config"]["IamInstanceProfile"]["Arn"], name
+    import re
+
+    for f in MANIFESTS.iterdir():
+        text = f.read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), f.name  # an AWS access key id
+        # a secret's value written out (only placeholders "..." in the comments)
+        assert not re.search(r"(?i)(secret_access_key|secret_key)\s*[:=]\s*(?!\.\.\.)[\w/+]{8,}", text), f.name

@@ -63,8 +63,14 @@ def test_pair_stream_carries_query_groups_and_ids_hard_negatives_by_positive_tex
     qids = b["query_ids"].tolist()
     assert qids[order.index(0)] == qids[order.index(1)] == stable_id("qa")
     # a negative whose text is a positive's text takes that positive's id: masked where it is the answer
-    assert s.neg_ids[2][0] == stable_id("da1") and s.neg_ids[0][0] == stable_id("db")
-    assert s.neg_ids[0][1] == stable_id("text:zz")
+    neg = b["neg_ids"].view(3, 2)
+    assert neg[order.index(2), 0] == stable_id("da1") and neg[order.index(0), 0] == stable_id("db")
+    # any other text gets an id of its own, apart from every given id
+    from negatron.trainers.data import text_ids
+    from negatron.trainers.ingest import hash_ids
+
+    assert neg[order.index(0), 1] == text_ids(hash_ids(["zz"]))[0] != stable_id("zz")
+    assert b["neg_valid"].view(3, 2).tolist()[order.index(1)] == [True, False]
 
 
 def test_mining_never_emits_another_positive_of_the_query(tmp_path):

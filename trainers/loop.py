@@ -13,7 +13,6 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-import pyarrow.parquet as pq
 import torch
 
 from negatron.cluster.config import Config
@@ -114,7 +113,7 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         log(f"[negatron] {world} worker(s) on {len(set(worker_nodes))} node(s): "
             + ", ".join(f"rank {r} → {n[:8]}" for r, n in enumerate(worker_nodes)))
     task = task_for(cfg)
-    stream = task.stream(cfg, pq.read_table(cfg.data.train), rank, world)
+    stream = task.stream(cfg, rank, world)
     # fresh heads (a reranker's classifier, a projection) must start identical on every worker
     torch.manual_seed(cfg.trainer.seed)
     model = task.build_model(cfg, resume_dir).to(device)

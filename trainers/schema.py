@@ -108,6 +108,13 @@ def check_table(path: str | Path, columns: list[Column], data: bytes | None = No
     table = _read(path, columns, data)
     if table.num_rows == 0:
         raise SchemaError(f"{path}: the table is empty (0 rows)")
+    check_values(table, columns, path)
+    return table
+
+
+def check_values(table: pa.Table, columns: list[Column], path: str, row_offset: int = 0) -> None:
+    """Types, nulls, empty texts and unique ids of ``table``, whose first row is row
+    ``row_offset`` of ``path`` (a block of a larger file): errors name the file, column and row."""
     for col in columns:
         if col.name not in table.column_names:
             continue
@@ -117,12 +124,12 @@ def check_table(path: str | Path, columns: list[Column], data: bytes | None = No
                 f"{path}: column {col.name!r} has type {arr.type}, expected {_EXPECTED[col.kind]}")
         nulls = arr.null_count
         if nulls and col.kind != "string_list":
-            first = pc.index(pc.is_null(arr), True).as_py()
+            first = pc.index(pc.is_null(arr), True).as_py() + row_offset
             raise SchemaError(f"{path}: column {col.name!r} has {nulls} null value(s) (first at row {first})")
         if col.kind == "string":
             empty = pc.sum(pc.equal(pc.utf8_length(arr), 0)).as_py() or 0
             if empty:
-                first = pc.index(pc.equal(pc.utf8_length(arr), 0), True).as_py()
+                first = pc.index(pc.equal(pc.utf8_length(arr), 0), True).as_py() + row_offset
                 raise SchemaError(f"{path}: column {col.name!r} has {empty} empty string(s) (first at row {first})")
         if col.unique:
             n_unique = pc.count_distinct(arr).as_py()
@@ -131,20 +138,70 @@ def check_table(path: str | Path, columns: list[Column], data: bytes | None = No
                 dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
                 raise SchemaError(
                     f"{path}: column {col.name!r} has {len(arr) - n_unique} duplicate id(s), e.g. {dup!r}")
-    return table
 
 
 def check_pairs(path: str | Path) -> pa.Table:
-    """Validate a training pairs file (query, positive, query_id, positive_id [, negatives])."""
+    """Validate a training pairs file (query, positive, query_id, positive_id [, negatives]),
+    reading it whole (mining, tests; training streams it: ``open_pairs``)."""
     table = check_table(path, PAIRS)
+    check_pair_lists(table, path)
+    return table
+
+
+def check_pair_lists(table: pa.Table, path: str | Path, row_offset: int = 0) -> None:
     if "negative_ids" in table.column_names and "negatives" not in table.column_names:
         raise SchemaError(f"{path}: column 'negative_ids' given without 'negatives'")
     if "negative_ids" in table.column_names:
-        a = pc.list_value_length(table.column("negatives"))
-        b = pc.list_value_length(table.column("negative_ids"))
-        if not pc.all(pc.equal(pc.fill_null(a, 0), pc.fill_null(b, 0))).as_py():
-            raise SchemaError(f"{path}: columns 'negatives' and 'negative_ids' have different lengths in some rows")
-    return table
+        a = pc.fill_null(pc.list_value_length(table.column("negatives")), 0)
+        b = pc.fill_null(pc.list_value_length(table.column("negative_ids")), 0)
+        differ = pc.not_equal(a, b)
+        if pc.any(differ).as_py():
+            first = pc.index(differ, True).as_py() + row_offset
+            raise SchemaError(f"{path}: columns 'negatives' and 'negative_ids' have different lengths "
+                              f"(first at row {first})")
+
+
+def check_pair_block(table: pa.Table, block) -> None:
+    """The per-row checks of one block of a streamed pairs table (run by each worker on what it
+    reads); errors name the file and the row within it."""
+    check_values(table, PAIRS, block.file, block.file_row)
+    check_pair_lists(table, block.file, block.file_row)
+
+
+def open_pairs(path: str | Path):
+    """The driver's check of a training pairs source (one Parquet file, a folder of them or a URI
+    prefix) without reading it: schema and metadata, then every check on its first block; the
+    workers check each block they read (``check_pair_block``). Returns the ``ParquetSource``.
+
+    Raises:
+        SchemaError: naming the file, the column and the problem.
+    """
+    from .ingest import ParquetSource
+
+    shown = storage.redact(path) if storage.is_uri(path) else str(Path(path))
+    if not storage.exists(path):
+        raise SchemaError(f"{shown}: file not found")
+    try:
+        src = ParquetSource(str(path))
+    except storage.StorageError as e:
+        raise SchemaError(f"{shown}: not a readable Parquet file or folder ({e})") from None
+    names = set(src.schema.names)
+    missing = [c.name for c in PAIRS if c.required and c.name not in names]
+    if missing:
+        raise SchemaError(
+            f"{shown}: missing column(s) {', '.join(repr(m) for m in missing)}; expected "
+            f"{', '.join(c.name for c in PAIRS if c.required)} (found {', '.join(src.schema.names) or 'none'})")
+    for col in PAIRS:
+        if col.name in names and not _type_ok(src.schema.field(col.name).type, col.kind):
+            raise SchemaError(f"{shown}: column {col.name!r} has type {src.schema.field(col.name).type}, "
+                              f"expected {_EXPECTED[col.kind]}")
+    if src.num_rows == 0:
+        raise SchemaError(f"{shown}: the table is empty (0 rows)")
+    try:
+        check_pair_block(src.read(0), src.blocks[0])
+    except storage.StorageError as e:
+        raise SchemaError(f"{shown}: corrupt Parquet data ({e})") from None
+    return src
 
 
 def check_images(path: str | Path, labels: bool = False) -> pa.Table:

@@ -28,6 +28,16 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def block_order_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The order of a large table's blocks (row groups) in one epoch (``trainers/ingest.py``)."""
+    return np.random.default_rng([seed, epoch, 0x626C6F636B])
+
+
+def window_rng(seed: int, epoch: int, window: int) -> np.random.Generator:
+    """The order of the rows inside one shuffle window of one epoch."""
+    return np.random.default_rng([seed, epoch, 0x77696E646F77, window])
+
+
 def dropout_seed(seed: int, step: int, rank: int) -> int:
     """torch's global seed at each step on each rank (dropout, fresh-head initialisation aside)."""
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31)

@@ -3,7 +3,7 @@
 A task answers, for its ``model.kind``:
 
 - ``validate(cfg)``: the driver's checks of data and model before any worker starts;
-- ``stream(cfg, table, rank, world)``: the worker's batches (``PairStream`` for text);
+- ``stream(cfg, rank, world)``: the worker's batches (``PairStream`` for text);
 - ``build_encoder(cfg, path)`` and ``build_model(cfg, resume_dir)``: the encoder, and the
   training model around it (loss, after-step update, trainable parameters, bank);
 - ``augmenter(cfg, encoder)`` and ``views(batch, aug, cfg, step, rank)``: the two views of a batch;
@@ -66,10 +66,10 @@ class Task:
     def validate(self, cfg: Config) -> None:
         """Check data and model on the driver (raises ConfigError / SchemaError / ModelLoadError)."""
         from .model_io import resolve_model_path
-        from .schema import check_eval_dir, check_pairs
+        from .schema import check_eval_dir, open_pairs
 
-        table = check_pairs(self._train_path(cfg))
-        self._check_batch(cfg, table.num_rows, "pairs")
+        source = open_pairs(self._train_path(cfg))  # metadata and the first block, never the whole table
+        self._check_batch(cfg, source.num_rows, "pairs")
         if cfg.data.dev:
             check_eval_dir(cfg.data.dev)
         resolve_model_path(cfg.model.path)
@@ -92,11 +92,15 @@ class Task:
 
     # -- the worker ------------------------------------------------------------------------------
 
-    def stream(self, cfg: Config, table, rank: int, world: int):
+    def stream(self, cfg: Config, rank: int, world: int):
+        """The worker's batches, streamed from ``data.train`` a block at a time (trainers/ingest.py)."""
         from .data import PairStream
+        from .ingest import ParquetSource
+        from .schema import check_pair_block
 
-        return PairStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
-                          num_negatives=cfg.data.num_negatives)
+        return PairStream(ParquetSource(cfg.data.train), cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
+                          num_negatives=cfg.data.num_negatives, shuffle_rows=cfg.data.shuffle_rows,
+                          check=check_pair_block)
 
     def build_encoder(self, cfg: Config, path: str | None = None):
         from .encoder import Encoder
@@ -224,10 +228,13 @@ class ImageTask(Task):
     def weights_known(self, cfg: Config) -> bool:
         return cfg.model.path != "default"  # the built-in CNN has no weight files
 
-    def stream(self, cfg: Config, table, rank: int, world: int):
+    def stream(self, cfg: Config, rank: int, world: int):
+        """Image tables are small (decoded whole into memory)."""
+        import pyarrow.parquet as pq
+
         from .data import ImageStream
 
-        return ImageStream(table, cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed)
+        return ImageStream(pq.read_table(cfg.data.train), cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed)
 
     def build_encoder(self, cfg: Config, path: str | None = None):
         from .image_encoder import BUILTIN_CNN, build_image_encoder
