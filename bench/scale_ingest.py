@@ -5,8 +5,8 @@ drawn from a 30k-word vocabulary, ~700 bytes a pair) are generated on the fly (v
 Arrow) and written as Parquet with 8192-row row groups — the layout ``negatron data prepare``
 writes. For each size, 2 worker processes (rank 0 and 1 of 2) run the training ingest path —
 ``PairStream`` over a ``ParquetSource`` with the per-block checks, exactly what
-``Task.stream`` builds in a Ray Train worker — for a fixed number of steps at a per-worker batch
-of 64, then report their peak RSS (``ru_maxrss``) and batches/s and pairs/s of the ingest alone.
+``Task.stream`` builds in a Ray Train worker — for 1600 steps at a per-worker batch of 64 (204,800
+pairs: through at least three 65,536-row shuffle windows, or two epochs of the 100k table), then report their peak RSS (``VmHWM``) and batches/s and pairs/s of the ingest alone.
 
 ``--before`` runs the code of an earlier commit the same way (``pq.read_table`` of the whole
 file and its in-memory ``PairStream``), as the "before" row.
@@ -40,7 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH, STEPS, WORLD = 64, 400, 2
+BATCH, WORLD = 64, 2
+STEPS = int(os.environ.get("NEGATRON_SCALE_STEPS", "1600"))  # 1600 × 128 pairs: past three shuffle windows
 
 
 def _words(n: int, rng: np.random.Generator) -> pa.Array:
@@ -81,12 +82,21 @@ def write_pairs(path: Path, rows: int, seed: int = 0, chunk: int = 250_000) -> d
             "write_s": round(time.perf_counter() - t0, 1)}
 
 
-def _worker(path: str, rank: int, before_module: str | None, out: mp.Queue) -> None:
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: on Linux that keeps the
+    peak of the parent a spawned process was forked from."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _worker(path: str, rank: int, before_module: str | None, shuffle_rows: int, out: mp.Queue) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch  # what a training worker has loaded anyway: part of the baseline
 
     torch.set_num_threads(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_mb()
     t0 = time.perf_counter()
     if before_module:
         import importlib
@@ -98,7 +108,8 @@ def _worker(path: str, rank: int, before_module: str | None, out: mp.Queue) -> N
         from negatron.trainers.ingest import ParquetSource
         from negatron.trainers.schema import check_pair_block
 
-        stream = PairStream(ParquetSource(path), BATCH, rank, WORLD, seed=0, num_negatives=1, check=check_pair_block)
+        stream = PairStream(ParquetSource(path), BATCH, rank, WORLD, seed=0, num_negatives=1, check=check_pair_block,
+                            shuffle_rows=shuffle_rows)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     for step in range(STEPS):
@@ -108,14 +119,13 @@ def _worker(path: str, rank: int, before_module: str | None, out: mp.Queue) -> N
     wall = time.perf_counter() - t1
     out.put({"rank": rank, "setup_s": round(setup, 2), "steps": STEPS, "ingest_s": round(wall, 3),
              "batches_per_s": round(STEPS / wall, 1), "pairs_per_s": round(STEPS * BATCH / wall, 1),
-             "baseline_rss_mb": round(base / 1024, 1),
-             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+             "baseline_rss_mb": base, "peak_rss_mb": _peak_rss_mb()})
 
 
-def run_size(path: Path, before_module: str | None) -> list[dict]:
+def run_size(path: Path, before_module: str | None, shuffle_rows: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(path), r, before_module, q)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(str(path), r, before_module, shuffle_rows, q)) for r in range(WORLD)]
     for p in procs:
         p.start()
     results = []
@@ -144,7 +154,7 @@ def minilm_train_rate(path: Path, steps: int = 3) -> dict:
     for s in range(steps + 1):
         sl = slice(s * BATCH, (s + 1) * BATCH)
         t0 = time.perf_counter()
-        a, b = enc(q[sl]), enc(p[sl])
+        a, b = enc(**enc.tokenize(q[sl], 128)), enc(**enc.tokenize(p[sl], 128))
         loss = torch.nn.functional.cross_entropy(a @ b.T / 0.05, torch.arange(len(a)))
         opt.zero_grad()
         loss.backward()
@@ -172,9 +182,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="100000,1000000,5000000")
     ap.add_argument("--before", help="a commit whose in-memory stream is measured as the 'before' rows")
     ap.add_argument("--skip-model", action="store_true", help="do not measure MiniLM's training rate")
+    ap.add_argument("--shuffle-rows", type=int, default=65536, help="data.shuffle_rows (default: the config default)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
     out: dict = {"batch_per_worker": BATCH, "workers": WORLD, "steps": STEPS, "code": "before" if args.before else "now",
+                 "shuffle_rows": None if args.before else args.shuffle_rows,
                  "commit": args.before or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                          capture_output=True, text=True).stdout.strip(),
                  "sizes": []}
@@ -188,7 +200,7 @@ def main() -> None:
                 path = tmp / f"pairs_{rows}.parquet"
                 facts = write_pairs(path, rows)
                 print(f"[scale_ingest] {rows} rows: {facts}", file=sys.stderr, flush=True)
-                workers = run_size(path, module)
+                workers = run_size(path, module, args.shuffle_rows)
                 print(f"[scale_ingest] {rows} rows: {workers}", file=sys.stderr, flush=True)
                 out["sizes"].append({**facts, "workers": workers})
                 if rows == min(int(s) for s in args.sizes.split(",")) and not args.skip_model:

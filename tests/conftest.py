@@ -77,7 +77,6 @@ def s3(tmp_path_factory):
     import socket
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     with socket.socket() as s:
@@ -91,15 +90,12 @@ def s3(tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
+        from tests.helpers import wait_for_port
+
+        try:
+            wait_for_port(port, proc, 60, "moto_server")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {log.read_text()[-2000:]}") from None
         import pyarrow.fs as pafs
 
         pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",

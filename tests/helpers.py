@@ -77,3 +77,19 @@ def make_tiny_cross_encoder(folder: Path, seed: int = 0, hidden: int = 32, layer
     tok.model_max_length = 128
     tok.save_pretrained(folder)
     return Path(folder)
+
+
+def wait_for_port(port: int, proc, timeout_s: float, what: str) -> None:
+    """Return once something listens on 127.0.0.1:``port``; fail if ``proc`` exits or time runs out."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start listening on port {port} (exit code {proc.poll()})")
+            time.sleep(0.2)

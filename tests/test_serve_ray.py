@@ -425,14 +425,14 @@ def test_nginx_example_caps_chunked_bodies_before_rays_proxy(server, tmp_path):
                              "-g", "daemon off;" + (" user root;" if os.geteuid() == 0 else "")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", front), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-                time.sleep(0.2)
+        from tests.helpers import wait_for_port
+
+        try:
+            wait_for_port(front, proc, 20, "nginx")
+        except RuntimeError as e:
+            if proc.poll() is None:
+                proc.kill()  # its output is readable to the end only once it has stopped
+            pytest.fail(f"{e}: {proc.stdout.read().decode()}")
         via = httpx.post(f"http://127.0.0.1:{front}/v1/embeddings", json={"input": "def f(): pass"},
                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         assert via.status_code == 200 and len(via.json()["data"]) == 1
