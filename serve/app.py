@@ -137,9 +137,7 @@ def app_builder(args: ServeSection) -> Application:
     reranker = None
     rr_path = rr_local = ""
     if args.reranker.path:
-        from negatron.trainers.model_io import in_run_folder
-
-        from negatron.trainers.model_io import local_model_folder
+        from negatron.trainers.model_io import in_run_folder, local_model_folder
 
         try:
             rr = in_run_folder(local_model_folder(args.reranker.path), "config.json")

@@ -288,7 +288,6 @@ class RerankerDeployment:
 
     def __init__(self, path: str, max_length: int, batch: dict, torch_threads: int = 1):
         from negatron.trainers.cross_encoder import CrossEncoder
-
         from negatron.trainers.model_io import local_model_folder
 
         set_threads(torch_threads)
