@@ -326,13 +326,25 @@ def cache_root() -> Path:
     return Path(base) / "remote"
 
 
+def _content_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def local_folder(src: str | os.PathLike) -> Path:
     """A local copy of the folder ``src`` (a plain path is returned as it is).
 
-    Fetched once into the cache under a key made of the URI (without its query) and the listing
-    of its files (names, sizes, modification times), so a changed folder is fetched again and an
-    unchanged one is not; the copy is built beside its final name and renamed into place, so
-    concurrent fetches on one machine never see half a folder.
+    The copy is keyed by its content (a hash of every file's path and bytes), so one model reached
+    through two URIs is stored once. A remote folder is fetched once: the URI (without its query)
+    and its listing (names, sizes, modification times) point to the content they were fetched as,
+    and only a changed listing fetches again. The copy is built beside its final name and renamed
+    into place, so concurrent fetches on one machine never see half a folder.
     """
     if not is_uri(src):
         return Path(src)
@@ -341,21 +353,30 @@ def local_folder(src: str | os.PathLike) -> Path:
     files = list_files(src)
     if not files:
         raise StorageError(f"{redact(src)}: no files there (not a model folder)")
-    key = hashlib.sha256(json.dumps([_split(str(src))[0], files]).encode()).hexdigest()[:24]
-    dst = cache_root() / f"{name(src) or 'folder'}-{key}"
-    if dst.is_dir():
-        return dst
+    root = cache_root()
+    listing = hashlib.sha256(json.dumps([_split(str(src))[0], files]).encode()).hexdigest()[:32]
+    pointer = root / "by-listing" / listing
+    if pointer.is_file():
+        known = root / pointer.read_text().strip()
+        if known.is_dir():
+            return known
     import tempfile
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
     try:
         get_folder(src, tmp)
-        try:
-            os.replace(tmp, dst)
-        except OSError:  # another process put it there first
-            if not dst.is_dir():
-                raise
+        dst = root / _content_hash(tmp)[:32]
+        if not dst.is_dir():
+            try:
+                os.replace(tmp, dst)
+            except OSError:  # another process put the same content there first
+                if not dst.is_dir():
+                    raise
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        from .files import write_text
+
+        write_text(pointer, dst.name + "\n")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -70,6 +70,8 @@ def test_a_remote_folder_is_fetched_once_into_the_cache(s3, tmp_path, monkeypatc
     s3.upload(src, "unit/cache/m")
     second = storage.local_folder(uri)
     assert second != first and json.loads((second / "config.json").read_text())["v"] == 2
+    # keyed by content: the same files at another URI are the same local folder
+    assert storage.local_folder(s3.upload(src, "unit/cache/copy-of-m")) == second
 
 
 def test_store_errors_are_one_line_naming_the_uri(s3):
