@@ -93,32 +93,43 @@ def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir, stdlib_dat
             f"data: {{train: '{train}', dev: '{dev}', max_dev_queries: 10}}\n"
             "trainer: {num_workers: 2, cpus_per_worker: 0.5, batch_size: 4, max_steps: 24, checkpoint_every: 6,\n"
             "          placement: spread, max_failures: 1, keep_checkpoints: 10}\n"
-            f"run: {{name: job, storage_path: '{s3.uri('cluster/runs')}'}}\n")
-        run_uri = s3.uri("cluster/runs/job")
-        killed: list[int] = []
+            f"run: {{storage_path: '{s3.uri('cluster/runs')}'}}\n")
 
-        def killer():  # SIGKILL the training worker on the second node once a checkpoint is in the store
-            deadline = time.time() + 600
-            while not killed and time.time() < deadline:
-                victims = _workers_on_node(state["root"], "node1")
-                if victims and registered_steps(run_uri):
-                    os.kill(victims[0], signal.SIGKILL)
-                    killed.append(victims[0])
-                time.sleep(0.2)
+        def run_killing_node1_worker(name: str, *cmd: str, extra_env: dict | None = None):
+            """Run a training command; SIGKILL the training worker on the second node once a
+            checkpoint of run ``name`` is in the store; check the run resumed from it."""
+            run_uri = s3.uri(f"cluster/runs/{name}")
+            killed: list[int] = []
 
-        t = threading.Thread(target=killer, daemon=True)
-        t.start()
-        sub = _cli("submit", "train", "--address", state["dashboard"], "--config", str(cfg), "optim.lr=1e-3",
-                   env=env, timeout=900)
-        t.join(5)
+            def killer():
+                deadline = time.time() + 600
+                while not killed and time.time() < deadline:
+                    victims = _workers_on_node(state["root"], "node1")
+                    if victims and registered_steps(run_uri):
+                        os.kill(victims[0], signal.SIGKILL)
+                        killed.append(victims[0])
+                    time.sleep(0.2)
+
+            t = threading.Thread(target=killer, daemon=True)
+            t.start()
+            r = _cli(*cmd, "--config", str(cfg), f"run.name={name}", "optim.lr=1e-3",
+                     env={**env, **(extra_env or {})}, timeout=900)
+            t.join(5)
+            assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+            assert killed, "no training worker was found on the second node"
+            assert storage.read_json(storage.join(run_uri, "metrics.json"))["steps"] == 24
+            history = storage.read_json(storage.join(run_uri, "history.json"))
+            resumes = [h["resumed_from"] for h in history if "resumed_from" in h]
+            assert len(resumes) == 1 and resumes[0] % 6 == 0 and resumes[0] > 0, resumes
+            return r, run_uri
+
+        # the driver on this machine, attached to the cluster (token from the cluster's file)
+        run_killing_node1_worker("direct", "train", "--address", state["address"],
+                                 extra_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]})
+        # the same as a job through the Jobs API (the driver runs in the cluster too)
+        sub, run_uri = run_killing_node1_worker("job", "submit", "train", "--address", state["dashboard"])
         out = sub.stdout + sub.stderr
-        assert sub.returncode == 0, out[-4000:]
-        assert killed, "no training worker was found on the second node"
         job_id = next(line.split()[2].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("submitted job"))
-        assert storage.read_json(storage.join(run_uri, "metrics.json"))["steps"] == 24
-        history = storage.read_json(storage.join(run_uri, "history.json"))
-        resumes = [h["resumed_from"] for h in history if "resumed_from" in h]
-        assert len(resumes) == 1 and resumes[0] % 6 == 0 and resumes[0] > 0, resumes
         # each node fetched the model into its own cache (the nodes share no folder for it)
         for node in ("head", "node1"):
             assert list((Path(state["root"]) / node / "negatron-cache" / "remote").glob("*/config.json")), node
