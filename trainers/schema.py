@@ -58,17 +58,21 @@ def _read(path: str, columns: list[Column], data: bytes | None = None) -> pa.Tab
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
         raise SchemaError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
     names = set(schema.names)
-    missing = [c.name for c in columns if c.required and c.name not in names]
-    if missing:
-        raise SchemaError(
-            f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; "
-            f"expected {', '.join(c.name for c in columns if c.required)} (found {', '.join(schema.names) or 'none'})"
-        )
+    require_columns(schema, columns, path)
     wanted = [c.name for c in columns if c.name in names]
     try:
         return pq.read_table(pa.BufferReader(data) if data is not None else source, columns=wanted, filesystem=fs)
     except Exception as e:  # a valid footer over corrupt pages: ArrowInvalid, OSError, ...
         raise SchemaError(f"{path}: corrupt Parquet data ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def require_columns(schema: pa.Schema, columns: list[Column], path: str) -> None:
+    """Raise naming the file and every required column ``schema`` lacks."""
+    missing = [c.name for c in columns if c.required and c.name not in schema.names]
+    if missing:
+        raise SchemaError(
+            f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; "
+            f"expected {', '.join(c.name for c in columns if c.required)} (found {', '.join(schema.names) or 'none'})")
 
 
 def _first_line(e: BaseException) -> str:
@@ -186,11 +190,7 @@ def open_pairs(path: str | Path):
     except storage.StorageError as e:
         raise SchemaError(f"{shown}: not a readable Parquet file or folder ({e})") from None
     names = set(src.schema.names)
-    missing = [c.name for c in PAIRS if c.required and c.name not in names]
-    if missing:
-        raise SchemaError(
-            f"{shown}: missing column(s) {', '.join(repr(m) for m in missing)}; expected "
-            f"{', '.join(c.name for c in PAIRS if c.required)} (found {', '.join(src.schema.names) or 'none'})")
+    require_columns(src.schema, PAIRS, shown)
     for col in PAIRS:
         if col.name in names and not _type_ok(src.schema.field(col.name).type, col.kind):
             raise SchemaError(f"{shown}: column {col.name!r} has type {src.schema.field(col.name).type}, "
