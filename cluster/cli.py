@@ -215,6 +215,34 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from negatron.trainers.embed import embed_corpus
+
+    m = embed_corpus(args.model, args.data, args.out, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                     gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, max_length=args.max_length or 0,
+                     shard_rows=args.shard_rows, address=args.address)
+    rate = f", {m['docs_per_s']:.0f} docs/s" if m.get("docs_per_s") else ""
+    print(f"wrote {m['count']} embeddings (dim {m['dim']}) in {len(m['shards'])} shards to {args.out} "
+          f"({m['embedded_now']} embedded now in {m['wall_s']:.0f}s{rate})")
+    print(f"build an index with: negatron index build --embeddings {args.out} --kind flat --out INDEX_DIR")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from negatron.trainers.vector_index import build_index
+
+    params = {"nlist": args.nlist, "nprobe": args.nprobe, "pq_m": args.pq_m, "hnsw_m": args.hnsw_m,
+              "ef_search": args.ef_search}
+    meta = build_index(args.embeddings, args.kind, args.out, params=params, train_size=args.train_size,
+                       eval_queries=args.eval_queries, seed=args.seed, corpus=args.corpus)
+    print(f"wrote a {meta['kind']} index of {meta['count']} vectors to {args.out}: {meta['index_bytes'] / 2**20:.1f} MiB "
+          f"(exact flat: {meta['flat_bytes'] / 2**20:.1f} MiB)" + (f", recall@10 {meta['recall_at_10']:.4f} against exact search"
+                                                   if meta.get("recall_at_10") is not None else "")
+          + f" in {meta['build_s']:.0f}s")
+    print(f"serve it with: negatron serve --model {meta['model']['path']} --index {args.out}")
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .jobs import submit
 
@@ -353,6 +381,36 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--cpus-per-worker", type=_positive_float, default=1.0)
     mi.add_argument("--batch-size", type=POS, default=64)
     mi.set_defaults(func=_cmd_mine)
+
+    em = sub.add_parser("embed", help="embed a corpus with a pool of Ray actors into Parquet shards (Ray Data)")
+    em.add_argument("--model", required=True, help="bi-encoder folder, Negatron run folder, URI, or 'default'")
+    em.add_argument("--data", required=True, help="corpus Parquet file, folder or URI (doc_id, text)")
+    em.add_argument("--out", required=True, help="output folder or URI (shards/, manifest.json); rerun to resume")
+    em.add_argument("--actors", type=POS, default=2, help="embedding actors, each loads the model once (default 2)")
+    em.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, help="CPUs (and torch threads) per actor")
+    em.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
+    em.add_argument("--batch-size", type=POS, default=64, help="texts per forward pass (sorted by token count)")
+    em.add_argument("--max-length", type=NONNEG, default=0, help="token limit (default: the model's)")
+    em.add_argument("--shard-rows", type=POS, default=4096, help="docs per output shard (the unit of resume)")
+    em.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    em.set_defaults(func=_cmd_embed)
+
+    ix = sub.add_parser("index", help="faiss index artifacts from `negatron embed` output")
+    ixsub = ix.add_subparsers(dest="index_command", required=True)
+    ib = ixsub.add_parser("build", help="build an index (flat, hnsw, ivf, ivfpq) shard by shard, with its doc ids and texts")
+    ib.add_argument("--embeddings", required=True, help="a `negatron embed` output folder or URI")
+    ib.add_argument("--kind", required=True, choices=["flat", "hnsw", "ivf", "ivfpq"])
+    ib.add_argument("--out", required=True, help="artifact folder or URI (index.faiss, docs.arrow, index.json)")
+    ib.add_argument("--corpus", help="where the texts are (default: the corpus the embeddings were made from)")
+    ib.add_argument("--nlist", type=NONNEG, default=0, help="ivf/ivfpq lists (default about 4*sqrt(N))")
+    ib.add_argument("--nprobe", type=NONNEG, default=0, help="ivf/ivfpq lists scanned per search (default 16 / 32)")
+    ib.add_argument("--pq-m", type=NONNEG, default=0, help="ivfpq bytes per vector (must divide the dimension; default D/4)")
+    ib.add_argument("--hnsw-m", type=NONNEG, default=0, help="hnsw neighbours per node (default 32)")
+    ib.add_argument("--ef-search", type=NONNEG, default=0, help="hnsw candidates per search (default 64)")
+    ib.add_argument("--train-size", type=NONNEG, default=0, help="vectors ivf/ivfpq train on (default 64 per list, <= 262144)")
+    ib.add_argument("--eval-queries", type=NONNEG, default=1000, help="held-out queries for the recall@10 report (0 = none)")
+    ib.add_argument("--seed", type=NONNEG, default=0)
+    ib.set_defaults(func=_cmd_index)
 
     sv = sub.add_parser("serve", help="serve encoders, a reranker and search over HTTP with Ray Serve",
                         usage="negatron serve [build] [--config FILE] [--model PATH] [...] [a.b=value ...]",

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from negatron.cluster import storage
+from negatron.trainers.model_io import model_id  # noqa: F401 - re-exported (was defined here)
 from negatron.trainers.schema import CORPUS, SchemaError, check_table
 
 INDEX_VERSION = 1
@@ -40,30 +41,6 @@ class CorpusIndex:
         """Q×D float32 -> (scores Q×k, row indices Q×k; -1 where fewer than k docs)."""
         k = min(k, len(self.doc_ids))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-def _file_digest(path: Path, h: "hashlib._Hash") -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-
-
-# training state in a checkpoint folder: never read by an encoder, so never part of its id
-_NOT_MODEL = ("train_state",)
-
-
-def model_id(folder: str | Path) -> str:
-    """A short content hash of every file of a model folder that can change its embeddings:
-    weights, configs and all tokenizer files (``tokenizer.json``, ``vocab.txt``, ``merges.txt``,
-    ``*.model``, ...); only the training state (``train_state/``) is left out."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if p.is_file() and rel.parts[0] not in _NOT_MODEL:
-            h.update(str(rel).encode() + b"\0")
-            _file_digest(p, h)
-    return h.hexdigest()[:16]
 
 
 def cache_key(encoder_id: str, corpus_bytes: bytes, settings: dict) -> str:

@@ -14,6 +14,7 @@ It imports nothing from Negatron but the base error class, so ``encoder``, ``ima
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -140,3 +141,27 @@ def read_st_settings(folder: Path) -> dict:
     if isinstance(sb, dict) and sb.get("max_seq_length"):
         out["max_length"] = int(sb["max_seq_length"])
     return out
+
+
+def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+# training state in a checkpoint folder: never read by an encoder, so never part of its id
+_NOT_MODEL = ("train_state",)
+
+
+def model_id(folder: str | Path) -> str:
+    """A short content hash of every file of a model folder that can change its embeddings:
+    weights, configs and all tokenizer files (``tokenizer.json``, ``vocab.txt``, ``merges.txt``,
+    ``*.model``, ...); only the training state (``train_state/``) is left out."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and rel.parts[0] not in _NOT_MODEL:
+            h.update(str(rel).encode() + b"\0")
+            _file_digest(p, h)
+    return h.hexdigest()[:16]

@@ -172,10 +172,9 @@ def check_pair_block(table: pa.Table, block) -> None:
     check_pair_lists(table, block.file, block.file_row)
 
 
-def open_pairs(path: str | Path):
-    """The driver's check of a training pairs source (one Parquet file, a folder of them or a URI
-    prefix) without reading it: schema and metadata, then every check on its first block; the
-    workers check each block they read (``check_pair_block``). Returns the ``ParquetSource``.
+def open_source(path: str | Path, columns: list[Column], what: str = "data"):
+    """Open a Parquet file, folder or URI prefix without reading it: it exists, is Parquet, has
+    ``columns`` with the right types and at least one row. Returns ``(ParquetSource, shown name)``.
 
     Raises:
         SchemaError: naming the file, the column and the problem.
@@ -186,19 +185,43 @@ def open_pairs(path: str | Path):
     if not storage.exists(path):
         raise SchemaError(f"{shown}: file not found")
     try:
-        src = ParquetSource(str(path))
+        src = ParquetSource(str(path), columns=[c.name for c in columns])
     except storage.StorageError as e:
         raise SchemaError(f"{shown}: not a readable Parquet file or folder ({e})") from None
-    names = set(src.schema.names)
-    require_columns(src.schema, PAIRS, shown)
-    for col in PAIRS:
-        if col.name in names and not _type_ok(src.schema.field(col.name).type, col.kind):
+    require_columns(src.schema, columns, shown)
+    for col in columns:
+        if col.name in src.schema.names and not _type_ok(src.schema.field(col.name).type, col.kind):
             raise SchemaError(f"{shown}: column {col.name!r} has type {src.schema.field(col.name).type}, "
                               f"expected {_EXPECTED[col.kind]}")
     if src.num_rows == 0:
-        raise SchemaError(f"{shown}: the table is empty (0 rows)")
+        raise SchemaError(f"{shown}: the {what} is empty (0 rows)")
+    return src, shown
+
+
+def open_pairs(path: str | Path):
+    """The driver's check of a training pairs source (one Parquet file, a folder of them or a URI
+    prefix) without reading it: schema and metadata, then every check on its first block; the
+    workers check each block they read (``check_pair_block``). Returns the ``ParquetSource``.
+
+    Raises:
+        SchemaError: naming the file, the column and the problem.
+    """
+    src, shown = open_source(path, PAIRS, "table")
+    src.columns = list(src.schema.names)  # the stream reads every column it knows
     try:
         check_pair_block(src.read(0), src.blocks[0])
+    except storage.StorageError as e:
+        raise SchemaError(f"{shown}: corrupt Parquet data ({e})") from None
+    return src
+
+
+def open_corpus(path: str | Path):
+    """A corpus (``doc_id``, ``text``) of any size, checked like ``open_pairs``: metadata and the
+    first block on the caller, every block where it is read (``check_values``). Returns the
+    ``ParquetSource`` reading those two columns."""
+    src, shown = open_source(path, CORPUS, "corpus")
+    try:
+        check_values(src.read(0), CORPUS, src.blocks[0].file, src.blocks[0].file_row)
     except storage.StorageError as e:
         raise SchemaError(f"{shown}: corrupt Parquet data ({e})") from None
     return src
