@@ -181,7 +181,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if overrides and overrides[0] in ("build", "run"):
         action = overrides.pop(0)
     flags = {"serve.encoder.path": args.model, "serve.reranker.path": args.reranker,
-             "serve.retriever.corpus": args.corpus, "serve.host": args.host, "serve.port": args.port,
+             "serve.retriever.corpus": args.corpus, "serve.retriever.index_path": args.index, "serve.host": args.host, "serve.port": args.port,
              "serve.api_key_env": args.api_key_env}
     cfg = load_config(args.config, overrides)
     # flags are taken as given (strings), never re-parsed as YAML: `--host ::`, `--model "dir #x"`
@@ -420,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="bi-encoder folder, Negatron run folder, or 'default' (serve.encoder.path)")
     sv.add_argument("--reranker", help="cross-encoder folder (serve.reranker.path)")
     sv.add_argument("--corpus", help="corpus Parquet with doc_id, text for /search (serve.retriever.corpus)")
+    sv.add_argument("--index", help="index artifact from `negatron index build` for /search (serve.retriever.index_path)")
     sv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
     sv.add_argument("--api-key-env", help="require 'Authorization: Bearer <key>', the key read from this env var")

@@ -87,6 +87,14 @@ class RetrieverServe(_Section):
     """The Retriever deployment (optional): a faiss index over a corpus for /search."""
 
     corpus: str = Field("", description="Corpus Parquet with doc_id, text (empty = no /search).")
+    index_path: str = Field("", description=(
+        "An index artifact from `negatron index build` (folder or URI): loaded as built, with its doc ids "
+        "and texts, instead of embedding serve.retriever.corpus inside the replica. It must have been built "
+        "with the served model (checked by content hash)."))
+    watch_s: float = Field(0.0, ge=0, description=(
+        "Every this many seconds the Retriever hashes its model folder; a checkpoint retrained into the same "
+        "folder is picked up (the corpus index rebuilt, or the artifact reloaded once it matches) while the "
+        "old index answers (0 = off)."))
     index: Literal["flat", "hnsw", "ivf"] = Field("flat", description="faiss index: exact (flat), HNSW graph, or IVF-flat.")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW: neighbours per node.")
     hnsw_ef_search: int = Field(64, ge=1, description="HNSW: candidates explored per search (recall vs latency).")

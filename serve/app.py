@@ -152,18 +152,26 @@ def app_builder(args: ServeSection) -> Application:
             rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads)
 
     retriever = None
-    if args.retriever.corpus:
-        corpus = args.retriever.corpus
-        try:
-            if not storage.is_file(corpus):
-                raise ConfigError(f"serve.retriever.corpus: file not found: {storage.redact(corpus)}")
-        except storage.StorageError as e:
-            raise ConfigError(f"serve.retriever.corpus: {e}") from None
+    if args.retriever.corpus or args.retriever.index_path:
         r = args.retriever
-        user_config = {"model": models[default_name], "corpus": storage.resolve(corpus), "index": r.index,
-                       "cache_dir": r.cache_dir, "max_length": args.encoder.max_length, "hnsw_m": r.hnsw_m,
-                       "hnsw_ef_search": r.hnsw_ef_search, "ivf_nlist": r.ivf_nlist, "ivf_nprobe": r.ivf_nprobe}
-        retriever = RetrieverDeployment.options(**deployment_options(r.scale, args.access_log, drain), user_config=user_config).bind(
+        user_config = {"model": models[default_name], "max_length": args.encoder.max_length, "watch_s": r.watch_s}
+        options = deployment_options(r.scale, args.access_log, drain)
+        if r.index_path:
+            meta = _check_artifact(r.index_path, names[default_name], default_name)
+            user_config["index_path"] = r.index_path
+            # the index and a second one while a swap builds beside it, plus the model
+            options["ray_actor_options"]["memory"] = int(2 * meta["index_bytes"] + 512 * 2**20)
+        else:
+            corpus = r.corpus
+            try:
+                if not storage.is_file(corpus):
+                    raise ConfigError(f"serve.retriever.corpus: file not found: {storage.redact(corpus)}")
+            except storage.StorageError as e:
+                raise ConfigError(f"serve.retriever.corpus: {e}") from None
+            user_config.update({"corpus": storage.resolve(corpus), "index": r.index, "cache_dir": r.cache_dir,
+                                "hnsw_m": r.hnsw_m, "hnsw_ef_search": r.hnsw_ef_search, "ivf_nlist": r.ivf_nlist,
+                                "ivf_nprobe": r.ivf_nprobe})
+        retriever = RetrieverDeployment.options(**options, user_config=user_config).bind(
             r.batch.model_dump(), r.scale.torch_threads)
 
     settings = IngressSettings(**{
@@ -184,6 +192,32 @@ def app_builder(args: ServeSection) -> Application:
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress
     return Ingress.options(**deployment_options(ingress_scale, args.access_log, drain)).bind(encoder, reranker, retriever, settings)
+
+
+def _check_artifact(path: str, model_folder: Path, name: str) -> dict:
+    """index.json of an index artifact, refused (ConfigError) when it is missing, has no texts, or
+    was built with another model than the one served."""
+    from negatron.trainers.model_io import model_id
+    from negatron.trainers.vector_index import META_FILE
+
+    try:
+        meta_path = storage.join(path, META_FILE)
+        if not storage.is_file(meta_path):
+            raise ConfigError(f"serve.retriever.index_path: {storage.redact(path)} is not an index artifact "
+                              f"(no {META_FILE}; build one with `negatron embed` and `negatron index build`)")
+        meta = storage.read_json(meta_path)
+    except (storage.StorageError, ValueError) as e:
+        raise ConfigError(f"serve.retriever.index_path: {e}") from None
+    if not meta.get("texts"):
+        raise ConfigError(f"serve.retriever.index_path: {storage.redact(path)} was built without texts; "
+                          "rebuild it with --corpus so /search can return them")
+    built, served = (meta.get("model") or {}).get("id"), model_id(model_folder)
+    if built != served:
+        raise ConfigError(f"serve.retriever.index_path: {storage.redact(path)} was built with model "
+                          f"{(meta.get('model') or {}).get('path')} (content id {built}), but the served model {name!r} "
+                          f"has content id {served}: queries would be embedded by another model; embed and index "
+                          "the corpus with the served model")
+    return meta
 
 
 def _rerank_weight(args, rr_path: str) -> float:
@@ -247,6 +281,7 @@ def resolve_section(cfg: Config) -> ServeSection:
     data["reranker"]["path"] = absolute(s.reranker.path)
     data["retriever"]["corpus"] = absolute(s.retriever.corpus)
     data["retriever"]["cache_dir"] = absolute(s.retriever.cache_dir)
+    data["retriever"]["index_path"] = absolute(s.retriever.index_path)
     return ServeSection.model_validate(data)
 
 

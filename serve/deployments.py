@@ -317,14 +317,18 @@ class RerankerDeployment:
 
 @serve.deployment(name="Retriever")
 class RetrieverDeployment:
-    """A faiss index over a corpus, with its own copy of the encoder that built it.
+    """A faiss index with its own copy of the encoder that built it.
 
-    Queries are embedded by that same encoder, so a swap (``reconfigure`` with a new ``model`` or
-    ``corpus`` in the user config) replaces encoder and index together: the new index is built
-    beside the old one, which keeps answering until the swap.
+    The index is a prebuilt artifact (``index_path``, from ``negatron index build``: loaded, its
+    texts memory-mapped) or built from ``corpus`` (cached on disk by encoder, corpus and settings).
+    Queries are embedded by that same encoder, so a swap (``reconfigure`` with a new ``model``,
+    ``corpus`` or ``index_path``) replaces encoder and index together: the new state is made beside
+    the old one, which keeps answering until the swap. With ``watch_s`` > 0 the model folder is
+    hashed that often, and a checkpoint retrained into the same folder is swapped in the same way.
 
-    user_config keys: ``model`` (folder), ``corpus`` (Parquet), ``index``, ``cache_dir``,
-    ``max_length``, index parameters (``hnsw_m``, ``hnsw_ef_search``, ``ivf_nlist``, ``ivf_nprobe``).
+    user_config keys: ``model`` (folder), ``index_path`` or ``corpus`` (Parquet) with ``index``,
+    ``cache_dir`` and index parameters (``hnsw_m``, ``hnsw_ef_search``, ``ivf_nlist``,
+    ``ivf_nprobe``); ``max_length``, ``watch_s``.
     """
 
     def __init__(self, batch: dict, torch_threads: int = 1):
@@ -333,6 +337,8 @@ class RetrieverDeployment:
         _configure_batching(self._search_batch, batch)
         self.state: dict[str, Any] | None = None
         self.settings: dict[str, Any] = {}
+        self._watch: asyncio.Task | None = None
+        self._skipped: str | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
         """Build the new encoder + index in a worker thread: the replica's event loop stays free,
@@ -344,21 +350,61 @@ class RetrieverDeployment:
         # one assignment: requests in flight keep the state they started with
         self.state = state
         self.settings = cfg
+        if float(cfg.get("watch_s") or 0) > 0 and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_model())
 
-    def _build(self, cfg: dict) -> dict[str, Any]:
+    def _build(self, cfg: dict, folder_id: str | None = None) -> dict[str, Any]:
         from negatron.trainers.encoder import Encoder
+        from negatron.trainers.model_io import model_id
 
-        from .index import load_or_build
+        folder = enc_folder(cfg["model"])
+        mid = folder_id or model_id(folder)
+        if cfg.get("index_path"):
+            from negatron.trainers.vector_index import load_artifact
 
-        enc = Encoder.from_pretrained(cfg["model"])
+            idx = load_artifact(cfg["index_path"])
+            if idx.meta["model"]["id"] != mid:
+                raise RuntimeError(f"the index artifact {cfg['index_path']} was built with model {idx.meta['model']['id']}, "
+                                   f"the model folder now holds {mid}")
+            enc = Encoder.from_pretrained(folder)
+            max_len = int(cfg.get("max_length") or 0) or int(idx.meta.get("max_length") or 0) or enc.max_length
+        else:
+            from .index import load_or_build
+
+            enc = Encoder.from_pretrained(folder)
+            max_len = int(cfg.get("max_length") or 0) or enc.max_length
+            index_args = {k: cfg[k] for k in ("hnsw_m", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe") if k in cfg}
+            idx = load_or_build(cfg["corpus"], folder, lambda texts: enc.encode(texts, self.chunk, max_len),
+                                kind=cfg.get("index", "flat"), cache_dir=cfg.get("cache_dir") or None,
+                                log=logger.info, embed_settings={"max_length": max_len}, **index_args)
         enc.eval()
-        max_len = int(cfg.get("max_length") or 0) or enc.max_length
-        index_args = {k: cfg[k] for k in ("hnsw_m", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe") if k in cfg}
-        idx = load_or_build(cfg["corpus"], enc_folder(cfg["model"]),
-                            lambda texts: enc.encode(texts, self.chunk, max_len),
-                            kind=cfg.get("index", "flat"), cache_dir=cfg.get("cache_dir") or None,
-                            log=logger.info, embed_settings={"max_length": max_len}, **index_args)
-        return {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"], "corpus": cfg["corpus"]}
+        return {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"], "model_id": mid}
+
+    async def _watch_model(self) -> None:
+        """Swap in a checkpoint retrained into the served model folder (found by its content hash)."""
+        from negatron.trainers.model_io import model_id
+
+        while True:
+            await asyncio.sleep(float(self.settings.get("watch_s") or 0) or 30.0)
+            state, cfg = self.state, dict(self.settings)
+            try:
+                now = await asyncio.to_thread(lambda: model_id(enc_folder(cfg["model"])))
+                if state is None or now == state["model_id"]:
+                    continue
+                if cfg.get("index_path") and await asyncio.to_thread(_artifact_model_id, cfg["index_path"]) != now:
+                    if self._skipped != now:  # the artifact is rebuilt by the pipeline, not here
+                        logger.warning("Retriever: the model folder changed to %s but %s was built with another model; "
+                                       "serving the old model and index until the artifact is rebuilt", now,
+                                       cfg["index_path"])
+                        self._skipped = now
+                    continue
+                logger.info("Retriever: the model folder changed (%s -> %s); building the new index", state["model_id"], now)
+                new = await asyncio.to_thread(self._build, cfg, now)
+                if self.settings == cfg:  # no reconfigure came in meanwhile
+                    self.state = new
+                    logger.info("Retriever: swapped to model %s", now)
+            except Exception as e:  # noqa: BLE001 - the old index keeps answering
+                logger.warning("Retriever: keeping the current index: %s", e)
 
     async def search(self, query: str, k: int) -> list[tuple[str, float, str]]:
         return await self._search_batch((query, k))
@@ -370,14 +416,13 @@ class RetrieverDeployment:
 
         def run():
             emb = state["encoder"].encode([q for q, _ in requests], self.chunk, state["max_length"])  # Q×D
-            return state["index"].search(emb, k)
+            scores, rows = state["index"].search(emb, k)  # Q×k
+            idx = state["index"]
+            return [[(*idx.doc(int(r)), float(s)) for s, r in zip(srow[:want], rrow[:want]) if r >= 0]
+                    for (_, want), srow, rrow in zip(requests, scores, rows)]
 
-        scores, rows = await asyncio.to_thread(run)
-        idx = state["index"]
-        out = []
-        for (_, want), srow, rrow in zip(requests, scores, rows):
-            out.append([(idx.doc_ids[r], float(s), idx.texts[r]) for s, r in zip(srow[:want], rrow[:want]) if r >= 0])
-        return out
+        hits = await asyncio.to_thread(run)
+        return [[(doc_id, score, text) for doc_id, text, score in row] for row in hits]
 
     async def ready(self) -> bool:
         return self.state is not None
@@ -385,6 +430,13 @@ class RetrieverDeployment:
     def check_health(self) -> None:
         if self.state is None:
             raise RuntimeError("no index loaded")
+
+
+def _artifact_model_id(path: str) -> str | None:
+    from negatron.cluster import storage
+    from negatron.trainers.vector_index import META_FILE
+
+    return (storage.read_json(storage.join(path, META_FILE)).get("model") or {}).get("id")
 
 
 def enc_folder(path: str) -> str:

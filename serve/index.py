@@ -42,6 +42,9 @@ class CorpusIndex:
         k = min(k, len(self.doc_ids))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
+    def doc(self, row: int) -> tuple[str, str]:
+        return self.doc_ids[row], self.texts[row]
+
 
 def cache_key(encoder_id: str, corpus_bytes: bytes, settings: dict) -> str:
     """The cache key of an index: the encoder's id, the corpus bytes that were read, the settings."""

@@ -254,7 +254,7 @@ def _run(model: str, data: str, out: str, todo: list[dict], actors: int, cpus: f
     items = [{k: s[k] for k in ("id", "block", "offset", "rows", "start")} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * actors)))
     embedded = ds.map_batches(
-        ShardEmbedder, batch_size=1, compute=ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
+        ShardEmbedder, batch_size=1, compute=ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus, num_gpus=gpus or None,
         fn_constructor_kwargs={"model": model, "corpus": data, "out": out, "max_length": max_len,
                                "batch_size": batch_size, "threads": max(1, int(cpus)), "use_gpu": gpus > 0})
     total = sum(s["rows"] for s in todo)
