@@ -90,6 +90,7 @@ def main() -> None:
                                 max_length=base.model.max_length)
 
         b = run_training(base.replace({"run.name": "hard_negatives", "data.train": str(tmp / "mined.parquet"),
+                                       "data.negatives_corpus": out["mined"]["negatives_corpus"],
                                        "data.num_negatives": args.negatives}))
         enc_b = Encoder.from_pretrained(str(b.final_dir))
         out["bi_hard_negatives"] = evaluate_encoder(enc_b, test, query_max_length=qlen, progress=False)["mrr@10"]

@@ -207,11 +207,13 @@ def _cmd_mine(args: argparse.Namespace) -> int:
 
     stats = mine(args.model, args.data, args.out, k=args.k, skip=args.skip, take=args.take, margin=args.margin,
                  corpus=args.corpus, max_length=args.max_length, workers=args.workers,
-                 cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size)
+                 cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, with_texts=args.with_texts,
+                 index_kind=args.index_kind, work=args.work, address=args.address)
     print(f"wrote {stats['out']}: {stats['pairs']} pairs, {stats['negatives_per_query_mean']:.1f} hard negatives "
           f"per query from {stats['corpus']} candidates ({stats['queries_without_negatives']} queries got none) "
           f"in {stats['wall_s']:.0f}s")
-    print("train on it with: negatron train data.train=" + stats["out"] + " data.num_negatives=N")
+    extra = "" if args.with_texts else f" data.negatives_corpus={stats['negatives_corpus']}"
+    print("train on it with: negatron train data.train=" + stats["out"] + extra + " data.num_negatives=N")
     return 0
 
 
@@ -231,7 +233,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     from negatron.trainers.vector_index import build_index
 
-    params = {"nlist": args.nlist, "nprobe": args.nprobe, "pq_m": args.pq_m, "hnsw_m": args.hnsw_m,
+    params = {"nlist": args.nlist, "nprobe": args.nprobe, "pq_m": args.pq_m, "refine": args.refine, "hnsw_m": args.hnsw_m,
               "ef_search": args.ef_search}
     meta = build_index(args.embeddings, args.kind, args.out, params=params, train_size=args.train_size,
                        eval_queries=args.eval_queries, seed=args.seed, corpus=args.corpus)
@@ -380,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--workers", type=POS, default=2, help="Ray embedding actors (default 2)")
     mi.add_argument("--cpus-per-worker", type=_positive_float, default=1.0)
     mi.add_argument("--batch-size", type=POS, default=64)
+    mi.add_argument("--with-texts", action="store_true",
+                    help="also write the negatives' texts (a 'negatives' column; the file grows ~take times)")
+    mi.add_argument("--index-kind", choices=["auto", "flat", "ivfpq"], default="auto",
+                    help="index over the candidates (auto: exact up to 2M, else ivfpq)")
+    mi.add_argument("--work", help="keep embeddings and the index here (rerun to resume; default: a temp folder)")
+    mi.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     mi.set_defaults(func=_cmd_mine)
 
     em = sub.add_parser("embed", help="embed a corpus with a pool of Ray actors into Parquet shards (Ray Data)")
@@ -405,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--nlist", type=NONNEG, default=0, help="ivf/ivfpq lists (default about 4*sqrt(N))")
     ib.add_argument("--nprobe", type=NONNEG, default=0, help="ivf/ivfpq lists scanned per search (default 16 / 32)")
     ib.add_argument("--pq-m", type=NONNEG, default=0, help="ivfpq bytes per vector (must divide the dimension; default D/4)")
+    ib.add_argument("--refine", type=NONNEG, default=0,
+                    help="ivfpq: re-score refine*k candidates from float16 vectors on disk (default 10; 1 = off)")
     ib.add_argument("--hnsw-m", type=NONNEG, default=0, help="hnsw neighbours per node (default 32)")
     ib.add_argument("--ef-search", type=NONNEG, default=0, help="hnsw candidates per search (default 64)")
-    ib.add_argument("--train-size", type=NONNEG, default=0, help="vectors ivf/ivfpq train on (default 64 per list, <= 262144)")
+    ib.add_argument("--train-size", type=NONNEG, default=0, help="vectors ivf/ivfpq train on (default 40 per list, at most 256 MiB of them)")
     ib.add_argument("--eval-queries", type=NONNEG, default=1000, help="held-out queries for the recall@10 report (0 = none)")
     ib.add_argument("--seed", type=NONNEG, default=0)
     ib.set_defaults(func=_cmd_index)

@@ -49,6 +49,10 @@ class DataConfig(_Section):
         "permuted each epoch; a larger one is read a row group at a time, its row groups in a seeded "
         "order and rows shuffled within windows of this many rows (a worker holds about two windows)."))
     num_negatives: int = Field(1, ge=0, le=64, description="Hard negatives per row taken from a 'negatives' column (0 = ignore it).")
+    negatives_corpus: str = Field("", description=(
+        "Where the texts of hard negatives stored as ids only (a 'negative_ids' column without 'negatives', "
+        "what `negatron mine` writes) are looked up: a corpus Parquet (doc_id, text) or an index artifact "
+        "(memory-mapped)."))
     in_batch_negatives: int = Field(0, ge=0, le=64, description=(
         "Cross-encoder: other rows' positives from the worker's batch added to each query's group "
         "(easy negatives next to the hard ones)."))

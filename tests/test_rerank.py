@@ -29,13 +29,38 @@ def test_mine_writes_negatives_the_trainer_accepts(tmp_path):
     enc = make_tiny_encoder()
     enc.save(tmp_path / "m")
     stats = mine(str(tmp_path / "m"), data, tmp_path / "mined.parquet", k=10, skip=1, take=4,
-                 embed=lambda texts, desc: enc.encode(texts))
+                 embed=lambda texts, desc: enc.encode(texts), with_texts=True)
     table = check_pairs(tmp_path / "mined.parquet")  # the trainer's own schema check
     assert table.num_rows == 40 and stats["negatives_per_query_mean"] == 4
     rows = table.to_pylist()
     for r in rows:
         assert r["positive_id"] not in r["negative_ids"] and r["positive"] not in r["negatives"]
         assert len(r["negatives"]) == len(r["negative_ids"]) == 4
+
+
+def test_mined_ids_only_are_looked_up_by_the_trainer_stream(tmp_path):
+    """By default mining writes ids only (the file stays near its input's size); the stream joins the
+    texts from data.negatives_corpus, the same texts the inline column would have held."""
+    import pyarrow.parquet as pq
+
+    from negatron.trainers.data import PairStream
+    from negatron.trainers.ingest import ParquetSource
+    from negatron.trainers.lookup import TextLookup
+
+    data = write_pairs(tmp_path / "pairs.parquet", n=40)
+    enc = make_tiny_encoder()
+    emb = lambda texts, desc: enc.encode(texts)  # noqa: E731
+    inline = mine("default", data, tmp_path / "inline.parquet", k=10, skip=1, take=4, embed=emb, with_texts=True)
+    ids = mine("default", data, tmp_path / "ids.parquet", k=10, skip=1, take=4, embed=emb)
+    assert ids["negatives_corpus"] == str(tmp_path / "ids.negatives.parquet") and inline["corpus"] == ids["corpus"] == 40
+    t_ids = pq.read_table(tmp_path / "ids.parquet")
+    assert "negatives" not in t_ids.column_names
+    assert t_ids.column("negative_ids").to_pylist() == pq.read_table(tmp_path / "inline.parquet").column("negative_ids").to_pylist()
+    lookup = TextLookup(ids["negatives_corpus"])
+    a = PairStream(ParquetSource(str(tmp_path / "inline.parquet")), 8, num_negatives=3).batch(2)
+    b = PairStream(ParquetSource(str(tmp_path / "ids.parquet")), 8, num_negatives=3, lookup=lookup).batch(2)
+    assert a["negatives"] == b["negatives"] and torch.equal(a["neg_ids"], b["neg_ids"])
+    assert torch.equal(a["neg_valid"], b["neg_valid"]) and b["neg_valid"].any()
 
 
 def test_listwise_loss_matches_manual_softmax():

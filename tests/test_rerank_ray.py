@@ -29,6 +29,7 @@ def test_mining_with_ray_actors_then_cross_encoder_trains_and_loads(tmp_path, ti
     cfg = load_config(None, [
         "model.kind=cross-encoder", f"model.path={tiny_model_dir}", "model.max_length=64",
         f"data.train={tmp_path / 'mined.parquet'}", "data.num_negatives=3", f"data.dev={task / 'dev'}",
+        f"data.negatives_corpus={stats['negatives_corpus']}",
         f"eval.first_stage={tiny_model_dir}", "eval.rerank_depth=10",
         "trainer.num_workers=2", "trainer.batch_size=4", "trainer.max_steps=24", "trainer.checkpoint_every=12",
         "optim.lr=1e-3", "optim.schedule=constant", "loss.temperature=1.0", "trainer.log_every_s=0.001",

@@ -104,20 +104,23 @@ class PairStream(RowSchedule):
         num_negatives: H hard negatives per row (0 = ignore the negatives column).
         shuffle_rows: rows per shuffle window (a table up to this size is fully permuted).
         check: ``check(table, block)`` on every block read (the streaming per-row checks).
+        lookup: a ``TextLookup`` for a table whose hard negatives are ids only (``negative_ids``,
+            no ``negatives`` texts): their texts are looked up there.
     """
 
     def __init__(self, source, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 num_negatives: int = 0, shuffle_rows: int | None = None, check=None):
+                 num_negatives: int = 0, shuffle_rows: int | None = None, check=None, lookup=None):
         if isinstance(source, pa.Table):
             source = TableSource(source)
         self.source = source
         super().__init__([b.rows for b in source.blocks], batch_size, rank, world, seed, shuffle_rows)
         names = source.schema.names
-        self.h = num_negatives if "negatives" in names else 0
+        self.lookup = lookup if "negatives" not in names and "negative_ids" in names else None
+        self.h = num_negatives if "negatives" in names or self.lookup is not None else 0
         self.has_neg_ids = self.h > 0 and "negative_ids" in names
         wanted = ["query", "positive", "query_id", "positive_id"]
         if self.h:
-            wanted += ["negatives"] + (["negative_ids"] if self.has_neg_ids else [])
+            wanted += (["negatives"] if self.lookup is None else []) + (["negative_ids"] if self.has_neg_ids else [])
         source.columns = wanted
         # every block of the current window and of the next one (read ahead) fits
         sizes = np.sort(self.order.sizes)
@@ -132,7 +135,11 @@ class PairStream(RowSchedule):
                "positive": table.column("positive").combine_chunks(),
                "pos_ids": hash_ids(table.column("positive_id")),
                "query_ids": hash_ids(table.column("query_id"))}
-        if self.h:
+        if self.h and self.lookup is not None:
+            ids = table.column("negative_ids").combine_chunks()
+            out["neg_id_values"] = hash_ids(pc.list_flatten(ids))
+            out["neg_id_offsets"] = out["neg_offsets"] = _list_offsets(ids)
+        elif self.h:
             negs = table.column("negatives").combine_chunks()
             out["negatives"] = negs
             if self.has_neg_ids:
@@ -222,6 +229,12 @@ class PairStream(RowSchedule):
             positions = step * self.global_batch + self.rank * self.b + np.arange(n)
         for where, blk, local in parts:
             off = blk["neg_offsets"]
+            if self.lookup is not None:  # ids only: their texts come from the lookup, below
+                for i, row in zip(where, local):
+                    got = blk["neg_id_values"][off[row]:off[row + 1]][:h]
+                    ids[i * h:i * h + len(got)] = got
+                    valid[i * h:i * h + len(got)] = True
+                continue
             lists = blk["negatives"].take(pa.array(local)).to_pylist()
             for j, (i, row) in enumerate(zip(where, local)):
                 negs = (lists[j] or [])[:h]
@@ -240,6 +253,14 @@ class PairStream(RowSchedule):
                     at = np.clip(np.searchsorted(keys, th, side="right") - 1, 0, max(len(keys) - 1, 0))
                     hit = keys[at] == th if len(keys) else np.zeros(k, bool)
                     ids[i * h:i * h + k] = np.where(hit, pos_ids[at] if len(keys) else 0, text_ids(th))
+        if self.lookup is not None and valid.any():
+            try:
+                found = self.lookup.texts(ids[valid])
+            except KeyError as e:
+                raise ValueError(f"data.train, global step {step}: {e.args[0]} (data.negatives_corpus must be "
+                                 "the corpus the negatives were mined from)") from None
+            for i, text in zip(np.flatnonzero(valid), found):
+                texts[i] = text
         return {"negatives": texts,  # B·H (padded with "" where a row has fewer)
                 "neg_ids": torch.from_numpy(ids), "neg_valid": torch.from_numpy(valid)}
 

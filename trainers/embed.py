@@ -218,15 +218,45 @@ def embed_corpus(model: str, data: str, out: str, actors: int = 2, cpus_per_acto
     log(f"embed: {source.num_rows} docs in {len(plan)} shards ({len(done)} already done) with {actors} actor(s), "
         f"model {storage.redact(model)} ({mid}), max_length {max_len}")
     t0 = time.perf_counter()
-    dim = next(iter(done.values()), None)
+    dim, busy, span = next(iter(done.values()), None), 0.0, 0.0
     if todo:
-        dim = _run(model, data, out, todo, actors, cpus_per_actor, gpus_per_actor, batch_size, max_len, address) or dim
+        ran, busy, span = _run(model, data, out, todo, actors, cpus_per_actor, gpus_per_actor, batch_size, max_len, address)
+        dim = ran or dim
     wall = time.perf_counter() - t0
     embedded = sum(s["rows"] for s in todo)
     manifest = {**plan_doc, "dim": dim, "count": source.num_rows, "normalized": st["normalize"],
                 "embedded_now": embedded, "wall_s": round(wall, 2),
                 "docs_per_s": round(embedded / wall, 2) if embedded and wall > 0 else None,
+                # from the first shard's start to the last shard's end: Ray Data's and the actors'
+                # start-up (model loading) excluded, which a large corpus amortises
+                "docs_per_s_embedding": round(embedded / span, 2) if embedded and span > 0 else None,
+                # the actors' own rate (embedding time only, summed over actors)
+                "docs_per_actor_s": round(embedded / busy, 2) if embedded and busy > 0 else None,
                 "actors": actors, "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor}
+    storage.write_json(storage.join(out, MANIFEST), manifest)
+    return manifest
+
+
+def embed_local(embed: Callable[[list[str]], np.ndarray], data: str, out: str, model: dict,
+                shard_rows: int = 4096, max_length: int = 0) -> dict[str, Any]:
+    """The pipeline's output format written in this process by ``embed(texts) -> N×D`` (tests and
+    callers that already hold an encoder); ``model`` is the manifest's model record."""
+    from .schema import open_corpus
+
+    source = open_corpus(data)
+    plan = plan_shards(source, shard_rows)
+    dim = None
+    for s in plan:
+        table = read_shard(source, s)
+        emb = np.asarray(embed(table.column("text").to_pylist()), dtype=np.float32)  # n×D
+        dim = int(emb.shape[1])
+        out_t = shard_table(table.column("doc_id"), s["start"], emb)
+        storage.write_with(storage.join(out, shard_file(s["id"])), lambda p: pq.write_table(out_t, p))
+    manifest = {"version": EMBED_VERSION, "model": model, "max_length": max_length, "shard_rows": shard_rows,
+                "corpus": {"path": storage.redact(data), "fingerprint": corpus_fingerprint(source),
+                           "rows": source.num_rows, "files": [f.path for f in getattr(source, "fragments", [])]},
+                "shards": [{**s, "file": shard_file(s["id"])} for s in plan], "dim": dim, "count": source.num_rows,
+                "normalized": True, "embedded_now": source.num_rows}
     storage.write_json(storage.join(out, MANIFEST), manifest)
     return manifest
 
@@ -240,7 +270,7 @@ def _model_settings(folder) -> dict:
 
 
 def _run(model: str, data: str, out: str, todo: list[dict], actors: int, cpus: float, gpus: float, batch_size: int,
-         max_len: int, address: str | None) -> int | None:
+         max_len: int, address: str | None) -> tuple[int | None, float, float]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm.auto import tqdm
@@ -259,9 +289,11 @@ def _run(model: str, data: str, out: str, todo: list[dict], actors: int, cpus: f
                                "batch_size": batch_size, "threads": max(1, int(cpus)), "use_gpu": gpus > 0})
     total = sum(s["rows"] for s in todo)
     bar = tqdm(total=total, desc="embed", unit="doc", mininterval=2.0, file=sys.stdout, smoothing=0.1)
-    dim = None
+    dim, busy, first_start, last = None, 0.0, float("inf"), 0.0
     for row in embedded.iter_rows():
+        now = time.perf_counter()
         bar.update(int(row["rows"]))
-        dim = int(row["dim"])
+        dim, busy = int(row["dim"]), busy + float(row["seconds"])
+        first_start, last = min(first_start, now - float(row["seconds"])), now
     bar.close()
-    return dim
+    return dim, busy, (last - first_start if last else 0.0)

@@ -1,23 +1,30 @@
-"""Hard-negative mining: embed a pairs file's queries and positives with a bi-encoder, search a
-faiss index over the positives (or a separate corpus), and keep, for every query, candidates from
-a rank window that are neither its positive nor anything sharing the positive's id.
+"""Hard-negative mining on the embedding pipeline: the distinct queries, the distinct positives
+and the candidate corpus (the positives, or ``--corpus``) are embedded by ``negatron embed``'s
+actor pool into shards; an index artifact is built over the candidates; the pairs are then read a
+row group at a time, searched in batches and written back with ``negative_ids`` — ids only, so the
+mined file stays about the size of its input, and the trainer looks their texts up in the corpus
+(``data.negatives_corpus``). The driver holds the index, the hashed ids and one row group; the
+vectors are memory-mapped from a work folder.
 
-``select_negatives`` is the pure part (unit-tested); ``mine`` embeds in parallel on Ray with
-one actor per worker (the model loads once per actor) and shows progress.
+For every query, candidates from a rank window are kept that are neither its positive nor any
+positive of the same query (by id or identical text). ``select_negatives`` is the pure part.
 """
 
 from __future__ import annotations
 
-import sys
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import CORPUS, check_pairs, check_table
+from .ingest import hash_ids
 
 
 def select_negatives(pos_ids: Sequence[str], pos_scores: np.ndarray, cand_rows: np.ndarray, cand_scores: np.ndarray,
@@ -55,60 +62,69 @@ def select_negatives(pos_ids: Sequence[str], pos_scores: np.ndarray, cand_rows: 
     return out
 
 
-def _embed_parallel(model: str, texts: list[str], max_length: int, workers: int, cpus: float, batch: int,
-                    desc: str, chunk: int = 256) -> np.ndarray:
-    """Embed with ``workers`` Ray actors (each loads the model once), progress as chunks finish."""
-    import ray
-    from tqdm.auto import tqdm
+def _distinct(source, id_col: str, text_col: str, out: Path) -> int:
+    """Write the distinct (id, text) rows of a streamed pairs table as a corpus Parquet (doc_id, text)."""
+    seen: set[int] = set()
+    n = 0
+    with pq.ParquetWriter(out, pa.schema([("doc_id", pa.string()), ("text", pa.string())])) as w:
+        for b in range(len(source.blocks)):
+            t = source.read(b)
+            keys = hash_ids(t.column(id_col))
+            _, first = np.unique(keys, return_index=True)
+            keep = [i for i in np.sort(first) if int(keys[i]) not in seen]
+            seen.update(int(keys[i]) for i in keep)
+            if keep:
+                idx = pa.array(keep)
+                w.write_table(pa.table({"doc_id": pc.cast(t.column(id_col).take(idx), pa.string()),
+                                        "text": pc.cast(t.column(text_col).take(idx), pa.string())}))
+                n += len(keep)
+    return n
 
-    @ray.remote(num_cpus=cpus)
-    class _Embedder:
-        def __init__(self, path: str, threads: int):
-            import torch
 
-            from negatron.trainers.encoder import Encoder
+def _memmap_vectors(emb_dir: Path, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shards' vectors as one float32 memmap (N×D, row order) and a sorted id-hash -> row map."""
+    from .embed import MANIFEST, shard_vectors
 
-            torch.set_num_threads(threads)
-            self.enc = Encoder.from_pretrained(path)
+    m = __import__("json").loads((emb_dir / MANIFEST).read_text())
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(m["count"], m["dim"]))
+    keys = np.zeros(m["count"], dtype=np.int64)
+    for s in m["shards"]:
+        t = pq.read_table(emb_dir / s["file"])
+        mm[s["start"]:s["start"] + s["rows"]] = shard_vectors(t)
+        keys[s["start"]:s["start"] + s["rows"]] = hash_ids(t.column("doc_id"))
+    mm.flush()
+    order = np.argsort(keys, kind="stable")
+    return np.load(path, mmap_mode="r"), keys[order], order
 
-        def embed(self, part: list[str]) -> np.ndarray:
-            return self.enc.encode(part, batch, max_length)
 
-    actors = [_Embedder.remote(model, max(1, int(cpus))) for _ in range(workers)]
-    parts = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
-    futures = {actors[i % workers].embed.remote(p): i for i, p in enumerate(parts)}
-    results: dict[int, np.ndarray] = {}
-    bar = tqdm(total=len(texts), desc=desc, unit="text", mininterval=2.0, file=sys.stdout)
-    pending = list(futures)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        for ref in done:
-            i = futures[ref]
-            results[i] = ray.get(ref)
-            bar.update(len(parts[i]))
-    bar.close()
-    for a in actors:
-        ray.kill(a)
-    return np.concatenate([results[i] for i in range(len(parts))]) if parts else np.zeros((0, 1), np.float32)
+def _rows_of(keys: np.ndarray, order: np.ndarray, hashed: np.ndarray) -> np.ndarray:
+    at = np.clip(np.searchsorted(keys, hashed), 0, len(keys) - 1)
+    return order[at]
 
 
 def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int = 3, take: int = 30,
          margin: float | None = None, corpus: str | Path | None = None, max_length: int = 128,
          workers: int = 2, cpus_per_worker: float = 1.0, batch_size: int = 64,
-         embed: Callable[[list[str], str], np.ndarray] | None = None, log=print) -> dict:
-    """Write ``out``: the pairs of ``data`` plus ``negatives`` / ``negative_ids`` list columns.
+         embed: Callable[[list[str], str], np.ndarray] | None = None, log=print, with_texts: bool = False,
+         index_kind: str = "auto", work: str | Path | None = None, address: str | None = None) -> dict:
+    """Write ``out``: the pairs of ``data`` plus a ``negative_ids`` list column (and ``negatives``
+    texts with ``with_texts``).
 
-    The candidate pool is ``corpus`` (doc_id, text) if given, else the distinct positives of ``data``.
-    ``embed(texts, desc)`` replaces the Ray embedding (tests of the pure path use it).
-    Returns counts and timings.
+    The candidate pool is ``corpus`` (doc_id, text) if given, else the distinct positives of ``data``
+    (written beside ``out`` as ``<out>.negatives.parquet``, the file the trainer's
+    ``data.negatives_corpus`` then names). ``embed(texts, desc)`` replaces the Ray pipeline (tests of
+    the pure path). ``index_kind``: flat (exact), ivfpq, or auto (flat up to 2M candidates).
+    ``work``: where embeddings and the index are kept (default: a temp folder, removed); give one to
+    resume an interrupted run. Returns counts, timings and ``negatives_corpus``.
     """
-    import faiss
-
-    from .model_io import resolve_model_path
-
     from negatron.cluster import storage
     from negatron.cluster.config import ConfigError
     from negatron.cluster.files import same_file
+
+    from .embed import embed_corpus, embed_local
+    from .model_io import model_id, resolve_model_path
+    from .schema import open_corpus, open_pairs
+    from .vector_index import build_index, load_artifact
 
     if take < 1 or skip < 0 or k < 1:
         raise ConfigError(f"mine: need --k >= 1, --skip >= 0, --take >= 1 (got k={k}, skip={skip}, take={take})")
@@ -116,52 +132,110 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
         raise ConfigError(f"mine: --out {out} is an input of this run; write the mined pairs to a new file")
     if storage.is_dir(out):
         raise ConfigError(f"mine: --out {out} is a folder; give a .parquet file path")
+    if index_kind not in ("auto", "flat", "ivfpq"):
+        raise ConfigError(f"mine: index kind must be auto, flat or ivfpq, got {index_kind!r}")
     if k < skip + take:
         log(f"note: k={k} < skip+take={skip + take}: fewer than {take} negatives per query")
     t0 = time.perf_counter()
-    table = check_pairs(data)
-    model_dir = str(resolve_model_path(model))
-    if corpus is not None:
-        ct = check_table(corpus, CORPUS)
-        doc_ids = [str(x) for x in ct.column("doc_id").to_pylist()]
-        doc_texts = ct.column("text").to_pylist()
-    else:
-        seen: dict[str, str] = {}
-        for pid, text in zip(map(str, table.column("positive_id").to_pylist()), table.column("positive").to_pylist()):
-            seen.setdefault(pid, text)
-        doc_ids, doc_texts = list(seen), list(seen.values())
-    queries = table.column("query").to_pylist()
-    positives = table.column("positive").to_pylist()
-    pos_ids = [str(x) for x in table.column("positive_id").to_pylist()]
+    source = open_pairs(data)
+    pool_corpus = open_corpus(corpus) if corpus is not None else None
+    folder = resolve_model_path(model)
+    mid = model_id(folder)
+    tmp = None
+    if work is None:
+        tmp = tempfile.mkdtemp(prefix="negatron-mine-", dir=os.environ.get("NEGATRON_CACHE") or None)
+    wdir = Path(work or tmp)
+    wdir.mkdir(parents=True, exist_ok=True)
+    try:
+        neg_corpus = str(corpus) if corpus is not None else str(out)[:-len(".parquet")] + ".negatives.parquet" \
+            if str(out).endswith(".parquet") else str(out) + ".negatives.parquet"
+        n_pos = _distinct(source, "positive_id", "positive", wdir / "positives.parquet")
+        n_q = _distinct(source, "query_id", "query", wdir / "queries.parquet")
+        pool = str(corpus) if corpus is not None else str(wdir / "positives.parquet")
 
-    if embed is None:
-        from negatron.cluster.local import ensure_ray
+        def run(name: str, path: str) -> Path:
+            dst = wdir / f"emb_{name}"
+            if embed is not None:
+                if not (dst / "manifest.json").is_file():
+                    embed_local(lambda texts: embed(texts, f"embed {name}"), path, str(dst),
+                                {"path": str(model), "id": mid}, max_length=max_length)
+            else:
+                embed_corpus(str(model), path, str(dst), actors=workers, cpus_per_actor=cpus_per_worker,
+                             batch_size=batch_size, max_length=max_length, log=log, address=address)
+            return dst
 
-        ensure_ray()
+        log(f"mine: {source.num_rows} pairs, {n_q} distinct queries, {n_pos} distinct positives, "
+            f"{pool_corpus.num_rows if pool_corpus else n_pos} candidates")
+        q_dir, p_dir = run("queries", str(wdir / "queries.parquet")), run("positives", str(wdir / "positives.parquet"))
+        c_dir = run("corpus", pool) if corpus is not None else p_dir
+        n_cand = pool_corpus.num_rows if pool_corpus else n_pos
+        kind = index_kind if index_kind != "auto" else ("flat" if n_cand <= 2_000_000 else "ivfpq")
+        build_index(str(c_dir), kind, str(wdir / f"index_{kind}"), corpus=pool, eval_queries=0, log=log)
+        art = load_artifact(str(wdir / f"index_{kind}"))
+        q_vec, q_keys, q_order = _memmap_vectors(q_dir, wdir / "queries.npy")
+        p_vec, p_keys, p_order = _memmap_vectors(p_dir, wdir / "positives.npy")
+        # every positive of each query (hashed), so no positive of a query is ever its negative
+        pairs_q, pairs_p = [], []
+        for b in range(len(source.blocks)):
+            t = source.read(b).select(["query_id", "positive_id"])
+            pairs_q.append(hash_ids(t.column("query_id")))
+            pairs_p.append(hash_ids(t.column("positive_id")))
+        qh, ph = np.concatenate(pairs_q), np.concatenate(pairs_p)
+        by_q = np.lexsort((ph, qh))
+        qh_sorted, ph_sorted = qh[by_q], ph[by_q]
+        del pairs_q, pairs_p, qh, ph, by_q
 
-        def embed(texts: list[str], desc: str) -> np.ndarray:
-            return _embed_parallel(model_dir, texts, max_length, workers, cpus_per_worker, batch_size, desc)
+        counts: list[int] = []
+        local_out = Path(tempfile.mkdtemp(prefix="negatron-mined-", dir=wdir)) / "mined.parquet"
+        writer = None
+        from tqdm.auto import tqdm
 
-    doc_emb = embed(doc_texts, "embed corpus")  # N×D
-    q_emb = embed(queries, "embed queries")  # Q×D
-    p_emb = embed(positives, "embed positives")  # Q×D
-    index = faiss.IndexFlatIP(doc_emb.shape[1])
-    index.add(np.ascontiguousarray(doc_emb, dtype=np.float32))
-    scores, rows = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(k, len(doc_ids)))  # Q×K
-    pos_scores = (q_emb * p_emb).sum(1)  # Q
-    by_query: dict[str, set[str]] = {}
-    qids = [str(x) for x in table.column("query_id").to_pylist()]
-    for qid, pid in zip(qids, pos_ids):
-        by_query.setdefault(qid, set()).add(pid)
-    picked = select_negatives(pos_ids, pos_scores, rows, scores, doc_ids, skip, take, margin, doc_texts, positives,
-                              query_positive_ids=[by_query[q] for q in qids])
-    negs = [[doc_texts[r] for r in p] for p in picked]
-    neg_ids = [[doc_ids[r] for r in p] for p in picked]
-    base = table.drop_columns([c for c in ("negatives", "negative_ids") if c in table.column_names])
-    result = base.append_column("negatives", pa.array(negs, type=pa.list_(pa.string())))
-    result = result.append_column("negative_ids", pa.array(neg_ids, type=pa.list_(pa.string())))
-    storage.write_with(out, lambda tmp: pq.write_table(result, tmp))  # temp file + rename, or one PUT
-    counts = [len(p) for p in picked]
-    return {"pairs": len(queries), "corpus": len(doc_ids), "negatives_per_query_mean": float(np.mean(counts)) if counts else 0.0,
+        bar = tqdm(total=source.num_rows, desc="search", unit="pair", mininterval=2.0, file=__import__("sys").stdout)
+        k_eff = min(k, n_cand)
+        for b in range(len(source.blocks)):
+            table = source.read(b)
+            base = table.drop_columns([c for c in ("negatives", "negative_ids") if c in table.column_names])
+            qhash, phash = hash_ids(table.column("query_id")), hash_ids(table.column("positive_id"))
+            neg_ids_col: list[list[str]] = []
+            neg_txt_col: list[list[str]] = []
+            for lo in range(0, table.num_rows, 4096):
+                hi = min(lo + 4096, table.num_rows)
+                qrows = _rows_of(q_keys, q_order, qhash[lo:hi])
+                prows = _rows_of(p_keys, p_order, phash[lo:hi])
+                qv = np.asarray(q_vec[qrows], dtype=np.float32)  # c×D
+                pv = np.asarray(p_vec[prows], dtype=np.float32)
+                scores, rows = art.search(qv, k_eff)  # c×k
+                cand = np.unique(rows[rows >= 0])
+                cand_ids = art.docs.column("doc_id").take(pa.array(cand))
+                id_of = dict(zip(cand.tolist(), hash_ids(cand_ids).tolist()))
+                text_of = dict(zip(cand.tolist(), hash_ids(art.docs.column("text").take(pa.array(cand))).tolist()))
+                first = np.searchsorted(qh_sorted, qhash[lo:hi], side="left")
+                last = np.searchsorted(qh_sorted, qhash[lo:hi], side="right")
+                others = [set(ph_sorted[a:z].tolist()) for a, z in zip(first, last)]
+                picked = select_negatives(phash[lo:hi].tolist(), (qv * pv).sum(1), rows, scores, id_of, skip, take,
+                                          margin, text_of, hash_ids(table.column("positive").slice(lo, hi - lo)).tolist(),
+                                          query_positive_ids=others)
+                str_of = dict(zip(cand.tolist(), cand_ids.to_pylist()))
+                neg_ids_col += [[str_of[r] for r in p] for p in picked]
+                if with_texts:
+                    neg_txt_col += [[art.doc(r)[1] for r in p] for p in picked]
+                counts += [len(p) for p in picked]
+            result = base
+            if with_texts:
+                result = result.append_column("negatives", pa.array(neg_txt_col, type=pa.list_(pa.string())))
+            result = result.append_column("negative_ids", pa.array(neg_ids_col, type=pa.list_(pa.string())))
+            if writer is None:
+                writer = pq.ParquetWriter(local_out, result.schema)
+            writer.write_table(result)
+            bar.update(table.num_rows)
+        bar.close()
+        writer.close()
+        storage.write_with(out, lambda tmp_path: shutil.copyfile(local_out, tmp_path))
+        if corpus is None:
+            storage.write_with(neg_corpus, lambda tmp_path: shutil.copyfile(wdir / "positives.parquet", tmp_path))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"pairs": source.num_rows, "corpus": n_cand, "negatives_per_query_mean": float(np.mean(counts)) if counts else 0.0,
             "queries_without_negatives": int(sum(c == 0 for c in counts)), "wall_s": round(time.perf_counter() - t0, 1),
-            "out": str(out)}
+            "out": str(out), "negatives_corpus": neg_corpus, "index": kind}

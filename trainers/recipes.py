@@ -137,7 +137,8 @@ def reranker_stage(cfg: Config, bi_encoder: Path, data_dir: Path, out: Path, add
                      cpus_per_worker=cfg.trainer.cpus_per_worker)
         print(f"      {stats['pairs']} pairs, {stats['negatives_per_query_mean']:.1f} negatives each "
               f"({stats['wall_s']:.0f}s)", flush=True)
-    ce_cfg = cfg.replace(reranker_recipe(cfg, bi_encoder, out / "mined.parquet", steps, depth, init))
+    ce_cfg = cfg.replace({**reranker_recipe(cfg, bi_encoder, out / "mined.parquet", steps, depth, init),
+                          "data.negatives_corpus": stats["negatives_corpus"]})
     with clock.stage("reranker training"):
         print(f"[6/7] training a cross-encoder reranker: {steps} steps, {ce_cfg.trainer.num_workers} Ray Train "
               f"workers, in-batch negatives for {ce_cfg.data.hard_negatives_after} steps, then 1 positive + "

@@ -153,9 +153,8 @@ def check_pairs(path: str | Path) -> pa.Table:
 
 
 def check_pair_lists(table: pa.Table, path: str | Path, row_offset: int = 0) -> None:
-    if "negative_ids" in table.column_names and "negatives" not in table.column_names:
-        raise SchemaError(f"{path}: column 'negative_ids' given without 'negatives'")
-    if "negative_ids" in table.column_names:
+    # 'negative_ids' alone is what `negatron mine` writes: the texts are in data.negatives_corpus
+    if "negative_ids" in table.column_names and "negatives" in table.column_names:
         a = pc.fill_null(pc.list_value_length(table.column("negatives")), 0)
         b = pc.fill_null(pc.list_value_length(table.column("negative_ids")), 0)
         differ = pc.not_equal(a, b)

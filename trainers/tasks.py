@@ -70,9 +70,27 @@ class Task:
 
         source = open_pairs(self._train_path(cfg))  # metadata and the first block, never the whole table
         self._check_batch(cfg, source.num_rows, "pairs")
+        self._check_negatives(cfg, source.schema.names)
         if cfg.data.dev:
             check_eval_dir(cfg.data.dev)
         resolve_model_path(cfg.model.path)
+
+    @staticmethod
+    def _check_negatives(cfg: Config, names: list[str]) -> None:
+        """Negatives stored as ids only need the corpus their texts are in (never silently dropped)."""
+        ids_only = "negative_ids" in names and "negatives" not in names
+        if cfg.data.num_negatives and ids_only and not cfg.data.negatives_corpus:
+            raise ConfigError(f"data.train: {cfg.data.train} has negative_ids but no negatives texts; set "
+                              "data.negatives_corpus to the corpus they were mined from (`negatron mine` prints it), "
+                              "or data.num_negatives=0 to train without them")
+        if cfg.data.negatives_corpus and cfg.data.num_negatives and ids_only:
+            from .lookup import TextLookup
+            from .schema import SchemaError
+
+            try:
+                TextLookup(cfg.data.negatives_corpus)  # read once here: a wrong path fails before any worker
+            except storage.StorageError as e:
+                raise SchemaError(f"data.negatives_corpus: {e}") from None
 
     def _train_path(self, cfg: Config) -> str:
         if not cfg.data.train:
@@ -98,9 +116,14 @@ class Task:
         from .ingest import ParquetSource
         from .schema import check_pair_block
 
+        lookup = None
+        if cfg.data.negatives_corpus and cfg.data.num_negatives:
+            from .lookup import TextLookup
+
+            lookup = TextLookup(cfg.data.negatives_corpus)
         return PairStream(ParquetSource(cfg.data.train), cfg.trainer.batch_size, rank, world, seed=cfg.trainer.seed,
                           num_negatives=cfg.data.num_negatives, shuffle_rows=cfg.data.shuffle_rows,
-                          check=check_pair_block)
+                          check=check_pair_block, lookup=lookup)
 
     def build_encoder(self, cfg: Config, path: str | None = None):
         from .encoder import Encoder
