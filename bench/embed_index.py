@@ -96,7 +96,7 @@ def throughput(work: Path, docs: int) -> dict:
             "max_abs_diff_1_vs_2_actors": same}
 
 
-def synthetic(work: Path, n: int, d: int = 384, shard_rows: int = 65536, seed: int = 0) -> Path:
+def synthetic(work: Path, n: int, d: int = 384, shard_rows: int = 4096, seed: int = 0) -> Path:
     """``negatron embed``-format shards of clustered unit vectors and their corpus."""
     from negatron.trainers.embed import MANIFEST, shard_file, shard_table
     from negatron.trainers.model_io import model_id, read_st_settings, resolve_model_path
@@ -159,6 +159,8 @@ def main() -> dict:
     ap.add_argument("--vectors", type=int, default=1_000_000, help="synthetic vectors for the IVF-PQ part")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed)")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--only-embed", action="store_true",
+                    help="rerun the throughput part only, replacing it in the --out JSON (which must exist)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -166,6 +168,12 @@ def main() -> dict:
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"machine": {"cpus": os.cpu_count()}}
+    if args.only_embed:
+        result = json.loads(Path(args.out).read_text())
+        result["embed"] = throughput(work, args.docs)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return result
     result["embed"] = throughput(work, args.docs)
     t0 = time.perf_counter()
     emb = synthetic(work, args.vectors)

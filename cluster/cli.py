@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ivfpq: re-score refine*k candidates from float16 vectors on disk (default 10; 1 = off)")
     ib.add_argument("--hnsw-m", type=NONNEG, default=0, help="hnsw neighbours per node (default 32)")
     ib.add_argument("--ef-search", type=NONNEG, default=0, help="hnsw candidates per search (default 64)")
-    ib.add_argument("--train-size", type=NONNEG, default=0, help="vectors ivf/ivfpq train on (default 40 per list, at most 256 MiB of them)")
+    ib.add_argument("--train-size", type=NONNEG, default=0, help="vectors ivf/ivfpq train on (default 40 per list, at most 128 MiB of them)")
     ib.add_argument("--eval-queries", type=NONNEG, default=1000, help="held-out queries for the recall@10 report (0 = none)")
     ib.add_argument("--seed", type=NONNEG, default=0)
     ib.set_defaults(func=_cmd_index)

@@ -115,26 +115,28 @@ class ShardEmbedder:
         self.source = ParquetSource(corpus, columns=["doc_id", "text"])
         self.out, self.max_length, self.batch_size = out, max_length or self.enc.max_length, batch_size
 
-    def embed(self, shard: dict[str, int]) -> tuple[int, float]:
+    def embed(self, shard: dict[str, int]) -> tuple[int, float, float]:
         from .schema import CORPUS, check_values
 
         table = read_shard(self.source, shard)
         block = self.source.blocks[int(shard["block"])]
         check_values(table, CORPUS, block.file, block.file_row + int(shard["offset"]))
-        t0 = time.perf_counter()
+        started = time.time()  # wall clock: the driver compares shards from every actor
         emb = self.enc.encode(table.column("text").to_pylist(), self.batch_size, self.max_length)  # n×D
         out = shard_table(table.column("doc_id"), int(shard["start"]), emb)
         storage.write_with(storage.join(self.out, shard_file(int(shard["id"]))), lambda p: pq.write_table(out, p))
-        return int(emb.shape[1]), time.perf_counter() - t0
+        return int(emb.shape[1]), started, time.time()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = ("id", "block", "offset", "rows", "start")
-        dims, secs = [], []
+        dims, starts, ends = [], [], []
         for i in range(len(batch["id"])):
-            d, s = self.embed({k: int(batch[k][i]) for k in keys})
+            d, s, e = self.embed({k: int(batch[k][i]) for k in keys})
             dims.append(d)
-            secs.append(s)
-        return {"id": batch["id"], "rows": batch["rows"], "dim": np.array(dims), "seconds": np.array(secs)}
+            starts.append(s)
+            ends.append(e)
+        return {"id": batch["id"], "rows": batch["rows"], "dim": np.array(dims), "started": np.array(starts),
+                "ended": np.array(ends)}
 
 
 def _plan_key(model_hash: str, fingerprint: str, max_length: int, shard_rows: int) -> str:
@@ -282,18 +284,19 @@ def _run(model: str, data: str, out: str, todo: list[dict], actors: int, cpus: f
     ctx.enable_progress_bars = False  # one bar below, in docs
     ctx.print_on_execution_start = False
     items = [{k: s[k] for k in ("id", "block", "offset", "rows", "start")} for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * actors)))
+    # one shard per block (up to 4096 blocks): actors take shards one at a time, so none idles
+    # while another works through a long block, and the bar moves as shards finish
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
     embedded = ds.map_batches(
         ShardEmbedder, batch_size=1, compute=ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus, num_gpus=gpus or None,
         fn_constructor_kwargs={"model": model, "corpus": data, "out": out, "max_length": max_len,
                                "batch_size": batch_size, "threads": max(1, int(cpus)), "use_gpu": gpus > 0})
     total = sum(s["rows"] for s in todo)
     bar = tqdm(total=total, desc="embed", unit="doc", mininterval=2.0, file=sys.stdout, smoothing=0.1)
-    dim, busy, first_start, last = None, 0.0, float("inf"), 0.0
+    dim, busy, first, last = None, 0.0, float("inf"), 0.0
     for row in embedded.iter_rows():
-        now = time.perf_counter()
         bar.update(int(row["rows"]))
-        dim, busy = int(row["dim"]), busy + float(row["seconds"])
-        first_start, last = min(first_start, now - float(row["seconds"])), now
+        dim, busy = int(row["dim"]), busy + float(row["ended"]) - float(row["started"])
+        first, last = min(first, float(row["started"])), max(last, float(row["ended"]))
     bar.close()
-    return dim, busy, (last - first_start if last else 0.0)
+    return dim, busy, (last - first if last else 0.0)

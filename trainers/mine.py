@@ -81,20 +81,27 @@ def _distinct(source, id_col: str, text_col: str, out: Path) -> int:
     return n
 
 
-def _memmap_vectors(emb_dir: Path, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The shards' vectors as one float32 memmap (N×D, row order) and a sorted id-hash -> row map."""
-    from .embed import MANIFEST, shard_vectors
+def _vector_file(emb_dir: Path, path: Path):
+    """The shards' vectors as one float32 ``.npy`` (row order), written with plain writes and read
+    back a row at a time (``VectorFile``: nothing mapped, nothing held), and a sorted id-hash -> row map."""
+    import json
 
-    m = __import__("json").loads((emb_dir / MANIFEST).read_text())
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(m["count"], m["dim"]))
+    from .embed import MANIFEST, shard_vectors
+    from .vector_index import VectorFile
+
+    m = json.loads((emb_dir / MANIFEST).read_text())
     keys = np.zeros(m["count"], dtype=np.int64)
-    for s in m["shards"]:
-        t = pq.read_table(emb_dir / s["file"])
-        mm[s["start"]:s["start"] + s["rows"]] = shard_vectors(t)
-        keys[s["start"]:s["start"] + s["rows"]] = hash_ids(t.column("doc_id"))
-    mm.flush()
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.float32).str, "fortran_order": False,
+                                                 "shape": (m["count"], m["dim"])})
+        for s in m["shards"]:
+            t = pq.read_table(emb_dir / s["file"])
+            f.write(np.ascontiguousarray(shard_vectors(t), dtype=np.float32).tobytes())
+            keys[s["start"]:s["start"] + s["rows"]] = hash_ids(t.column("doc_id"))
+            del t
+            pa.default_memory_pool().release_unused()
     order = np.argsort(keys, kind="stable")
-    return np.load(path, mmap_mode="r"), keys[order], order
+    return VectorFile(path), keys[order], order
 
 
 def _rows_of(keys: np.ndarray, order: np.ndarray, hashed: np.ndarray) -> np.ndarray:
@@ -172,8 +179,8 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
         kind = index_kind if index_kind != "auto" else ("flat" if n_cand <= 2_000_000 else "ivfpq")
         build_index(str(c_dir), kind, str(wdir / f"index_{kind}"), corpus=pool, eval_queries=0, log=log)
         art = load_artifact(str(wdir / f"index_{kind}"))
-        q_vec, q_keys, q_order = _memmap_vectors(q_dir, wdir / "queries.npy")
-        p_vec, p_keys, p_order = _memmap_vectors(p_dir, wdir / "positives.npy")
+        q_vec, q_keys, q_order = _vector_file(q_dir, wdir / "queries.npy")
+        p_vec, p_keys, p_order = _vector_file(p_dir, wdir / "positives.npy")
         # every positive of each query (hashed), so no positive of a query is ever its negative
         pairs_q, pairs_p = [], []
         for b in range(len(source.blocks)):
@@ -202,8 +209,7 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
                 hi = min(lo + 4096, table.num_rows)
                 qrows = _rows_of(q_keys, q_order, qhash[lo:hi])
                 prows = _rows_of(p_keys, p_order, phash[lo:hi])
-                qv = np.asarray(q_vec[qrows], dtype=np.float32)  # c×D
-                pv = np.asarray(p_vec[prows], dtype=np.float32)
+                qv, pv = q_vec.take(qrows), p_vec.take(prows)  # c×D each
                 scores, rows = art.search(qv, k_eff)  # c×k
                 cand = np.unique(rows[rows >= 0])
                 cand_ids = art.docs.column("doc_id").take(pa.array(cand))
@@ -228,6 +234,8 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
                 writer = pq.ParquetWriter(local_out, result.schema)
             writer.write_table(result)
             bar.update(table.num_rows)
+            del table, base, result
+            pa.default_memory_pool().release_unused()
         bar.close()
         writer.close()
         storage.write_with(out, lambda tmp_path: shutil.copyfile(local_out, tmp_path))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import torch
 
 
 def mix(*parts: int) -> int:
@@ -48,6 +47,8 @@ def text_rng(seed: int, step: int, rank: int, stream: int) -> random.Random:
     return random.Random(f"{seed}:{step}:{rank}:{stream}")
 
 
-def image_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+def image_generator(seed: int, step: int, rank: int, stream: int) -> "torch.Generator":
     """The image augmentations of one (step, rank) view."""
+    import torch  # here, not at import: the data path (ingest, mining, the index) needs no torch
+
     return torch.Generator().manual_seed(mix(seed, step, rank, stream))

@@ -14,14 +14,14 @@ recall of its true neighbours. The exact top-10 is computed shard by shard too.
     docs.arrow    Arrow IPC file: doc_id, text — memory-mapped by the server, read by row
     index.json    kind, settings, count, dim, bytes, the model's content id, the corpus, recall
 
-    vectors.f16.npy   ivfpq only: every vector in float16, memory-mapped, for re-scoring
+    vectors.f16.npy   ivfpq only: every vector in float16, rows read on demand for re-scoring
 
 Kinds: ``flat`` (exact), ``hnsw`` (graph), ``ivf`` (IVF-Flat), ``ivfpq`` (IVF with product
 quantization: ``pq_m`` bytes per vector in memory, ``4·D / pq_m`` times smaller than flat).
 Product quantization alone loses recall (0.83 recall@10 at 4 dimensions per byte on the
 benchmark's clustered vectors), so an ivfpq search takes ``refine`` × k candidates from the
 compressed index and re-scores them exactly from the float16 vectors on disk; only those rows are
-read (memory-mapped, page cache), so the resident index stays the compressed one.
+read (``pread``; the OS page cache keeps hot ones), so the resident index stays the compressed one.
 """
 
 from __future__ import annotations
@@ -67,13 +67,50 @@ def read_manifest(embeddings: str) -> dict[str, Any]:
 
 
 def iter_shards(embeddings: str, manifest: dict, columns: list[str] | None = None):
-    """(shard record, table) one shard at a time, in row order."""
+    """(shard record, table) one shard at a time, in row order; Arrow's freed buffers are handed
+    back to the OS after each, so memory stays at one shard."""
     for s in manifest["shards"]:
         path = storage.join(embeddings, s["file"])
         try:
-            yield s, open_parquet(path).read(columns=columns)
+            table = open_parquet(path).read(columns=columns)
         except Exception as e:  # noqa: BLE001 - one line naming the shard
             raise storage.error(path, e, "cannot read the embeddings shard") from None
+        yield s, table
+        del table
+        pa.default_memory_pool().release_unused()
+
+
+class VectorFile:
+    """Rows of an N×D float16 or float32 ``.npy`` file read on demand with ``pread`` (no memory
+    map: the reader's memory holds only the rows asked for; the OS page cache keeps hot rows)."""
+
+    def __init__(self, path: str | Path):
+        self.fd = os.open(str(path), os.O_RDONLY)
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            self.offset = f.tell()
+        if dtype not in (np.float16, np.float32) or len(shape) != 2:
+            os.close(self.fd)
+            raise ValueError(f"{path}: expected a float16 or float32 N×D array, got {dtype} {shape}")
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.row_bytes = self.dtype.itemsize * shape[1]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 len(rows)×D, in the order of ``rows``."""
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        for i, r in enumerate(rows):
+            out[i] = np.frombuffer(os.pread(self.fd, self.row_bytes, self.offset + int(r) * self.row_bytes), self.dtype)
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 def sample_rows(manifest: dict, n: int, seed: int) -> np.ndarray:
@@ -92,6 +129,8 @@ def gather_rows(embeddings: str, manifest: dict, rows: np.ndarray) -> np.ndarray
         if hi > lo:
             table = open_parquet(storage.join(embeddings, s["file"])).read(columns=["embedding"])
             out[lo:hi] = shard_vectors(table)[rows[lo:hi] - s["start"]]
+            del table
+            pa.default_memory_pool().release_unused()
     return out
 
 
@@ -118,8 +157,9 @@ class RowReader:
 
 
 def sample_cap(d: int) -> int:
-    """Most training vectors: 256 MiB of float32 (174,762 at D = 384), at most 262,144."""
-    return min(262_144, (256 << 20) // (4 * d))
+    """Most training vectors: 128 MiB of float32 (87,381 at D = 384), at most 262,144 — faiss's
+    training holds about three times its sample, and a build should fit in 1 GiB whatever N is."""
+    return min(262_144, (128 << 20) // (4 * d))
 
 
 def default_params(kind: str, n: int, d: int) -> dict[str, int]:
@@ -184,10 +224,10 @@ def exact_topk(embeddings: str, manifest: dict, queries: np.ndarray, k: int, chu
     return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
 
 
-def refine(index, vectors: np.ndarray | None, queries: np.ndarray, k: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """Search ``index`` for ``k·factor`` candidates and re-score them exactly from ``vectors`` (N×D,
-    float16 memory-mapped: only the candidates' rows are read); ``factor`` <= 1 or no vectors: the
-    index's own top ``k``."""
+def refine(index, vectors: "VectorFile | None", queries: np.ndarray, k: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search ``index`` for ``k·factor`` candidates and re-score them exactly from ``vectors`` (the
+    float16 file: only the candidates' rows are read); ``factor`` <= 1 or no vectors: the index's
+    own top ``k``."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if vectors is None or factor <= 1:
         return index.search(queries, k)
@@ -196,7 +236,7 @@ def refine(index, vectors: np.ndarray | None, queries: np.ndarray, k: int, facto
     out_r = np.full((len(queries), k), -1, dtype=np.int64)
     for i, (q, rows) in enumerate(zip(queries, cand_r)):
         rows = rows[rows >= 0]
-        exact = vectors[np.sort(rows)].astype(np.float32) @ q  # c: read in file order
+        exact = vectors.take(np.sort(rows)) @ q  # c: read in file order
         order = np.argsort(-exact)[:k]
         out_s[i, :len(order)], out_r[i, :len(order)] = exact[order], np.sort(rows)[order]
     return out_s, out_r
@@ -297,7 +337,7 @@ def build_index(embeddings: str, kind: str, out: str, params: dict[str, int] | N
         if vec_file is not None:
             vec_file.close()
             os.replace(local / (VECTORS_FILE + ".tmp"), local / VECTORS_FILE)
-            vectors = np.load(local / VECTORS_FILE, mmap_mode="r")
+            vectors = VectorFile(local / VECTORS_FILE)
         elif (local / VECTORS_FILE).exists():
             (local / VECTORS_FILE).unlink()  # an earlier build's vectors in the same folder
         recall = None
@@ -308,7 +348,8 @@ def build_index(embeddings: str, kind: str, out: str, params: dict[str, int] | N
             _, approx_r = refine(index, vectors, queries, k + 1, refine_factor)
             recall = round(recall_at(approx_r, exact_r, held, k), 4)
             log(f"index: recall@10 against exact search on {len(held)} held-out corpus vectors: {recall:.4f}")
-        del vectors
+        if vectors is not None:
+            vectors.close()
         faiss.write_index(index, str(local / (INDEX_FILE + ".tmp")))
         os.replace(local / (INDEX_FILE + ".tmp"), local / INDEX_FILE)
         os.replace(docs_tmp, local / DOCS_FILE)
@@ -333,7 +374,7 @@ class Artifact:
     docs: pa.Table
     meta: dict[str, Any]
     folder: Path
-    vectors: np.ndarray | None = None  # float16 N×D, memory-mapped (ivfpq re-scoring)
+    vectors: VectorFile | None = None  # float16 N×D on disk (ivfpq re-scoring)
 
     @property
     def count(self) -> int:
@@ -368,7 +409,7 @@ def load_artifact(path: str) -> Artifact:
         index = faiss.read_index(str(folder / INDEX_FILE))
         docs = pa.ipc.open_file(pa.memory_map(str(folder / DOCS_FILE))).read_all()
         refine_factor = int(meta["params"].get("refine") or 0)
-        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r") if refine_factor > 1 else None
+        vectors = VectorFile(folder / VECTORS_FILE) if refine_factor > 1 else None
     except Exception as e:  # noqa: BLE001 - faiss/arrow raise RuntimeError/ArrowInvalid
         raise ConfigError(f"{storage.redact(path)}: corrupt index artifact ({str(e).strip().splitlines()[0][:200]})") from None
     if index.ntotal != meta.get("count") or docs.num_rows != meta.get("count"):
