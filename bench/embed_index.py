@@ -69,6 +69,14 @@ def run_measured(args: list[str], env: dict | None = None) -> dict:
     return {"peak_rss_mb": round(peak / 2**20), "wall_s": round(time.perf_counter() - t0, 1), "output": text}
 
 
+def emit(result: dict, out: str | None) -> dict:
+    """Print the JSON, and write it to ``out`` when given."""
+    print(json.dumps(result, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def throughput(work: Path, docs: int) -> dict:
     from serve_load import stdlib_windows
 
@@ -171,9 +179,7 @@ def main() -> dict:
     if args.only_embed:
         result = json.loads(Path(args.out).read_text())
         result["embed"] = throughput(work, args.docs)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-        return result
+        return emit(result, args.out)
     result["embed"] = throughput(work, args.docs)
     t0 = time.perf_counter()
     emb = synthetic(work, args.vectors)
@@ -192,10 +198,7 @@ def main() -> dict:
         result["search_c8"] = search_latency(work / "ivfpq")
     if tmp is not None:
         tmp.cleanup()
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ file sizes are those of the pipeline, the speed is not MiniLM's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> dict:
-    from embed_index import run_measured
+    from embed_index import emit, run_measured
     from serve_load import stdlib_windows
 
     from tests.helpers import make_tiny_encoder
@@ -63,10 +62,7 @@ def main() -> dict:
             "encoder": "BERT 2 layers x 64 (random weights, packaged tokenizer)",
         }
         result["mined_vs_input"] = round(result["mined_bytes"] / result["input_bytes"], 3)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
