@@ -38,7 +38,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from negatron.cluster import storage
 from negatron.cluster.config import ConfigError
