@@ -346,7 +346,7 @@ class Ingress:
     @app.post("/search", response_model=list[SearchResult], response_model_exclude_none=True)
     async def search(self, body: SearchRequest) -> list[SearchResult]:
         if self.retriever is None:
-            raise ApiError(404, "search is not enabled: start the server with --corpus or serve.retriever.corpus",
+            raise ApiError(404, "search is not enabled: start the server with --index (serve.retriever.index_path) or --corpus (serve.retriever.corpus)",
                            None, "no_index")
         if body.top_k > self.limits["max_top_k"]:
             raise ApiError(400, f"'top_k' {body.top_k} exceeds the limit {self.limits['max_top_k']}", "top_k", "top_k_too_large")
