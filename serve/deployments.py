@@ -138,6 +138,10 @@ class Readiness:
         except asyncio.TimeoutError:
             return name, "starting"
         except Exception as e:  # noqa: BLE001 - reported, not raised: a probe never fails a request
+            # wait_for cancels the queued call at the timeout, and a Serve call can finish that
+            # cancellation with Ray's own error, which wait_for then raises instead of TimeoutError
+            if isinstance(e, _cancelled_errors()):
+                return name, "starting"
             return name, f"error: {type(e).__name__}"
 
     async def _run_round(self) -> None:
@@ -166,6 +170,13 @@ class Readiness:
             return None
         await self.check()
         return None if self.opened else self.retry_after_s
+
+
+def _cancelled_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import TaskCancelledError
+    from ray.serve.exceptions import RequestCancelledError
+
+    return TaskCancelledError, RequestCancelledError
 
 
 READY_KV_NAMESPACE = "negatron"

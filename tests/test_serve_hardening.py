@@ -125,6 +125,26 @@ def test_readiness_waits_for_every_probe_and_then_stays_open():
     assert second is None and third is None
 
 
+def test_a_probe_cancelled_at_its_timeout_is_starting_not_an_error():
+    """A Serve call cancelled by the probe's timeout can end with Ray's TaskCancelledError, which
+    asyncio.wait_for then raises in place of TimeoutError (seen in CI): still "starting"."""
+    from ray.exceptions import TaskCancelledError
+
+    async def queued():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise TaskCancelledError() from None
+        return True
+
+    async def main():
+        r = Readiness({"retriever": queued}, timeout_s=0.05, ttl_s=0.0)
+        return await r.gate(), await r.check()
+
+    wait, status = asyncio.run(main())
+    assert wait == 5 and status == {"retriever": "starting"}
+
+
 def test_a_failing_probe_is_reported_not_raised():
     async def broken():
         raise RuntimeError("replica died")
