@@ -104,9 +104,15 @@ class _ToLogFile(logging.Handler):
 def before_ray_init() -> None:
     """Before ``ray.init``: the driver's Ray logger keeps errors on the terminal and sends the rest
     (the token-auth notice, start-up INFO) to the log file. Idempotent."""
+    quiet_logger("ray")
+
+
+def quiet_logger(name: str) -> None:
+    """Logger ``name`` (``ray``, or ``ray.data``, which Ray Data configures with its own handlers
+    when imported) keeps errors on the terminal and sends the rest to the log file, unless verbose."""
     if verbose():
         return
-    ray_logger = logging.getLogger("ray")
+    ray_logger = logging.getLogger(name)
     for h in ray_logger.handlers:
         if not isinstance(h, (_ToLogFile, logging.FileHandler)):
             h.setLevel(logging.ERROR)

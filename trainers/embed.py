@@ -217,7 +217,7 @@ def embed_corpus(model: str, data: str, out: str, actors: int = 2, cpus_per_acto
         storage.write_json(plan_path, plan_doc)
     done = done_shards(out, plan)
     todo = [s for s in plan if s["id"] not in done]
-    log(f"embed: {source.num_rows} docs in {len(plan)} shards ({len(done)} already done) with {actors} actor(s), "
+    log(f"embed: {source.num_rows} docs in {len(plan)} shards ({len(done)} already done) with {min(actors, max(1, len(todo)))} actor(s), "
         f"model {storage.redact(model)} ({mid}), max_length {max_len}")
     t0 = time.perf_counter()
     dim, busy, span = next(iter(done.values()), None), 0.0, 0.0
@@ -280,6 +280,9 @@ def _run(model: str, data: str, out: str, todo: list[dict], actors: int, cpus: f
     from negatron.cluster.local import ensure_ray
 
     ensure_ray(address)
+    from negatron.cluster import console
+
+    console.quiet_logger("ray.data")  # its per-dataset INFO lines go to the log file, not the terminal
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar below, in docs
     ctx.print_on_execution_start = False
