@@ -80,21 +80,19 @@ def _writable_root(preferred: Path, log: Callable[[str], None]) -> Path:
 
 def make_index(emb: np.ndarray, kind: str, hnsw_m: int = 32, hnsw_ef_search: int = 64,
                ivf_nlist: int = 0, ivf_nprobe: int = 16) -> faiss.Index:
-    """Inner-product index over N×D embeddings: exact, HNSW or IVF-flat."""
-    n, d = emb.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = hnsw_ef_search
-    elif kind == "ivf":
-        nlist = ivf_nlist or max(1, int(4 * math.sqrt(n)))
-        nlist = min(nlist, n)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(emb)
-        index.nprobe = min(ivf_nprobe, nlist)
-    else:
+    """Inner-product index over N×D embeddings: exact, HNSW or IVF-flat (the same constructors as
+    index artifacts, ``vector_index.empty_index``)."""
+    from negatron.trainers.vector_index import empty_index, set_search_params
+
+    if kind not in ("flat", "hnsw", "ivf"):
         raise ValueError(f"index kind must be flat, hnsw or ivf, got {kind!r}")
+    n, d = emb.shape
+    nlist = min(ivf_nlist or max(1, int(4 * math.sqrt(n))), n)
+    params = {"hnsw_m": hnsw_m, "ef_search": hnsw_ef_search, "nlist": nlist, "nprobe": ivf_nprobe}
+    index = empty_index(kind, d, params)
+    if kind == "ivf":
+        index.train(emb)
+    set_search_params(index, kind, params)
     index.add(emb)
     return index
 
