@@ -370,6 +370,7 @@ class RetrieverDeployment:
 
         folder = enc_folder(cfg["model"])
         mid = folder_id or model_id(folder)
+        enc = Encoder.from_pretrained(folder)
         if cfg.get("index_path"):
             from negatron.trainers.vector_index import load_artifact
 
@@ -377,12 +378,10 @@ class RetrieverDeployment:
             if idx.meta["model"]["id"] != mid:
                 raise RuntimeError(f"the index artifact {cfg['index_path']} was built with model {idx.meta['model']['id']}, "
                                    f"the model folder now holds {mid}")
-            enc = Encoder.from_pretrained(folder)
             max_len = int(cfg.get("max_length") or 0) or int(idx.meta.get("max_length") or 0) or enc.max_length
         else:
             from .index import load_or_build
 
-            enc = Encoder.from_pretrained(folder)
             max_len = int(cfg.get("max_length") or 0) or enc.max_length
             index_args = {k: cfg[k] for k in ("hnsw_m", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe") if k in cfg}
             idx = load_or_build(cfg["corpus"], folder, lambda texts: enc.encode(texts, self.chunk, max_len),

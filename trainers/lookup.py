@@ -15,6 +15,23 @@ from negatron.cluster import storage
 from .ingest import hash_ids
 
 
+class IdIndex:
+    """Hashed ids (int64, one per row) -> row, by binary search over the sorted hashes."""
+
+    def __init__(self, hashed: np.ndarray):
+        order = np.argsort(hashed, kind="stable")
+        self.keys, self.rows = hashed[order], order
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, hashed: np.ndarray) -> np.ndarray:
+        """Row of each hashed id (-1 where absent)."""
+        at = np.clip(np.searchsorted(self.keys, hashed), 0, max(len(self.keys) - 1, 0))
+        hit = self.keys[at] == hashed if len(self.keys) else np.zeros(len(hashed), bool)
+        return np.where(hit, self.rows[at], -1)
+
+
 class TextLookup:
     def __init__(self, path: str):
         from .schema import CORPUS, check_table
@@ -26,22 +43,14 @@ class TextLookup:
             docs = pa.ipc.open_file(pa.memory_map(str(folder / DOCS_FILE))).read_all()
         else:
             docs = check_table(self.path, CORPUS)
-        keys = hash_ids(docs.column("doc_id"))  # N
-        order = np.argsort(keys, kind="stable")
-        self.keys, self.rows, self.text = keys[order], order, docs.column("text")
+        self.ids, self.text = IdIndex(hash_ids(docs.column("doc_id"))), docs.column("text")
 
     def __len__(self) -> int:
-        return len(self.keys)
-
-    def find(self, hashed: np.ndarray) -> np.ndarray:
-        """Row of each hashed id (-1 where absent)."""
-        at = np.clip(np.searchsorted(self.keys, hashed), 0, max(len(self.keys) - 1, 0))
-        hit = self.keys[at] == hashed if len(self.keys) else np.zeros(len(hashed), bool)
-        return np.where(hit, self.rows[at], -1)
+        return len(self.ids)
 
     def texts(self, hashed: np.ndarray) -> list[str]:
         """Texts of hashed ids. Raises KeyError (counting the ids) when any is absent."""
-        rows = self.find(np.asarray(hashed, dtype=np.int64))
+        rows = self.ids.find(np.asarray(hashed, dtype=np.int64))
         if (rows < 0).any():
             raise KeyError(f"{int((rows < 0).sum())} negative id(s) are not in {storage.redact(self.path)}")
         return self.text.take(pa.array(rows)).to_pylist()

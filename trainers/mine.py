@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,10 +84,11 @@ def _distinct(source, id_col: str, text_col: str, out: Path) -> int:
 
 def _vector_file(emb_dir: Path, path: Path):
     """The shards' vectors as one float32 ``.npy`` (row order), written with plain writes and read
-    back a row at a time (``VectorFile``: nothing mapped, nothing held), and a sorted id-hash -> row map."""
+    back a row at a time (``VectorFile``: nothing mapped, nothing held), and their ``IdIndex``."""
     import json
 
     from .embed import MANIFEST, shard_vectors
+    from .lookup import IdIndex
     from .vector_index import VectorFile
 
     m = json.loads((emb_dir / MANIFEST).read_text())
@@ -100,13 +102,7 @@ def _vector_file(emb_dir: Path, path: Path):
             keys[s["start"]:s["start"] + s["rows"]] = hash_ids(t.column("doc_id"))
             del t
             pa.default_memory_pool().release_unused()
-    order = np.argsort(keys, kind="stable")
-    return VectorFile(path), keys[order], order
-
-
-def _rows_of(keys: np.ndarray, order: np.ndarray, hashed: np.ndarray) -> np.ndarray:
-    at = np.clip(np.searchsorted(keys, hashed), 0, len(keys) - 1)
-    return order[at]
+    return VectorFile(path), IdIndex(keys)
 
 
 def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int = 3, take: int = 30,
@@ -154,8 +150,8 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
     wdir = Path(work or tmp)
     wdir.mkdir(parents=True, exist_ok=True)
     try:
-        neg_corpus = str(corpus) if corpus is not None else str(out)[:-len(".parquet")] + ".negatives.parquet" \
-            if str(out).endswith(".parquet") else str(out) + ".negatives.parquet"
+        stem = str(out)[:-len(".parquet")] if str(out).endswith(".parquet") else str(out)
+        neg_corpus = str(corpus) if corpus is not None else stem + ".negatives.parquet"
         n_pos = _distinct(source, "positive_id", "positive", wdir / "positives.parquet")
         n_q = _distinct(source, "query_id", "query", wdir / "queries.parquet")
         pool = str(corpus) if corpus is not None else str(wdir / "positives.parquet")
@@ -179,8 +175,8 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
         kind = index_kind if index_kind != "auto" else ("flat" if n_cand <= 2_000_000 else "ivfpq")
         build_index(str(c_dir), kind, str(wdir / f"index_{kind}"), corpus=pool, eval_queries=0, log=log)
         art = load_artifact(str(wdir / f"index_{kind}"))
-        q_vec, q_keys, q_order = _vector_file(q_dir, wdir / "queries.npy")
-        p_vec, p_keys, p_order = _vector_file(p_dir, wdir / "positives.npy")
+        q_vec, q_ids = _vector_file(q_dir, wdir / "queries.npy")
+        p_vec, p_ids = _vector_file(p_dir, wdir / "positives.npy")
         # every positive of each query (hashed), so no positive of a query is ever its negative
         pairs_q, pairs_p = [], []
         for b in range(len(source.blocks)):
@@ -197,7 +193,7 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
         writer = None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=source.num_rows, desc="search", unit="pair", mininterval=2.0, file=__import__("sys").stdout)
+        bar = tqdm(total=source.num_rows, desc="search", unit="pair", mininterval=2.0, file=sys.stdout)
         k_eff = min(k, n_cand)
         for b in range(len(source.blocks)):
             table = source.read(b)
@@ -207,9 +203,8 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
             neg_txt_col: list[list[str]] = []
             for lo in range(0, table.num_rows, 4096):
                 hi = min(lo + 4096, table.num_rows)
-                qrows = _rows_of(q_keys, q_order, qhash[lo:hi])
-                prows = _rows_of(p_keys, p_order, phash[lo:hi])
-                qv, pv = q_vec.take(qrows), p_vec.take(prows)  # c×D each
+                # every query and positive of the table was embedded: each id is found
+                qv, pv = q_vec.take(q_ids.find(qhash[lo:hi])), p_vec.take(p_ids.find(phash[lo:hi]))  # c×D each
                 scores, rows = art.search(qv, k_eff)  # c×k
                 cand = np.unique(rows[rows >= 0])
                 cand_ids = art.docs.column("doc_id").take(pa.array(cand))
