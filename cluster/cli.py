@@ -71,20 +71,61 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if is_image_model(args.model):
         return _eval_images(args)
-    data = check_eval_dir(args.data)  # before loading any model
     _torch_threads(args.threads)
-    encoder = Encoder.from_pretrained(args.model, max_length=args.max_length)
-    if args.reranker:
-        return _eval_two_stage(args, encoder, data)
-    metrics = evaluate_encoder(encoder, data, batch_size=args.batch_size, top_k=100)
+    if _eval_on_pipeline(args):
+        from negatron.trainers.evaluate import evaluate_pipeline
+
+        metrics = evaluate_pipeline(args.model, args.data, work=args.work, index=args.index, actors=args.actors or 2,
+                                    cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                                    batch_size=args.batch_size, max_length=args.max_length, kind=args.index_kind,
+                                    address=args.address)
+    else:
+        data = check_eval_dir(args.data)  # before loading any model
+        encoder = Encoder.from_pretrained(args.model, max_length=args.max_length)
+        if args.reranker:
+            return _eval_two_stage(args, encoder, data)
+        metrics = evaluate_encoder(encoder, data, batch_size=args.batch_size, top_k=100)
     metrics["model"] = args.model
     metrics["data"] = str(args.data)
     print(format_table({Path(args.model).name if args.model != "default" else "default": metrics}))
-    print(f"{metrics['num_queries']} queries, {metrics['num_docs']} docs; encoding "
-          f"{metrics['encode_corpus_s'] + metrics['encode_queries_s']:.1f}s")
+    if "index_kind" in metrics:
+        recall = (f", index recall@10 {metrics['index_recall_at_10']:.4f} against exact search"
+                  if "index_recall_at_10" in metrics else "")
+        print(f"{metrics['num_queries']} queries, {metrics['num_docs']} docs ({metrics['index_kind']} index{recall}); "
+              f"embedding and indexing {metrics['pipeline_s']:.1f}s, queries {metrics['encode_queries_s']:.1f}s")
+    else:
+        print(f"{metrics['num_queries']} queries, {metrics['num_docs']} docs; encoding "
+              f"{metrics['encode_corpus_s'] + metrics['encode_queries_s']:.1f}s")
     if args.out:
         _write_json(args.out, metrics)
     return 0
+
+
+def _eval_on_pipeline(args: argparse.Namespace) -> bool:
+    """Whether `negatron eval` embeds the corpus with the Ray Data pipeline: asked (--actors N,
+    --index), or left to the corpus size (more than PIPELINE_ABOVE docs, read from the metadata)."""
+    from negatron.trainers.evaluate import PIPELINE_ABOVE
+    from negatron.trainers.schema import open_corpus
+
+    from . import storage
+
+    asked = bool(args.actors) or bool(args.index)
+    if args.reranker:
+        if asked:
+            raise ConfigError("eval: --reranker scores in this process; drop --actors / --index")
+        return False
+    if asked:
+        return True
+    if args.actors == 0 or not storage.is_dir(args.data):
+        return False  # 0: in this process; a missing folder gets check_eval_dir's message
+    try:
+        rows = open_corpus(storage.join(args.data, "corpus.parquet")).num_rows
+    except Exception:  # noqa: BLE001 - check_eval_dir names what is wrong with it
+        return False
+    if rows > PIPELINE_ABOVE:
+        print(f"eval: {rows} docs: embedding them with the Ray Data pipeline (2 actors; --actors 0 keeps it in this process)")
+        return True
+    return False
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -354,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rerank-weight", type=float, default=None,
                    help="fuse reranker and bi-encoder scores: w*z(reranker) + (1-w)*z(bi-encoder), w in [0, 1] "
                         "(default: the weight saved in the reranker's negatron_rerank.json, else 1 = reranker alone)")
+    e.add_argument("--actors", type=NONNEG, default=None,
+                   help="embed the corpus with the Ray Data pipeline of `negatron embed` on this many actors "
+                        "(0 = in this process; default: the pipeline with 2 actors above 100000 docs)")
+    e.add_argument("--cpus-per-actor", type=float, default=1.0, help="pipeline: Ray CPUs per actor (default 1)")
+    e.add_argument("--gpus-per-actor", type=float, default=0.0, help="pipeline: GPUs per actor (default 0)")
+    e.add_argument("--index-kind", choices=["flat", "hnsw", "ivf", "ivfpq"], default="flat",
+                   help="pipeline: the index searched (default flat: exact)")
+    e.add_argument("--index", help="score against this index artifact (`negatron index build`) of the same model, "
+                                   "not a fresh embedding of the corpus")
+    e.add_argument("--work", help="pipeline: keep embeddings and index here (resumable; default a temp folder)")
+    e.add_argument("--address", help="pipeline: Ray cluster address (default: an embedded local Ray)")
     e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train", help="contrastive training on Ray Train")

@@ -42,8 +42,11 @@ class DataConfig(_Section):
         "[, negatives, negative_ids]."))
     dev: Optional[str] = Field(None, description="Eval folder (queries/corpus/qrels.parquet) used during training.")
     test: Optional[str] = Field(None, description="Eval folder used by the quickstart's before/after table.")
-    max_dev_queries: int = Field(0, ge=0, description="Evaluate on at most this many dev queries (0 = all).")
-    max_dev_docs: int = Field(0, ge=0, description="Dev corpus cap: judged docs of the kept queries + distractors (0 = all).")
+    max_dev_queries: int = Field(1000, ge=0, description=(
+        "Dev checks during training use at most this many judged dev queries, a seeded sample (0 = all)."))
+    max_dev_docs: int = Field(20000, ge=0, description=(
+        "Dev checks during training embed at most this many documents: the judged documents of the kept "
+        "queries plus a seeded sample of the others (0 = the whole dev corpus; `negatron eval` scores it all)."))
     shuffle_rows: int = Field(65536, ge=1, description=(
         "Rows per shuffle window of the streamed training table: a table up to this size is fully "
         "permuted each epoch; a larger one is read a row group at a time, its row groups in a seeded "
@@ -69,6 +72,9 @@ class ModelConfig(_Section):
     pooling: Literal["mean", "cls"] = Field("mean", description="Token pooling of a bi-encoder: mean of the token vectors, or the [CLS] vector.")
     projection_dim: int = Field(0, ge=0, description="Add a linear projection head of this size (0 = none).")
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity).")
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute the transformer's activations during backward instead of keeping them: less memory for "
+        "a larger batch, about a third more compute (text encoders and cross-encoders)."))
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text (longer texts are truncated).")
     query_max_length: int = Field(0, ge=0, le=8192, description="Query-side max length (0 = model.max_length).")
     image_size: int = Field(16, ge=4, le=512, description="kind image: inputs are resized to this square size.")
@@ -91,6 +97,18 @@ class TrainerConfig(_Section):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of data order, augmentation and initialisation (the same seed gives the same run).")
     placement: Literal["pack", "spread"] = Field("pack", description="Ray placement of the workers: pack onto few nodes, or spread across nodes.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker.")
+    mini_batch_size: int = Field(0, ge=0, description=(
+        "> 0: the cached contrastive step (GradCache): the batch is embedded without gradients, the loss "
+        "(cross-worker negatives, bank, hard negatives) computed once, then re-encoded with gradients this many "
+        "texts at a time — the same gradients as one pass, with the activation memory of one mini-batch. "
+        "0 = one pass over the whole batch."))
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "Precision of the encoder's forward and backward: fp32, or autocast to bf16 / fp16 (the loss, bank, "
+        "gathers and momentum update stay fp32; fp16 adds a gradient scaler). bf16 runs on CPUs too."))
+    allow_tf32: bool = Field(True, description="GPUs: allow TF32 matmuls for fp32 work (Ampere and later).")
+    collective_timeout_s: int = Field(1800, ge=10, le=86400, description=(
+        "Seconds a worker waits in a collective (gradient all-reduce, gathers, a shared dev check) "
+        "for the others before the run stops with an error naming it (the torch process group's timeout)."))
 
 
 class OptimConfig(_Section):

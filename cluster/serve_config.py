@@ -96,6 +96,13 @@ class RetrieverServe(_Section):
         "folder is picked up (the corpus index rebuilt, or the artifact reloaded once it matches) while the "
         "old index answers (0 = off)."))
     index: Literal["flat", "hnsw", "ivf"] = Field("flat", description="faiss index: exact (flat), HNSW graph, or IVF-flat.")
+    build_actors: int = Field(2, ge=0, le=1024, description=(
+        "`negatron serve` with a corpus and no index_path: the corpus is embedded by this many Ray Data actors "
+        "(the `negatron embed` pipeline) and indexed before the Retriever starts, the artifact cached by model "
+        "and corpus (0 = the Retriever replica embeds it itself, which is also what a `serve build` config deployed "
+        "elsewhere does unless that artifact is already in its cache)."))
+    build_cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per pipeline actor of build_actors.")
+    build_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per pipeline actor of build_actors.")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW: neighbours per node.")
     hnsw_ef_search: int = Field(64, ge=1, description="HNSW: candidates explored per search (recall vs latency).")
     ivf_nlist: int = Field(0, ge=0, description="IVF lists (0 = about 4*sqrt(N)).")

@@ -168,6 +168,10 @@ def app_builder(args: ServeSection) -> Application:
                     raise ConfigError(f"serve.retriever.corpus: file not found: {storage.redact(corpus)}")
             except storage.StorageError as e:
                 raise ConfigError(f"serve.retriever.corpus: {e}") from None
+            built = _pipeline_artifact(args, names[default_name], default_name)
+            if built:  # `negatron serve` indexed the corpus with the pipeline: load that, per model
+                user_config["artifacts"], meta = built
+                options["ray_actor_options"]["memory"] = int(2 * meta["index_bytes"] + 512 * 2**20)
             user_config.update({"corpus": storage.resolve(corpus), "index": r.index, "cache_dir": r.cache_dir,
                                 "hnsw_m": r.hnsw_m, "hnsw_ef_search": r.hnsw_ef_search, "ivf_nlist": r.ivf_nlist,
                                 "ivf_nprobe": r.ivf_nprobe})
@@ -192,6 +196,21 @@ def app_builder(args: ServeSection) -> Application:
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress
     return Ingress.options(**deployment_options(ingress_scale, args.access_log, drain)).bind(encoder, reranker, retriever, settings)
+
+
+def _pipeline_artifact(args: ServeSection, model_folder: Path, name: str) -> tuple[dict, dict] | None:
+    """(artifact spec, index.json) when the pipeline has built the served model's artifact for
+    ``serve.retriever.corpus`` (serve.prebuild); None when it is off or has not run (the replica
+    then embeds the corpus itself)."""
+    from negatron.trainers.model_io import model_id
+
+    from .prebuild import artifact_path, artifact_spec, is_built
+
+    if args.retriever.build_actors <= 0:
+        return None
+    spec = artifact_spec(args, log=lambda m: None)
+    path = artifact_path(spec, model_id(model_folder))
+    return (spec, _check_artifact(path, model_folder, name)) if is_built(path) else None
 
 
 def _check_artifact(path: str, model_folder: Path, name: str) -> dict:
@@ -373,11 +392,15 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
+    from .prebuild import build_artifact, uses_pipeline, watch_model
+
     try:
+        if uses_pipeline(section):  # a corpus alone: indexed by the pipeline, here, before any replica
+            build_artifact(section, address, log)
         log("negatron serve: starting deployments (the first start loads models and may build the index)...")
         url = start(section)
         log(f"negatron serve: ready at {url}  (docs: {url}/docs; Ctrl-C to stop)")
-        stop.wait()
+        watch_model(section, stop, address, log)
         log("negatron serve: shutting down...")
     finally:
         try:

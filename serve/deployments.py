@@ -331,13 +331,15 @@ class RetrieverDeployment:
     """A faiss index with its own copy of the encoder that built it.
 
     The index is a prebuilt artifact (``index_path``, from ``negatron index build``: loaded, its
-    texts memory-mapped) or built from ``corpus`` (cached on disk by encoder, corpus and settings).
+    texts memory-mapped), the artifact `negatron serve` built for the current model with the
+    pipeline (``artifacts``, serve.prebuild: found by model, corpus and settings), or built here
+    from ``corpus`` (cached on disk by encoder, corpus and settings).
     Queries are embedded by that same encoder, so a swap (``reconfigure`` with a new ``model``,
     ``corpus`` or ``index_path``) replaces encoder and index together: the new state is made beside
     the old one, which keeps answering until the swap. With ``watch_s`` > 0 the model folder is
     hashed that often, and a checkpoint retrained into the same folder is swapped in the same way.
 
-    user_config keys: ``model`` (folder), ``index_path`` or ``corpus`` (Parquet) with ``index``,
+    user_config keys: ``model`` (folder), ``index_path``, ``artifacts`` or ``corpus`` (Parquet) with ``index``,
     ``cache_dir`` and index parameters (``hnsw_m``, ``hnsw_ef_search``, ``ivf_nlist``,
     ``ivf_nprobe``); ``max_length``, ``watch_s``.
     """
@@ -371,12 +373,13 @@ class RetrieverDeployment:
         folder = enc_folder(cfg["model"])
         mid = folder_id or model_id(folder)
         enc = Encoder.from_pretrained(folder)
-        if cfg.get("index_path"):
+        index_path = _artifact_for(cfg, mid)
+        if index_path:
             from negatron.trainers.vector_index import load_artifact
 
-            idx = load_artifact(cfg["index_path"])
+            idx = load_artifact(index_path)
             if idx.meta["model"]["id"] != mid:
-                raise RuntimeError(f"the index artifact {cfg['index_path']} was built with model {idx.meta['model']['id']}, "
+                raise RuntimeError(f"the index artifact {index_path} was built with model {idx.meta['model']['id']}, "
                                    f"the model folder now holds {mid}")
             max_len = int(cfg.get("max_length") or 0) or int(idx.meta.get("max_length") or 0) or enc.max_length
         else:
@@ -388,7 +391,19 @@ class RetrieverDeployment:
                                 kind=cfg.get("index", "flat"), cache_dir=cfg.get("cache_dir") or None,
                                 log=logger.info, embed_settings={"max_length": max_len}, **index_args)
         enc.eval()
-        return {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"], "model_id": mid}
+        return {"encoder": enc, "index": idx, "max_length": max_len, "model": cfg["model"], "model_id": mid,
+                "source": index_path or cfg.get("corpus")}
+
+    async def info(self) -> dict[str, Any]:
+        """What this replica serves: the model's content id, the index's source (an artifact folder,
+        or the corpus embedded here) and its size."""
+        state = self.state
+        if state is None:
+            return {}
+        idx = state["index"]
+        return {"model_id": state["model_id"], "source": state["source"],
+                "artifact": bool(state["source"]) and state["source"] != self.settings.get("corpus"),
+                "count": getattr(idx, "count", None) or len(getattr(idx, "doc_ids", []))}
 
     async def _watch_model(self) -> None:
         """Swap in a checkpoint retrained into the served model folder (found by its content hash)."""
@@ -401,11 +416,12 @@ class RetrieverDeployment:
                 now = await asyncio.to_thread(lambda: model_id(enc_folder(cfg["model"])))
                 if state is None or now == state["model_id"]:
                     continue
-                if cfg.get("index_path") and await asyncio.to_thread(_artifact_model_id, cfg["index_path"]) != now:
-                    if self._skipped != now:  # the artifact is rebuilt by the pipeline, not here
-                        logger.warning("Retriever: the model folder changed to %s but %s was built with another model; "
-                                       "serving the old model and index until the artifact is rebuilt", now,
-                                       cfg["index_path"])
+                target = cfg.get("index_path") or (cfg.get("artifacts") and await asyncio.to_thread(
+                    artifact_path, cfg["artifacts"], now))
+                if target and await asyncio.to_thread(_artifact_model_id, target) != now:
+                    if self._skipped != now:  # the artifact is built by the pipeline, not here
+                        logger.warning("Retriever: the model folder changed to %s but %s is not built for it yet; "
+                                       "serving the old model and index until it is", now, target)
                         self._skipped = now
                     continue
                 logger.info("Retriever: the model folder changed (%s -> %s); building the new index", state["model_id"], now)
@@ -443,10 +459,31 @@ class RetrieverDeployment:
 
 
 def _artifact_model_id(path: str) -> str | None:
+    """The model content id an artifact was built with; None while it is not built."""
     from negatron.cluster import storage
     from negatron.trainers.vector_index import META_FILE
 
-    return (storage.read_json(storage.join(path, META_FILE)).get("model") or {}).get("id")
+    meta = storage.join(path, META_FILE)
+    return (storage.read_json(meta).get("model") or {}).get("id") if storage.is_file(meta) else None
+
+
+def artifact_path(spec: dict, mid: str) -> str:
+    from .prebuild import artifact_path as path_for
+
+    return path_for(spec, mid)
+
+
+def _artifact_for(cfg: dict, mid: str) -> str | None:
+    """The artifact a Retriever loads for the model ``mid``: ``index_path`` as given, or the one the
+    pipeline built for ``mid`` (``artifacts``: serve.prebuild); None = embed ``corpus`` here."""
+    if cfg.get("index_path"):
+        return cfg["index_path"]
+    if cfg.get("artifacts"):
+        path = artifact_path(cfg["artifacts"], mid)
+        if _artifact_model_id(path) == mid:
+            return path
+        logger.warning("Retriever: no pipeline-built index for model %s yet (%s); embedding the corpus here", mid, path)
+    return None
 
 
 def enc_folder(path: str) -> str:

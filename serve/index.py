@@ -64,7 +64,7 @@ def default_cache_root() -> Path:
     return Path(base) / "negatron" / "index"
 
 
-def _writable_root(preferred: Path, log: Callable[[str], None]) -> Path:
+def writable_root(preferred: Path, log: Callable[[str], None]) -> Path:
     try:
         preferred.mkdir(parents=True, exist_ok=True)
         probe = preferred / f".write-test-{os.getpid()}"
@@ -131,7 +131,7 @@ def load_or_build(corpus: str | Path, encoder_folder: str | Path, embed: Callabl
     elif storage.is_remote(corpus):
         root = default_cache_root()
     else:
-        root = _writable_root(Path(storage.resolve(corpus)).parent / ".negatron_index", log)
+        root = writable_root(Path(storage.resolve(corpus)).parent / ".negatron_index", log)
     folder = storage.sub(root, key)
     index_file, meta_file = storage.sub(folder, "index.faiss"), storage.sub(folder, "meta.json")
     if storage.is_file(index_file) and storage.is_file(meta_file):

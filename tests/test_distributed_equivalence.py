@@ -65,12 +65,14 @@ def _run(model, batches, lo, hi, prefill=False):
     if prefill:
         _prefill(model, lo, hi)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    # as the trainer does: plain at step 0, then buckets (tiny here: several per step) all-reduced
+    # while backward runs
+    reducer = D.GradReducer(model.trainable_parameters(), bucket_mb=0.02)
     losses, grads, sums = [], [], []
     for s, g in enumerate(batches):
         opt.zero_grad()
-        loss, state = model.loss(_slice(g, lo, hi), step=s)
-        loss.backward()
-        D.all_reduce_gradients(model.trainable_parameters())
+        loss, state = model.forward_backward(_slice(g, lo, hi), step=s, before_last_backward=reducer.arm)
+        reducer.finish()
         mean_loss = loss.detach().clone()
         if D.is_distributed():
             dist.all_reduce(mean_loss)
@@ -101,6 +103,9 @@ CASES = {
                                                symmetric=True, learnable_temperature=True),
     "moco-mode-momentum": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco"),
     "moco-prefilled-wrap": dict(temperature=0.1, bank_size=13, bank_momentum=0.9, bank_mode="moco", prefill=True),
+    # the cached step (mini-batches of 3 of each worker's 4 rows) against one plain pass over 2B
+    "gradcache-moco-symmetric-learnable": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco",
+                                               symmetric=True, learnable_temperature=True, mini_batch_size=3),
 }
 
 
@@ -144,7 +149,8 @@ def test_two_workers_equal_one_big_batch(case, with_negatives, tmp_path):
     kwargs = dict(CASES[case])
     prefill = kwargs.pop("prefill", False)
     state = make_tiny_encoder(seed=0).state_dict()
-    ref_losses, ref_grads, ref_sums = _run(_model(state, kwargs), _batches(with_negatives), 0, 2 * B, prefill)
+    plain = {k: v for k, v in kwargs.items() if k != "mini_batch_size"}  # the reference: one pass
+    ref_losses, ref_grads, ref_sums = _run(_model(state, plain), _batches(with_negatives), 0, 2 * B, prefill)
     r0, r1 = _spawn_two(_worker, tmp_path, state, kwargs, with_negatives, str(tmp_path), prefill)
     for s in range(STEPS):
         assert r0["losses"][s] == pytest.approx(ref_losses[s], abs=1e-5)

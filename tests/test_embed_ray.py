@@ -101,13 +101,29 @@ def test_serving_from_an_artifact_and_a_retrained_checkpoint_swap(assets):
     finally:
         serve.shutdown()
 
-    # serving from a corpus with watch_s: a checkpoint retrained into the same folder is swapped in
+    # `negatron serve --corpus` with watch_s: the driver indexes the corpus with the pipeline before
+    # the Retriever starts, and a checkpoint retrained into the same folder is indexed the same way
+    # and swapped in while /search keeps answering
+    from negatron.serve.prebuild import build_artifact, watch_model
+
     served = root / "served"
     shutil.copytree(root / "enc", served)
     corpus = write_corpus(root / "small.parquet", assets["ids"][:80], assets["texts"][:80])
     port = _free_port()
-    url = start(_section(port, f"serve.encoder.path={served}", f"serve.retriever.corpus={corpus}",
-                         "serve.retriever.watch_s=1", f"serve.retriever.cache_dir={root / 'cache'}"), blocking_wait_s=300)
+    section = _section(port, f"serve.encoder.path={served}", f"serve.retriever.corpus={corpus}",
+                       "serve.retriever.watch_s=1", f"serve.retriever.cache_dir={root / 'cache'}",
+                       "serve.retriever.build_cpus_per_actor=0.5")
+    logs = []
+    art = build_artifact(section, log=logs.append)
+    assert art.startswith(str(root / "cache" / "artifact-")) and any("pipeline actor(s)" in m for m in logs)
+    assert build_artifact(section, log=logs.append) == art and "is built" in logs[-1]  # a restart embeds nothing
+    url = start(section, blocking_wait_s=300)
+    retriever = serve.get_deployment_handle("Retriever", section.app_name)
+    first_info = retriever.info.remote().result()
+    assert first_info["source"] == art and first_info["artifact"] and first_info["count"] == 80  # not embedded in the replica
+    watching = threading.Event()
+    watcher = threading.Thread(target=watch_model, args=(section, watching), kwargs={"log": logs.append})
+    watcher.start()
     query = "return x * 3"
     new_enc = make_tiny_encoder(seed=1)
     want_new = np.argsort(-(new_enc.encode([query]) @ new_enc.encode(assets["texts"][:80]).T)[0])[:5]
@@ -136,8 +152,41 @@ def test_serving_from_an_artifact_and_a_retrained_checkpoint_swap(assets):
                 time.sleep(0.5)
             else:
                 pytest.fail(f"the retriever never swapped to the retrained checkpoint (still {got})")
+            swapped_info = retriever.info.remote().result()
     finally:
         stop.set()
+        watching.set()
         t.join()
+        watcher.join()
         serve.shutdown()
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert any("the Retriever swaps to it" in m for m in logs), logs
+    assert swapped_info["artifact"] and swapped_info["source"] != art and swapped_info["model_id"] != first_info["model_id"]
+
+
+def test_eval_on_the_pipeline_equals_in_process(assets, capsys):
+    """`negatron eval --actors 2` (Ray Data embedding, flat artifact) scores as the in-process
+    path does; `--index` scores a prebuilt artifact, and another model's artifact is refused."""
+    import json
+
+    from negatron.cluster.cli import main
+    from negatron.trainers.encoder import Encoder
+    from negatron.trainers.evaluate import evaluate_encoder
+    from tests.helpers import write_synthetic_task
+
+    root = assets["root"]
+    dev = str(write_synthetic_task(root / "evaltask", n_dev=50, n_distract=120) / "dev")
+    enc = str(root / "enc")
+    direct = evaluate_encoder(Encoder.from_pretrained(enc), dev, progress=False)
+    work = root / "evalwork"
+    assert main(["eval", "--model", enc, "--data", dev, "--actors", "2", "--cpus-per-actor", "0.5",
+                 "--work", str(work), "--out", str(root / "m.json")]) == 0
+    piped = json.loads((root / "m.json").read_text())
+    assert piped["index_kind"] == "flat" and piped["num_docs"] == direct["num_docs"] == 170
+    for k in ("mrr@10", "recall@1", "recall@10", "ndcg@10", "recall@100"):
+        assert piped[k] == pytest.approx(direct[k], abs=1e-9), k
+    assert main(["eval", "--model", enc, "--data", dev, "--index", str(work / "index_flat"),
+                 "--out", str(root / "m2.json")]) == 0
+    assert json.loads((root / "m2.json").read_text())["mrr@10"] == pytest.approx(direct["mrr@10"], abs=1e-9)
+    assert main(["eval", "--model", str(root / "enc2"), "--data", dev, "--index", str(work / "index_flat")]) == 2
+    assert "was built with model" in capsys.readouterr().err

@@ -54,17 +54,18 @@ class MemoryBank(nn.Module):
             qids = torch.full_like(ids, EMPTY)
         if qids.shape != ids.shape:
             raise ValueError(f"qids must have shape {tuple(ids.shape)}, got {tuple(qids.shape)}")
+        # the pointer stays on the device: no host sync per step
         if keys.shape[0] > self.size:  # the first ones would be overwritten in this very call
             skip = keys.shape[0] - self.size
-            self.ptr.fill_((int(self.ptr) + skip) % self.size)
+            self.ptr.add_(skip).remainder_(self.size)
             keys, ids, qids = keys[skip:], ids[skip:], qids[skip:]
         m = keys.shape[0]
-        slots = (int(self.ptr) + torch.arange(m, device=self.keys.device)) % self.size  # M, wraps
+        slots = (self.ptr + torch.arange(m, device=self.keys.device)) % self.size  # M, wraps
         self.keys[slots] = keys.detach().to(self.keys.dtype)
         self.ids[slots] = ids.to(self.ids.device)
         self.qids[slots] = qids.to(self.qids.device)
         self.steps[slots] = step
-        self.ptr.fill_((int(self.ptr) + m) % self.size)
+        self.ptr.add_(m).remainder_(self.size)
 
     def valid(self, step: int) -> torch.Tensor:
         """K bools: slot filled and (no max age or written within ``max_age`` steps of ``step``)."""

@@ -73,7 +73,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: str | Path, model, optimizer, scheduler, step: int, config: dict,
-                    metrics: dict, history: list[dict]) -> Path:
+                    metrics: dict, history: list[dict], scaler=None) -> Path:
     """Write the full checkpoint of a training model into ``folder``: the model's encoder, each
     part of its training state (``model.state_parts()``, one safetensors file per part), the
     optimizer and scheduler, and ``negatron.json``."""
@@ -84,7 +84,8 @@ def save_checkpoint(folder: str | Path, model, optimizer, scheduler, step: int, 
     for name, sd in model.state_parts().items():
         save_file(dedupe_shared({k: v.detach().cpu().contiguous() for k, v in sd.items()}),
                   str(state / f"{name}.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "scaler": scaler.state_dict() if scaler is not None else None},  # fp16's loss scale
                state / "optimizer.pt")
     meta = {"format": FORMAT_VERSION, "step": step, "config": config, "metrics": metrics, "history": history}
     (folder / "negatron.json").write_text(json.dumps(meta, indent=1))
@@ -102,7 +103,7 @@ def dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_training_state(folder: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
+def load_training_state(folder: str | Path, model, optimizer, scheduler, scaler=None) -> dict[str, Any]:
     """Restore the model's training state (``model.load_state_parts``: bank, momentum encoder, τ),
     the optimizer and the scheduler into live objects; return meta.
 
@@ -122,4 +123,6 @@ def load_training_state(folder: str | Path, model, optimizer, scheduler) -> dict
     optimizer.load_state_dict(opt["optimizer"])
     if scheduler is not None and opt.get("scheduler") is not None:
         scheduler.load_state_dict(opt["scheduler"])
+    if scaler is not None and opt.get("scaler"):
+        scaler.load_state_dict(opt["scaler"])
     return meta

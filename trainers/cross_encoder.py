@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .precision import autocast, enable_checkpointing
 from .model_io import FINAL, ModelLoadError, in_run_folder, load_error, local_model_folder, read_json, require_safetensors
 
 RERANK_FILE = "negatron_rerank.json"  # in a reranker folder: the fusion weight chosen on dev
@@ -50,6 +51,8 @@ class CrossEncoder(nn.Module):
         max_length: truncation length of a query+text pair.
     """
 
+    autocast_dtype: torch.dtype | None = None  # bf16 / fp16 autocast (precision.py)
+
     def __init__(self, model: nn.Module, tokenizer, max_length: int = 256):
         super().__init__()
         labels = model.config.num_labels
@@ -58,6 +61,10 @@ class CrossEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the transformer's activations in backward (model.gradient_checkpointing)."""
+        enable_checkpointing(self.model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int | None = None) -> "CrossEncoder":
@@ -130,7 +137,9 @@ class CrossEncoder(nn.Module):
         batch = self.tokenizer(list(queries), list(texts), padding=True, truncation=True,
                                max_length=max_length or self.max_length, return_tensors="pt")
         device = next(self.parameters()).device
-        out = self.model(**{k: v.to(device) for k, v in batch.items()}).logits  # N×labels
+        with autocast(self.autocast_dtype, device):  # trainer.precision
+            out = self.model(**{k: v.to(device) for k, v in batch.items()}).logits  # N×labels
+        out = out.float()
         return out[:, 0] if out.shape[1] == 1 else out[:, 1] - out[:, 0]  # N
 
     @torch.no_grad()

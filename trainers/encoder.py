@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 # re-exported: callers that import these from ``encoder`` keep working
+from .precision import autocast, enable_checkpointing
 from .model_io import (DEFAULT_MODEL, IMAGE_CONFIG, ModelLoadError, load_error, read_json,  # noqa: F401
                        read_st_settings, require_safetensors, resolve_model_path)
 
@@ -84,6 +85,7 @@ class Encoder(nn.Module):
     """
 
     forward_cost_tokens: float = 32.0
+    autocast_dtype: torch.dtype | None = None  # bf16 / fp16 autocast of the transformer (precision.py)
 
     def __init__(self, backbone: nn.Module, tokenizer, pooling: str = "mean", projection_dim: int = 0,
                  normalize: bool = True, max_length: int = 128):
@@ -97,6 +99,10 @@ class Encoder(nn.Module):
         self.max_length = max_length
         hidden = backbone.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the transformer's activations in backward (model.gradient_checkpointing)."""
+        enable_checkpointing(self.backbone)
 
     @property
     def dim(self) -> int:
@@ -153,7 +159,9 @@ class Encoder(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in extra:
             inputs["token_type_ids"] = extra["token_type_ids"]
-        hidden = self.backbone(**inputs).last_hidden_state  # B×L×H
+        with autocast(self.autocast_dtype, input_ids.device):  # trainer.precision: the transformer only
+            hidden = self.backbone(**inputs).last_hidden_state  # B×L×H
+        hidden = hidden.float()  # pooling, projection and normalisation in fp32
         if self.pooling == "cls":
             emb = hidden[:, 0]  # B×H
         else:

@@ -25,25 +25,46 @@ def exact_search(corpus_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple
     return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), k)
 
 
-def _subset(data: EvalData, max_queries: int, max_docs: int):
-    """(qids, query texts, doc ids, doc texts, qrels) with the dev-check subsampling applied."""
+DEV_SEED = 0  # the dev subsample's seed: fixed, so every trial and seed is scored on the same rows
+
+
+def _subset(data: EvalData, max_queries: int, max_docs: int, seed: int = DEV_SEED):
+    """(qids, query texts, doc ids, doc texts, qrels) with the dev-check subsampling applied.
+
+    ``max_queries`` judged queries drawn with ``seed``; the corpus keeps every judged document of
+    those queries plus ``max_docs`` minus that many other documents drawn with ``seed``. Rows keep
+    their file order, and only the kept texts become Python strings.
+    """
+    rng = np.random.default_rng(seed)
     qrels = data.relevant()
     qids = [str(q) for q in data.queries.column("query_id").to_pylist()]
-    qtexts = data.queries.column("text").to_pylist()
     keep = [i for i, q in enumerate(qids) if q in qrels]
-    if max_queries:
-        keep = keep[:max_queries]
+    if max_queries and len(keep) > max_queries:
+        keep = sorted(rng.choice(keep, max_queries, replace=False).tolist())
     qids = [qids[i] for i in keep]
-    qtexts = [qtexts[i] for i in keep]
+    qtexts = data.queries.column("text").take(keep).to_pylist()
     doc_ids = [str(d) for d in data.corpus.column("doc_id").to_pylist()]
-    docs = data.corpus.column("text").to_pylist()
-    if max_docs and len(docs) > max_docs:
+    texts = data.corpus.column("text")
+    if max_docs and len(doc_ids) > max_docs:
         judged = {d for q in qids for d in qrels[q]}
-        room = max(0, max_docs - len(judged))
-        keep_docs = [i for i, d in enumerate(doc_ids) if d in judged or (room := room - 1) >= 0]
-        doc_ids = [doc_ids[i] for i in keep_docs]
-        docs = [docs[i] for i in keep_docs]
-    return qids, qtexts, doc_ids, docs, {q: qrels[q] for q in qids}
+        is_judged = np.fromiter((d in judged for d in doc_ids), dtype=bool, count=len(doc_ids))
+        others = np.flatnonzero(~is_judged)
+        room = min(len(others), max(0, max_docs - int(is_judged.sum())))
+        rows = np.sort(np.concatenate([np.flatnonzero(is_judged), rng.choice(others, room, replace=False)]))
+        doc_ids = [doc_ids[i] for i in rows]
+        texts = texts.take(rows)
+    return qids, qtexts, doc_ids, texts.to_pylist(), {q: qrels[q] for q in qids}
+
+
+def encode_shared(encoder, texts: Sequence[str], batch_size: int, max_length: int | None = None):
+    """Every training worker embeds a contiguous 1/N of ``texts``; rank 0 gets all N×D rows in
+    order, the other ranks None. One process (no process group): the whole array."""
+    from . import distributed as D
+
+    world, rank = D.world_size(), D.rank()
+    bounds = np.linspace(0, len(texts), world + 1).astype(int)
+    mine = encoder.encode(texts[bounds[rank]:bounds[rank + 1]], batch_size=batch_size, max_length=max_length)
+    return D.gather_rows(mine, np.diff(bounds).tolist())
 
 
 def _retrieve(encoder, qtexts, docs, batch_size, top_k, query_max_length, progress):
@@ -59,14 +80,42 @@ def _retrieve(encoder, qtexts, docs, batch_size, top_k, query_max_length, progre
                  "search_s": round(t3 - t2, 4)}
 
 
+class DevRetrieval:
+    """A bi-encoder's dev check shared by the training workers: the subsample is drawn once (the
+    same on every rank), each check embeds 1/N of the corpus and of the queries per worker, and
+    rank 0 gathers the rows, searches exactly and scores. Construct and call on every rank."""
+
+    def __init__(self, data: EvalData | str, max_queries: int = 0, max_docs: int = 0, batch_size: int = 64,
+                 top_k: int = 100, query_max_length: int | None = None):
+        if isinstance(data, str):
+            data = check_eval_dir(data)
+        self.qids, self.qtexts, self.doc_ids, self.docs, self.qrels = _subset(data, max_queries, max_docs)
+        self.batch_size, self.top_k, self.query_max_length = batch_size, top_k, query_max_length
+
+    def evaluate(self, encoder) -> dict[str, float] | None:
+        """Metrics on rank 0 (with ``num_docs`` and the timings), None on the other ranks."""
+        t0 = time.perf_counter()
+        doc_emb = encode_shared(encoder, self.docs, self.batch_size)
+        t1 = time.perf_counter()
+        q_emb = encode_shared(encoder, self.qtexts, self.batch_size, self.query_max_length)
+        t2 = time.perf_counter()
+        if doc_emb is None:
+            return None
+        _, idx = exact_search(doc_emb, q_emb, self.top_k)
+        run = {q: [self.doc_ids[j] for j in row if j >= 0] for q, row in zip(self.qids, idx)}
+        metrics = evaluate_run(run, self.qrels)
+        metrics.update({"num_docs": len(self.docs), "encode_corpus_s": round(t1 - t0, 3),
+                        "encode_queries_s": round(t2 - t1, 3), "check_s": round(time.perf_counter() - t0, 3)})
+        return metrics
+
+
 def evaluate_encoder(encoder, data: EvalData | str, batch_size: int = 64, top_k: int = 100,
                      max_queries: int = 0, query_max_length: int | None = None,
                      progress: bool = True, max_docs: int = 0) -> dict[str, float]:
     """Recall@1/10/100, MRR@10, nDCG@10 of ``encoder`` on an eval folder (or loaded EvalData).
 
-    ``max_queries``/``max_docs`` (0 = all) subsample for quick dev checks during training: the
-    first queries are kept, and the corpus keeps every judged document of those queries plus the
-    first other documents up to ``max_docs``.
+    ``max_queries``/``max_docs`` (0 = all) subsample, seeded: ``max_queries`` judged queries, and
+    the corpus keeps every judged document of those queries plus other documents up to ``max_docs``.
 
     Returns the METRIC_KEYS plus ``num_queries``, ``num_docs`` and timings in seconds.
     """
@@ -78,6 +127,92 @@ def evaluate_encoder(encoder, data: EvalData | str, batch_size: int = 64, top_k:
     metrics = evaluate_run(run, qrels)
     metrics.update({"num_docs": len(docs), **timing})
     return metrics
+
+
+PIPELINE_ABOVE = 100_000  # `negatron eval` embeds larger corpora with the Ray Data pipeline
+
+
+def evaluate_pipeline(model: str, data: str, work: str | None = None, index: str | None = None,
+                      actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+                      batch_size: int = 64, max_length: int | None = None, kind: str = "flat", top_k: int = 100,
+                      address: str | None = None, log=print) -> dict[str, float]:
+    """Retrieval metrics over a corpus of any size: the corpus is embedded by the actor pool of
+    ``negatron embed`` (resumable in ``work``), indexed by ``negatron index build`` (``kind``;
+    flat is exact) and searched; or ``index`` names an artifact built for this model already. Only
+    the queries and qrels are held in memory; the corpus is read a row group at a time.
+
+    Returns what ``evaluate_encoder`` returns, plus ``index_kind`` and the pipeline's timings.
+    """
+    import shutil
+    import tempfile
+
+    from negatron.cluster import storage
+    from negatron.cluster.config import ConfigError
+
+    from .embed import embed_corpus
+    from .encoder import Encoder
+    from .model_io import model_id, resolve_model_path
+    from .schema import QRELS, QUERIES, SchemaError, check_table, open_corpus
+    from .vector_index import build_index, load_artifact
+
+    qrels_path = storage.join(data, "qrels.parquet")
+    queries = check_table(storage.join(data, "queries.parquet"), QUERIES)
+    qrels_t = check_table(qrels_path, QRELS)
+    corpus_path = storage.join(data, "corpus.parquet")
+    judged = {str(d) for d in qrels_t.column("doc_id").to_pylist()}
+    mid = model_id(resolve_model_path(model))
+    t0 = time.perf_counter()
+    tmp = None
+    if index is None:
+        source = open_corpus(corpus_path)
+        found = set()
+        for b in range(len(source.blocks)):  # every judged doc must be in the corpus (streamed)
+            found.update(d for d in map(str, source.read(b).column("doc_id").to_pylist()) if d in judged)
+        if len(found) < len(judged):
+            missing = sorted(judged - found)
+            raise SchemaError(f"{storage.redact(qrels_path)}: column 'doc_id' has {len(missing)} id(s) not in "
+                              f"corpus.parquet, e.g. {missing[0]!r}")
+        if work is None:
+            tmp = tempfile.mkdtemp(prefix="negatron-eval-")
+        wdir = work or tmp
+        embed_corpus(model, corpus_path, storage.join(wdir, "embeddings"), actors=actors, cpus_per_actor=cpus_per_actor,
+                     gpus_per_actor=gpus_per_actor, batch_size=batch_size, max_length=max_length or 0,
+                     log=log, address=address)
+        index = storage.join(wdir, f"index_{kind}")
+        build_index(storage.join(wdir, "embeddings"), kind, index, corpus=corpus_path,
+                    eval_queries=0 if kind == "flat" else 1000, log=log)
+    t1 = time.perf_counter()
+    try:
+        art = load_artifact(index)
+        built_with = art.meta.get("model", {}).get("id")
+        if built_with != mid:
+            raise ConfigError(f"eval: the index {storage.redact(index)} was built with model {built_with}, "
+                              f"not {storage.redact(model)} ({mid}); build it with this model")
+        qrels = {}
+        for q, d, sc in zip(*(qrels_t.column(c).to_pylist() for c in ("query_id", "doc_id", "score"))):
+            if sc > 0:
+                qrels.setdefault(str(q), {})[str(d)] = float(sc)
+        qids = [str(q) for q in queries.column("query_id").to_pylist()]
+        keep = [i for i, q in enumerate(qids) if q in qrels]
+        unknown = set(qrels) - set(qids)
+        if unknown:
+            raise SchemaError(f"{storage.redact(qrels_path)}: column 'query_id' has {len(unknown)} id(s) not in "
+                              f"queries.parquet, e.g. {sorted(unknown)[0]!r}")
+        encoder = Encoder.from_pretrained(model, max_length=max_length)
+        q_emb = encoder.encode(queries.column("text").take(keep).to_pylist(), batch_size=batch_size, progress="queries")
+        t2 = time.perf_counter()
+        _, rows = art.search(q_emb, top_k)
+        doc_ids = art.docs.column("doc_id")
+        run = {qids[i]: [str(doc_ids[int(j)].as_py()) for j in row if j >= 0] for i, row in zip(keep, rows)}
+        metrics = evaluate_run(run, {qids[i]: qrels[qids[i]] for i in keep})
+        metrics.update({"num_docs": art.count, "index_kind": art.meta["kind"], "pipeline_s": round(t1 - t0, 3),
+                        "encode_queries_s": round(t2 - t1, 3), "search_s": round(time.perf_counter() - t2, 4)})
+        if art.meta.get("recall_at_10") is not None:
+            metrics["index_recall_at_10"] = art.meta["recall_at_10"]
+        return metrics
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 WEIGHT_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # fusion weights tried on dev

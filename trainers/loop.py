@@ -8,6 +8,7 @@ in a single plain process (benchmarks) and in tests.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import tempfile
 import time
@@ -16,8 +17,10 @@ from typing import Callable, Optional
 import torch
 
 from negatron.cluster.config import Config
+from negatron.cluster.errors import NegatronError
 
 from . import distributed as D
+from . import precision
 from .checkpoint import load_training_state, optimizer_checksum, save_checkpoint
 from .step import ContrastiveModel
 from .seeds import dropout_seed
@@ -92,9 +95,28 @@ def _log(line: str) -> None:
     sys.stdout.flush()
 
 
-def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir: str | None = None,
-               device: torch.device | None = None, log: Callable[[str], None] = _log,
-               warm_start: bool = False, stop_at: int | None = None, node_id: str | None = None) -> dict:
+class CollectiveTimeout(NegatronError, TimeoutError):
+    """A worker waited in a collective longer than ``trainer.collective_timeout_s``."""
+
+
+def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, **kwargs) -> dict:
+    """``train_worker`` with a collective that timed out named in one line (not gloo's or NCCL's
+    message from deep inside the process group)."""
+    try:
+        return train_worker(cfg, rank, world, report, **kwargs)
+    except RuntimeError as e:
+        if world > 1 and D.is_timeout(e):
+            raise CollectiveTimeout(
+                f"worker {rank} waited over trainer.collective_timeout_s = {cfg.trainer.collective_timeout_s} s "
+                "for the other workers (a gradient all-reduce, a gather or a shared dev check): one is stalled "
+                "or much slower. Raise trainer.collective_timeout_s, or lower data.max_dev_docs if the dev "
+                f"checks are what takes long ({D.one_line(e)})") from None
+        raise
+
+
+def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir: str | None = None,
+                 device: torch.device | None = None, log: Callable[[str], None] = _log,
+                 warm_start: bool = False, stop_at: int | None = None, node_id: str | None = None) -> dict:
     """Train; call ``report(metrics, checkpoint_dir_or_None)`` at every checkpoint step (all ranks).
 
     Args:
@@ -117,12 +139,13 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
     # fresh heads (a reranker's classifier, a projection) must start identical on every worker
     torch.manual_seed(cfg.trainer.seed)
     model = task.build_model(cfg, resume_dir).to(device)
+    scaler = precision.setup(model, cfg, device)  # trainer.precision, allow_tf32, model.gradient_checkpointing
     model.train()
     opt, sched = make_optimizer(model, cfg)
     aug = task.augmenter(cfg, model.encoder)
     start, history, last_metrics = 0, [], {}
     if resume_dir:
-        meta = load_training_state(resume_dir, model, opt, sched)
+        meta = load_training_state(resume_dir, model, opt, sched, scaler)
         start, history, last_metrics = meta["step"], meta.get("history", []), meta.get("metrics", {})
         history.append({"resumed_from": start, "bank_checksum": model.bank.checksum() if model.bank else None,
                         "optimizer_checksum": optimizer_checksum(opt, sched)})
@@ -144,39 +167,55 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
         fill = model.prefill_bank(texts, ids, batch_size=cfg.eval.batch_size)
         if rank == 0:
             log(f"[negatron] bank prefilled: {fill}/{model.bank.size} keys in {time.perf_counter() - t_fill:.1f} s")
-    dev = task.dev_evaluator(cfg) if rank == 0 else None
+    dev = task.dev_evaluator(cfg) if rank == 0 or task.shared_dev else None
+    if rank == 0 and dev is not None and task.shared_dev and start < end:
+        log(f"[negatron] dev checks: {len(dev.docs)} docs and {len(dev.qids)} queries, "
+            f"embedded by all {world} worker(s) (about {-(-len(dev.docs) // world)} docs each)")
 
     params = model.trainable_parameters()
+    reducer = D.GradReducer(params)
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
     key = primary_metric(cfg)
     best = max((h[key] for h in history if key in h), default=-1.0)
     # a running digest of every global batch's rows since step 0: a resumed run that continues at
     # the saved data position ends with the same digest as an uninterrupted one
     data_digest = last_metrics.get("data_digest", "")
+    # the next batch is read and augmented in a background thread while this one trains; each
+    # batch is a function of (seed, step, rank) alone, so the run is the same as without it
+    prefetch = Prefetcher(lambda s: task.views(stream.batch(s), aug, cfg, s, rank), start, end)
     for step in range(start, end):
         torch.manual_seed(dropout_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
         data_digest = rows_digest(data_digest, stream.global_rows(step))
-        batch = task.views(stream.batch(step), aug, cfg, step, rank)
+        batch = prefetch.get(step)
         opt.zero_grad(set_to_none=True)
-        loss, state = model.loss(batch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower optim.lr or raise loss.temperature")
-        loss.backward()
-        D.all_reduce_gradients(params)
+        # one pass or the cached step; the gradient all-reduce overlaps the (last) backward pass
+        loss, state = model.forward_backward(batch, step, scaler, before_last_backward=reducer.arm)
+        reducer.finish()  # identical gradients on every rank, so every fp16 scaler skips alike
+        if scaler is not None:
+            scaler.unscale_(opt)
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)  # skipped when a gradient overflowed; the scale then shrinks
+            scaler.update()
+        else:
+            opt.step()
         model.temperature.clamp_()  # the stored τ, after the step (its gradient never vanishes at a bound)
         sched.step()
         model.after_step(state, step)
-        last_loss = float(loss.detach())
-        loss_sum += last_loss
+        loss_sum = loss_sum + loss  # on the device: read back only when logging (no sync per step)
         loss_n += 1
         n_since += stream.global_batch
         done = step + 1
         now = time.perf_counter()
+        is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == end
+        if rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end) or is_checkpoint:
+            mean_loss = float(loss_sum) / loss_n
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} in the steps up to {done}; lower optim.lr or raise "
+                                         "loss.temperature")
         if rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end):
-            entry = {"step": done, "epoch": round(stream.epoch_of(done), 3), "loss": loss_sum / loss_n,
+            entry = {"step": done, "epoch": round(stream.epoch_of(done), 3), "loss": mean_loss,
                      "temperature": model.temperature.value(), "samples_per_s": n_since / (now - t_log),
                      "lr": sched.get_last_lr()[0],
                      "bank_fill": model.bank.fill() if model.bank is not None else 0}
@@ -185,8 +224,8 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
                 f"loss {entry['loss']:.4f} tau {entry['temperature']:.4f} "
                 f"{entry['samples_per_s']:.1f} samples/s bank {entry['bank_fill']}")
             t_log, n_since, loss_sum, loss_n = now, 0, 0.0, 0
-        if done % cfg.trainer.checkpoint_every == 0 or done == end:
-            metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": last_loss,
+        if is_checkpoint:
+            metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": float(loss),
                        "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0,
                        "optimizer_checksum": optimizer_checksum(opt, sched), "data_digest": data_digest}
             if model.bank is not None:
@@ -195,14 +234,17 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
                 metrics["bank_checksums"] = D.all_gather_object(metrics["bank_checksum"])
             if worker_nodes:
                 metrics["worker_nodes"] = worker_nodes
-            if rank == 0 and dev is not None:
-                m = task.evaluate(dev, model.encoder, cfg)
+            m = task.evaluate(dev, model.encoder, cfg) if dev is not None else None
+            if m:  # rank 0 (the others take part in a shared check and get None)
                 metrics.update({f"dev_{k}": v for k, v in m.items()})
                 shown = tuple(k for k in task.shown_metrics if k in m)
-                history.append({"step": done, **{f"dev_{k}": m[k] for k in shown}})
+                history.append({"step": done, **{f"dev_{k}": m[k] for k in shown},
+                                **({"dev_check_s": m["check_s"]} if "check_s" in m else {})})
                 best = max(best, metrics[key])
+                took = f" in {m['check_s']:.1f} s" if "check_s" in m else ""
                 log(f"[negatron] step {done} dev " + " ".join(f"{k} {m[k]:.4f}" for k in shown[:2])
-                    + f" (best {key[4:]} {best:.4f})")
+                    + f" (best {key[4:]} {best:.4f}){took}")
+            if dev is not None:
                 model.encoder.train()
             last_metrics = metrics
             # lists (worker_nodes, bank_checksums) stay in the checkpoint's negatron.json: Ray's
@@ -210,11 +252,32 @@ def run_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_dir:
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
             if rank == 0:
                 with tempfile.TemporaryDirectory(prefix="negatron-ckpt-") as tmp:
-                    save_checkpoint(tmp, model, opt, sched, done, cfg.to_dict(), metrics, history)
+                    save_checkpoint(tmp, model, opt, sched, done, cfg.to_dict(), metrics, history, scaler)
                     report(scalars, tmp)
             else:
                 report(scalars, None)
     return last_metrics
+
+
+class Prefetcher:
+    """``make(step)`` for steps ``start`` .. ``end`` - 1, one step ahead, in one background thread
+    (in step order, so a stream that reads ahead sees the order it would see inline)."""
+
+    def __init__(self, make: Callable[[int], dict], start: int, end: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.make, self.end = make, end
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="negatron-prefetch")
+        self.next = (start, self.pool.submit(make, start)) if start < end else None
+
+    def get(self, step: int) -> dict:
+        if self.next is None or self.next[0] != step:  # only ever asked in order; else inline
+            return self.make(step)
+        batch = self.next[1].result()  # re-raises the reader's error (a bad block) here
+        self.next = (step + 1, self.pool.submit(self.make, step + 1)) if step + 1 < self.end else None
+        if self.next is None:
+            self.pool.shutdown(wait=False)
+        return batch
 
 
 def rows_digest(previous: str, rows) -> str:

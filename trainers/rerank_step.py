@@ -67,8 +67,10 @@ class CrossEncoderModel(nn.Module):
     bank = None
 
     def __init__(self, encoder: CrossEncoder, temperature: float = 1.0, learnable_temperature: bool = False,
-                 min_temperature: float = 0.01, in_batch_negatives: int = 0, hard_negatives_after: int = 0):
+                 min_temperature: float = 0.01, in_batch_negatives: int = 0, hard_negatives_after: int = 0,
+                 mini_batch_size: int = 0):
         super().__init__()
+        self.mini_batch_size = mini_batch_size  # > 0: pairs scored with gradients per pass (GradCache)
         self.in_batch_negatives = in_batch_negatives
         self.hard_negatives_after = hard_negatives_after
         self.encoder = encoder
@@ -77,7 +79,7 @@ class CrossEncoderModel(nn.Module):
     @classmethod
     def from_config(cls, encoder: CrossEncoder, cfg) -> "CrossEncoderModel":
         return cls(encoder, cfg.loss.temperature, cfg.loss.learnable_temperature, cfg.loss.min_temperature,
-                   cfg.data.in_batch_negatives, cfg.data.hard_negatives_after)
+                   cfg.data.in_batch_negatives, cfg.data.hard_negatives_after, cfg.trainer.mini_batch_size)
 
     def state_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"extra": self.temperature.state_part()}
@@ -96,6 +98,35 @@ class CrossEncoderModel(nn.Module):
         b, m = valid.shape
         scores = self.encoder.logits(q, t).view(b, m)  # B×M
         return listwise_loss(scores, valid.to(scores.device), self.temperature.scale()), {}
+
+    def forward_backward(self, batch: dict, step: int, scaler=None,
+                         before_last_backward=lambda: None) -> tuple[torch.Tensor, dict]:
+        """``loss`` and its backward; with ``mini_batch_size`` the B×M pairs' logits are cached
+        (gradcache.py): scored without gradients, the listwise loss's gradient taken once, then
+        each chunk of pairs rescored with gradients — the same gradients, one chunk's memory."""
+        from .gradcache import cached_backward, chunks
+        from .step import check_finite
+
+        scale = scaler.scale if scaler is not None else (lambda x: x)
+        if not self.mini_batch_size:
+            loss, state = self.loss(batch, step)
+            check_finite(loss, step)
+            before_last_backward()
+            scale(loss).backward()
+            return loss.detach(), state
+        q, t, valid = build_groups(batch, self.in_batch_negatives, hard=step >= self.hard_negatives_after)
+        b, m = valid.shape
+        idx = list(range(len(q)))
+        parts = {"scores": [lambda c=c: self.encoder.logits([q[i] for i in c], [t[i] for i in c])
+                            for c in chunks(idx, self.mini_batch_size)]}
+        device = next(self.encoder.parameters()).device
+
+        def loss_fn(out):
+            scores = out["scores"].view(b, m)  # B×M
+            return listwise_loss(scores, valid.to(device), self.temperature.scale()), {}
+
+        return cached_backward(parts, loss_fn, device, scale, lambda loss: check_finite(loss, step),
+                               before_last_backward)
 
     def after_step(self, state: dict, step: int) -> None:
         return None

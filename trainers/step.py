@@ -33,14 +33,17 @@ class ContrastiveModel(nn.Module):
             in-batch + w × bank (the bank term's relative weight).
         bank_mode: "joint" (bank keys join the in-batch softmax) or "moco" (a separate softmax
             whose positive is the key encoder's embedding, consistent with the bank keys).
+        mini_batch_size: > 0: ``forward_backward`` runs the cached step (GradCache), encoding at
+            most this many texts per pass with gradients; 0: one pass over the batch.
     """
 
     def __init__(self, encoder: Encoder, temperature: float = 0.05, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, bank_size: int = 0, bank_momentum: float = 0.0,
                  bank_max_age: int = 0, symmetric: bool = False, cross_worker: bool = True,
                  query_max_length: int = 0, bank_filter_ratio: float = 0.0, bank_mode: str = "moco",
-                 bank_weight: float | None = None):
+                 bank_weight: float | None = None, mini_batch_size: int = 0):
         super().__init__()
+        self.mini_batch_size = mini_batch_size
         if bank_mode not in ("joint", "moco"):
             raise ValueError(f"bank_mode must be 'joint' or 'moco', got {bank_mode!r}")
         self.bank_filter_ratio = bank_filter_ratio
@@ -67,7 +70,8 @@ class ContrastiveModel(nn.Module):
                    bank_momentum=cfg.bank.momentum, bank_max_age=cfg.bank.max_age,
                    symmetric=cfg.loss.symmetric, cross_worker=cfg.loss.cross_worker_negatives,
                    query_max_length=cfg.model.query_max_length, bank_filter_ratio=cfg.bank.filter_ratio,
-                   bank_mode=cfg.bank.mode, bank_weight=cfg.bank.weight)
+                   bank_mode=cfg.bank.mode, bank_weight=cfg.bank.weight,
+                   mini_batch_size=cfg.trainer.mini_batch_size)
 
     def state_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         """The training state besides the encoder's weights, by part: τ (``extra``), the bank and
@@ -110,9 +114,40 @@ class ContrastiveModel(nn.Module):
         batch: "query", "positive" (B texts each), "pos_ids" (B), optional "negatives" (B·H texts),
         "neg_ids" (B·H), "neg_valid" (B·H).
         """
+        emb = {"q": self.encoder.encode_batch(batch["query"], self.query_max_length),  # B×D
+               "p": self.encoder.encode_batch(batch["positive"])}  # B×D
+        if batch.get("negatives"):
+            emb["n"] = self.encoder.encode_batch(batch["negatives"])  # (B·H)×D
+        return self.loss_from(emb, batch, step)
+
+    def forward_backward(self, batch: dict, step: int, scaler=None,
+                         before_last_backward=lambda: None) -> tuple[torch.Tensor, dict]:
+        """The loss (detached) and the state for ``after_step``, with the gradients accumulated:
+        one pass, or the cached step (``mini_batch_size``; gradcache.py) — the same gradients."""
+        scale = scaler.scale if scaler is not None else (lambda x: x)
+        if not self.mini_batch_size:
+            loss, state = self.loss(batch, step)
+            check_finite(loss, step)
+            before_last_backward()
+            scale(loss).backward()
+            return loss.detach(), state
+        from .gradcache import cached_backward, chunks
+
+        m, enc = self.mini_batch_size, self.encoder
+        parts = {"q": [lambda c=c: enc.encode_batch(c, self.query_max_length) for c in chunks(batch["query"], m)],
+                 "p": [lambda c=c: enc.encode_batch(c) for c in chunks(batch["positive"], m)]}
+        if batch.get("negatives"):
+            parts["n"] = [lambda c=c: enc.encode_batch(c) for c in chunks(batch["negatives"], m)]
+        device = next(enc.parameters()).device
+        return cached_backward(parts, lambda emb: self.loss_from(emb, batch, step), device, scale,
+                               lambda loss: check_finite(loss, step),
+                               before_last_backward)
+
+    def loss_from(self, emb: dict[str, torch.Tensor], batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """The loss given this worker's embeddings ``q``, ``p`` (B×D) and ``n`` ((B·H)×D) —
+        computed by the encoder with gradients, or leaf tensors of a cached step."""
         rank = D.rank() if self.cross_worker else 0
-        q = self.encoder.encode_batch(batch["query"], self.query_max_length)  # B×D
-        p = self.encoder.encode_batch(batch["positive"])  # B×D
+        q, p = emb["q"], emb["p"]
         device = q.device
         pos_ids = batch["pos_ids"].to(device)  # B
         p_all = self._gather(p)  # G×D, grad flows to every rank's slice
@@ -122,9 +157,8 @@ class ContrastiveModel(nn.Module):
         if qids is not None:
             qids = qids.to(device)  # B
             negatives["query_ids_global"] = D.gather_no_grad(qids) if self.cross_worker else qids  # G
-        if batch.get("negatives"):
-            n = self.encoder.encode_batch(batch["negatives"])  # (B·H)×D
-            negatives["neg_global"] = self._gather(n)  # (G·H)×D
+        if "n" in emb:
+            negatives["neg_global"] = self._gather(emb["n"])  # (G·H)×D
             nid, nvalid = batch["neg_ids"].to(device), batch["neg_valid"].to(device)
             negatives["neg_ids_global"] = D.gather_no_grad(nid) if self.cross_worker else nid
             negatives["neg_valid_global"] = D.gather_no_grad(nvalid) if self.cross_worker else nvalid
@@ -171,7 +205,9 @@ class ContrastiveModel(nn.Module):
     def _keys(self, texts: list[str]) -> torch.Tensor:
         was = self.key_encoder.training
         self.key_encoder.eval()
-        k = self.key_encoder.encode_batch(texts)  # B×D
+        size = self.mini_batch_size or len(texts)  # a cached step bounds the key encoder's batch too
+        parts = [self.key_encoder.encode_batch(texts[i:i + size]) for i in range(0, len(texts), size)]
+        k = torch.cat(parts) if len(parts) > 1 else parts[0]  # B×D
         self.key_encoder.train(was)
         return k
 
@@ -207,6 +243,13 @@ class ContrastiveModel(nn.Module):
         qids = state.get("qids_local")
         qids = D.gather_no_grad(qids) if qids is not None else None  # G
         self.bank.enqueue(keys, ids, step, qids)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """A non-finite loss stops the run before its backward. On a GPU this would wait for the
+    device every step, so there the loop checks the summed loss when it logs instead."""
+    if not loss.is_cuda and not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower optim.lr or raise loss.temperature")
 
 
 def augment_batch(batch: dict, aug: TextAugmenter, apply_to: str, dropout_views: bool, seed: int,

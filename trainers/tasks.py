@@ -7,7 +7,8 @@ A task answers, for its ``model.kind``:
 - ``build_encoder(cfg, path)`` and ``build_model(cfg, resume_dir)``: the encoder, and the
   training model around it (loss, after-step update, trainable parameters, bank);
 - ``augmenter(cfg, encoder)`` and ``views(batch, aug, cfg, step, rank)``: the two views of a batch;
-- ``dev_evaluator(cfg)`` and ``evaluate(dev, encoder, cfg)``: the dev checks at each checkpoint;
+- ``dev_evaluator(cfg)`` and ``evaluate(dev, encoder, cfg)``: the dev checks at each checkpoint
+  (``shared_dev``: run by every worker, each embedding 1/N, or by rank 0 alone);
 - ``primary_metric`` (picks the best checkpoint), ``shown_metrics`` (the progress line) and
   ``metrics`` (what Tune may optimise).
 
@@ -36,6 +37,12 @@ class TrainingModel(Protocol):
     def loss(self, batch: dict, step: int) -> tuple[Any, dict]:
         """The batch's loss and the state ``after_step`` needs."""
 
+    def forward_backward(self, batch: dict, step: int, scaler: Any = None,
+                         before_last_backward: Callable[[], None] = lambda: None) -> tuple[Any, dict]:
+        """``loss`` and its backward (scaled by an fp16 ``scaler``), in one pass or cached
+        (``trainer.mini_batch_size``), calling ``before_last_backward`` before the backward pass
+        that makes the gradients final; returns the detached loss and the state."""
+
     def after_step(self, state: dict, step: int) -> None:
         """After the optimizer step: enqueue bank keys, update a momentum encoder."""
 
@@ -60,6 +67,7 @@ class Task:
     shown_metrics: ClassVar[tuple[str, ...]] = ("mrr@10", "recall@10", "ndcg@10")
     metrics: ClassVar[tuple[str, ...]] = TEXT_METRICS
     what_trains: ClassVar[str] = "a pairs Parquet with query, positive, query_id, positive_id"
+    shared_dev: ClassVar[bool] = True  # every worker takes part in a dev check (else rank 0 alone)
 
     # -- the driver ------------------------------------------------------------------------------
 
@@ -154,18 +162,19 @@ class Task:
         return augment_batch(batch, aug, cfg.augment.apply_to, cfg.augment.dropout_views, cfg.trainer.seed, step, rank)
 
     def dev_evaluator(self, cfg: Config) -> Any:
-        """What rank 0 evaluates at each checkpoint (None without ``data.dev``)."""
-        from .schema import check_eval_dir
+        """What is evaluated at each checkpoint (None without ``data.dev``); built on every rank
+        when ``shared_dev``, else on rank 0 only."""
+        from .evaluate import DevRetrieval
 
-        return check_eval_dir(cfg.data.dev) if cfg.data.dev else None
+        if not cfg.data.dev:
+            return None
+        return DevRetrieval(cfg.data.dev, max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
+                            batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
+                            query_max_length=cfg.model.query_max_length or None)
 
-    def evaluate(self, dev: Any, encoder, cfg: Config) -> dict[str, float]:
-        """Dev metrics of ``encoder`` (the training model's, or any model of this kind)."""
-        from .evaluate import evaluate_encoder
-
-        return evaluate_encoder(encoder, dev, batch_size=cfg.eval.batch_size, top_k=cfg.eval.top_k,
-                                max_queries=cfg.data.max_dev_queries, max_docs=cfg.data.max_dev_docs,
-                                query_max_length=cfg.model.query_max_length or None, progress=False)
+    def evaluate(self, dev: Any, encoder, cfg: Config) -> dict[str, float] | None:
+        """Dev metrics of ``encoder`` on rank 0; None on the other ranks of a shared check."""
+        return dev.evaluate(encoder)
 
 
 class BiEncoderTask(Task):
@@ -177,6 +186,7 @@ class CrossEncoderTask(Task):
     dev checks rerank the top ``eval.rerank_depth`` of the ``eval.first_stage`` bi-encoder."""
 
     kind = "cross-encoder"
+    shared_dev = False
 
     def validate(self, cfg: Config) -> None:
         from .model_io import resolve_model_path
@@ -220,6 +230,7 @@ class ImageTask(Task):
     dev checks are k-NN and probe accuracy on frozen features."""
 
     kind = "image"
+    shared_dev = False  # small folders of images: rank 0 alone
     primary_metric = "dev_knn_acc"
     shown_metrics = ("knn_acc", "probe_acc", "fewshot_probe_acc")
     metrics = ("dev_knn_acc", "dev_probe_acc", "dev_fewshot_probe_acc")
@@ -229,6 +240,10 @@ class ImageTask(Task):
         from .augment import ImageAugmenter
         from .image_encoder import decode_images, is_image_model
         from .schema import SchemaError, check_images
+
+        if cfg.model.gradient_checkpointing or cfg.trainer.precision != "fp32":
+            raise ConfigError("model.gradient_checkpointing and trainer.precision bf16/fp16 are for text models; "
+                              "the image CNN trains in fp32")
 
         table = check_images(self._train_path(cfg))
         try:

@@ -121,7 +121,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         TrainingError: the run failed (after ``trainer.max_failures`` restarts).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from negatron.cluster import console
     from negatron.cluster.local import ensure_ray
@@ -140,6 +140,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "init_checkpoint": init_checkpoint, "stop_at": stop_at},
+        torch_config=TorchConfig(timeout_s=cfg.trainer.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
             resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
