@@ -7,10 +7,14 @@ CachedMultipleNegativesRankingLoss on the same model, data and batch; prints JSO
 Every point is a fresh process (``train_memory.measure``): the packaged all-MiniLM-L6-v2, real
 pairs from the standard library's source (``max_length`` 128), AdamW, one warm-up step and
 ``--steps`` timed ones (the fastest is reported). A point that runs out of memory reports it. The
-sentence-transformers point runs its loss's own cached backward under bf16 autocast (as its
-trainer's ``bf16=True`` does), scale 20 (τ 0.05), the same mini-batch size.
+sentence-transformers points run its loss's own cached backward, scale 20 (τ 0.05), the same
+mini-batch size, in fp32 and under bf16 autocast (as its trainer's ``bf16=True`` does). Its
+gradient pass is replayed in a backward hook, outside the autocast region, so there only its
+no-gradient pass runs in bf16; Negatron's ``bf16_cached`` runs both passes in bf16. On CPUs
+without bf16 units, bf16 is emulated and much slower than fp32 (measured here: 16× for one
+step of 32), so the CPU check below is about code paths, not speed.
 
-Needs a CUDA machine; about 3 minutes on one H100-class GPU. ``--device cpu --batch 64
+Needs a CUDA machine; a few minutes on one H100-class GPU (7 points, each a fresh process). ``--device cpu --batch 64
 --mini-batch 16`` runs the same code on a CPU (a check, not a measurement).
 """
 
@@ -29,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def st_point(batch: int, mini: int, steps: int, device: str, max_length: int) -> dict:
+def st_point(batch: int, mini: int, steps: int, device: str, max_length: int, bf16: bool = True) -> dict:
     """sentence-transformers' CachedMultipleNegativesRankingLoss: one warm-up step, ``steps`` timed."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -49,12 +53,13 @@ def st_point(batch: int, mini: int, steps: int, device: str, max_length: int) ->
         torch.cuda.reset_peak_memory_stats(dev)
     for s in range(steps + 1):
         sl = slice(s * batch, (s + 1) * batch)
-        feats = [{k: v.to(dev) for k, v in model.tokenize(texts).items()} for texts in (queries[sl], positives[sl])]
+        feats = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
+                 for texts in (queries[sl], positives[sl])]
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(feats, None)
         loss.backward()
         opt.step()
@@ -62,7 +67,7 @@ def st_point(batch: int, mini: int, steps: int, device: str, max_length: int) ->
             torch.cuda.synchronize(dev)
         if s:
             times.append(time.perf_counter() - t0)
-    out = {"batch": batch, "mini_batch_size": mini, "precision": "bf16", "peer": "sentence-transformers "
+    out = {"batch": batch, "mini_batch_size": mini, "precision": "bf16 autocast" if bf16 else "fp32", "peer": "sentence-transformers "
            "CachedMultipleNegativesRankingLoss", "s_per_step": round(min(times), 3),
            "samples_per_s": round(batch / min(times), 1), "loss": round(float(loss), 4)}
     if dev.type == "cuda":
@@ -70,9 +75,9 @@ def st_point(batch: int, mini: int, steps: int, device: str, max_length: int) ->
     return out
 
 
-def st_measure(batch: int, mini: int, steps: int, device: str, max_length: int = 128) -> dict:
+def st_measure(batch: int, mini: int, steps: int, device: str, max_length: int = 128, bf16: bool = True) -> dict:
     code = (f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'bench')!r}]; import gpu_step as g; "
-            f"print('RESULT' + json.dumps(g.st_point({batch}, {mini}, {steps}, {device!r}, {max_length})))")
+            f"print('RESULT' + json.dumps(g.st_point({batch}, {mini}, {steps}, {device!r}, {max_length}, {bf16})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT"):
@@ -100,7 +105,9 @@ def main() -> dict:
         "bf16": measure(b, 0, "bf16", False, n, d),
         "bf16_checkpointing": measure(b, 0, "bf16", True, n, d),
         "bf16_cached": measure(b, m, "bf16", False, n, d),
+        "fp32_cached": measure(b, m, "fp32", False, n, d),
         "sentence_transformers_cached_bf16": st_measure(b, m, args.steps, d),
+        "sentence_transformers_cached_fp32": st_measure(b, m, args.steps, d, bf16=False),
     }
     if d.startswith("cuda"):
         import torch
@@ -108,11 +115,12 @@ def main() -> dict:
         gpu = torch.cuda.get_device_name(0)
     else:
         gpu = None
-    ours, peer = points["bf16_cached"], points["sentence_transformers_cached_bf16"]
     result = {"device": d, "gpu": gpu, "batch": b, "mini_batch_size": m, "model": "all-MiniLM-L6-v2", "max_length": 128,
               "points": points, "wall_s": round(time.perf_counter() - t0, 1)}
-    if "samples_per_s" in ours and "samples_per_s" in peer:
-        result["cached_vs_sentence_transformers_speed"] = round(ours["samples_per_s"] / peer["samples_per_s"], 3)
+    for prec in ("bf16", "fp32"):
+        ours, peer = points[f"{prec}_cached"], points[f"sentence_transformers_cached_{prec}"]
+        if "samples_per_s" in ours and "samples_per_s" in peer:
+            result[f"cached_{prec}_vs_sentence_transformers_speed"] = round(ours["samples_per_s"] / peer["samples_per_s"], 3)
     return emit(result, args.out)
 
 
