@@ -33,6 +33,23 @@ class RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """A non-finite loss stops the run before its backward. On a GPU this would wait for the
+    device every step, so there the loop checks the summed loss when it logs instead."""
+    if not loss.is_cuda and not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower optim.lr or raise loss.temperature")
+
+
+def one_pass_backward(loss: torch.Tensor, state: dict, step: int,
+                      scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                      before_last_backward: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, dict]:
+    """The plain step's backward (no cache): check, arm, backward; the detached loss and state."""
+    check_finite(loss, step)
+    before_last_backward()
+    scale_loss(loss).backward()
+    return loss.detach(), state
+
+
 def chunks(items: Sequence, size: int) -> list[Sequence]:
     """``items`` cut into consecutive slices of at most ``size``."""
     return [items[i:i + size] for i in range(0, len(items), size)]

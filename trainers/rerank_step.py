@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cross_encoder import CrossEncoder
+from .gradcache import cached_backward, check_finite, chunks, one_pass_backward
 from .losses import Temperature
 
 IN_BATCH_FALLBACK = 3  # borrowed negatives for a row that has no hard negatives
@@ -104,16 +105,9 @@ class CrossEncoderModel(nn.Module):
         """``loss`` and its backward; with ``mini_batch_size`` the B×M pairs' logits are cached
         (gradcache.py): scored without gradients, the listwise loss's gradient taken once, then
         each chunk of pairs rescored with gradients — the same gradients, one chunk's memory."""
-        from .gradcache import cached_backward, chunks
-        from .step import check_finite
-
         scale = scaler.scale if scaler is not None else (lambda x: x)
         if not self.mini_batch_size:
-            loss, state = self.loss(batch, step)
-            check_finite(loss, step)
-            before_last_backward()
-            scale(loss).backward()
-            return loss.detach(), state
+            return one_pass_backward(*self.loss(batch, step), step, scale, before_last_backward)
         q, t, valid = build_groups(batch, self.in_batch_negatives, hard=step >= self.hard_negatives_after)
         b, m = valid.shape
         idx = list(range(len(q)))

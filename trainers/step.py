@@ -17,6 +17,7 @@ from . import distributed as D
 from .augment import TextAugmenter
 from .bank import MemoryBank
 from .encoder import Encoder
+from .gradcache import cached_backward, check_finite, chunks, one_pass_backward
 from .losses import Temperature, contrastive_loss
 
 
@@ -126,12 +127,7 @@ class ContrastiveModel(nn.Module):
         one pass, or the cached step (``mini_batch_size``; gradcache.py) — the same gradients."""
         scale = scaler.scale if scaler is not None else (lambda x: x)
         if not self.mini_batch_size:
-            loss, state = self.loss(batch, step)
-            check_finite(loss, step)
-            before_last_backward()
-            scale(loss).backward()
-            return loss.detach(), state
-        from .gradcache import cached_backward, chunks
+            return one_pass_backward(*self.loss(batch, step), step, scale, before_last_backward)
 
         m, enc = self.mini_batch_size, self.encoder
         parts = {"q": [lambda c=c: enc.encode_batch(c, self.query_max_length) for c in chunks(batch["query"], m)],
@@ -243,13 +239,6 @@ class ContrastiveModel(nn.Module):
         qids = state.get("qids_local")
         qids = D.gather_no_grad(qids) if qids is not None else None  # G
         self.bank.enqueue(keys, ids, step, qids)
-
-
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """A non-finite loss stops the run before its backward. On a GPU this would wait for the
-    device every step, so there the loop checks the summed loss when it logs instead."""
-    if not loss.is_cuda and not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower optim.lr or raise loss.temperature")
 
 
 def augment_batch(batch: dict, aug: TextAugmenter, apply_to: str, dropout_views: bool, seed: int,
