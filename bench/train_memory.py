@@ -110,14 +110,20 @@ def main() -> dict:
     ap.add_argument("--mini-batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", choices=["plain", "cached"], default=None,
+                    help="measure one kind again, keeping the other's points from --out")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     rows = {"plain": [], "cached": []}
+    if args.only and args.out and Path(args.out).is_file():
+        rows = json.loads(Path(args.out).read_text())["points"]
+        rows[args.only] = []
     for b in batches:
-        rows["plain"].append(measure(b, 0, steps=args.steps, device=args.device))
-        rows["cached"].append(measure(b, args.mini_batch, steps=args.steps, device=args.device))
-        print(json.dumps({"plain": rows["plain"][-1], "cached": rows["cached"][-1]}), file=sys.stderr)
+        for kind, mini in (("plain", 0), ("cached", args.mini_batch)):
+            if args.only in (None, kind):
+                rows[kind].append(measure(b, mini, steps=args.steps, device=args.device))
+                print(json.dumps({kind: rows[kind][-1]}), file=sys.stderr)
     key = "peak_gpu_mb" if args.device.startswith("cuda") else "peak_rss_mb"
 
     def growth(points):
