@@ -56,14 +56,17 @@ def _subset(data: EvalData, max_queries: int, max_docs: int, seed: int = DEV_SEE
     return qids, qtexts, doc_ids, texts.to_pylist(), {q: qrels[q] for q in qids}
 
 
-def encode_shared(encoder, texts: Sequence[str], batch_size: int, max_length: int | None = None):
+def encode_shared(encoder, texts: Sequence[str], batch_size: int, max_length: int | None = None,
+                  progress: str | None = None):
     """Every training worker embeds a contiguous 1/N of ``texts``; rank 0 gets all N×D rows in
-    order, the other ranks None. One process (no process group): the whole array."""
+    order, the other ranks None. One process (no process group): the whole array, with a
+    ``progress`` bar when named."""
     from . import distributed as D
 
     world, rank = D.world_size(), D.rank()
     bounds = np.linspace(0, len(texts), world + 1).astype(int)
-    mine = encoder.encode(texts[bounds[rank]:bounds[rank + 1]], batch_size=batch_size, max_length=max_length)
+    mine = encoder.encode(texts[bounds[rank]:bounds[rank + 1]], batch_size=batch_size, max_length=max_length,
+                          progress=progress if world == 1 else None)
     return D.gather_rows(mine, np.diff(bounds).tolist())
 
 
@@ -86,26 +89,30 @@ class DevRetrieval:
     rank 0 gathers the rows, searches exactly and scores. Construct and call on every rank."""
 
     def __init__(self, data: EvalData | str, max_queries: int = 0, max_docs: int = 0, batch_size: int = 64,
-                 top_k: int = 100, query_max_length: int | None = None):
+                 top_k: int = 100, query_max_length: int | None = None, progress: bool = False):
         if isinstance(data, str):
             data = check_eval_dir(data)
         self.qids, self.qtexts, self.doc_ids, self.docs, self.qrels = _subset(data, max_queries, max_docs)
         self.batch_size, self.top_k, self.query_max_length = batch_size, top_k, query_max_length
+        self.progress = progress
 
     def evaluate(self, encoder) -> dict[str, float] | None:
         """Metrics on rank 0 (with ``num_docs`` and the timings), None on the other ranks."""
         t0 = time.perf_counter()
-        doc_emb = encode_shared(encoder, self.docs, self.batch_size)
+        doc_emb = encode_shared(encoder, self.docs, self.batch_size, progress="corpus" if self.progress else None)
         t1 = time.perf_counter()
-        q_emb = encode_shared(encoder, self.qtexts, self.batch_size, self.query_max_length)
+        q_emb = encode_shared(encoder, self.qtexts, self.batch_size, self.query_max_length,
+                              progress="queries" if self.progress else None)
         t2 = time.perf_counter()
         if doc_emb is None:
             return None
         _, idx = exact_search(doc_emb, q_emb, self.top_k)
+        t3 = time.perf_counter()
         run = {q: [self.doc_ids[j] for j in row if j >= 0] for q, row in zip(self.qids, idx)}
         metrics = evaluate_run(run, self.qrels)
         metrics.update({"num_docs": len(self.docs), "encode_corpus_s": round(t1 - t0, 3),
-                        "encode_queries_s": round(t2 - t1, 3), "check_s": round(time.perf_counter() - t0, 3)})
+                        "encode_queries_s": round(t2 - t1, 3), "search_s": round(t3 - t2, 4),
+                        "check_s": round(time.perf_counter() - t0, 3)})
         return metrics
 
 
@@ -119,14 +126,8 @@ def evaluate_encoder(encoder, data: EvalData | str, batch_size: int = 64, top_k:
 
     Returns the METRIC_KEYS plus ``num_queries``, ``num_docs`` and timings in seconds.
     """
-    if isinstance(data, str):
-        data = check_eval_dir(data)
-    qids, qtexts, doc_ids, docs, qrels = _subset(data, max_queries, max_docs)
-    _, idx, timing = _retrieve(encoder, qtexts, docs, batch_size, top_k, query_max_length, progress)
-    run = {q: [doc_ids[j] for j in row if j >= 0] for q, row in zip(qids, idx)}
-    metrics = evaluate_run(run, qrels)
-    metrics.update({"num_docs": len(docs), **timing})
-    return metrics
+    return DevRetrieval(data, max_queries=max_queries, max_docs=max_docs, batch_size=batch_size, top_k=top_k,
+                        query_max_length=query_max_length, progress=progress).evaluate(encoder)
 
 
 PIPELINE_ABOVE = 100_000  # `negatron eval` embeds larger corpora with the Ray Data pipeline

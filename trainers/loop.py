@@ -209,12 +209,13 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
         done = step + 1
         now = time.perf_counter()
         is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == end
-        if rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end) or is_checkpoint:
+        log_now = rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end)
+        if log_now or is_checkpoint:
             mean_loss = float(loss_sum) / loss_n
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} in the steps up to {done}; lower optim.lr or raise "
                                          "loss.temperature")
-        if rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end):
+        if log_now:
             entry = {"step": done, "epoch": round(stream.epoch_of(done), 3), "loss": mean_loss,
                      "temperature": model.temperature.value(), "samples_per_s": n_since / (now - t_log),
                      "lr": sched.get_last_lr()[0],
