@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from .prebuild import artifact_path
+
 logger = logging.getLogger("ray.serve")
 
 # Encoders a replica keeps loaded at once (Serve's multiplexing LRU); fixed when the class is defined.
@@ -465,12 +467,6 @@ def _artifact_model_id(path: str) -> str | None:
 
     meta = storage.join(path, META_FILE)
     return (storage.read_json(meta).get("model") or {}).get("id") if storage.is_file(meta) else None
-
-
-def artifact_path(spec: dict, mid: str) -> str:
-    from .prebuild import artifact_path as path_for
-
-    return path_for(spec, mid)
 
 
 def _artifact_for(cfg: dict, mid: str) -> str | None:
