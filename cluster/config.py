@@ -77,6 +77,13 @@ class ModelConfig(_Section):
         "a larger batch, about a third more compute (text encoders and cross-encoders)."))
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text (longer texts are truncated).")
     query_max_length: int = Field(0, ge=0, le=8192, description="Query-side max length (0 = model.max_length).")
+    query_prompt: str = Field("", max_length=512, description=(
+        "Text put in front of every query in training, evaluation, mining and serving (e.g. 'query: '); saved "
+        "with the checkpoint (config_sentence_transformers.json), so serving uses the same. Empty = the starting "
+        "model's own prompt, if it has one."))
+    document_prompt: str = Field("", max_length=512, description=(
+        "Text put in front of every document (positives, negatives, corpora), e.g. 'passage: '; saved like "
+        "model.query_prompt. Empty = the starting model's own."))
     image_size: int = Field(16, ge=4, le=512, description="kind image: inputs are resized to this square size.")
     image_channels: Literal[1, 3] = Field(1, description="kind image: 1 (grey) or 3 (RGB) input channels.")
     image_width: int = Field(32, ge=4, le=512, description="kind image: channels of the CNN's first stage.")
@@ -193,6 +200,13 @@ class RunConfig(_Section):
     storage_path: str = Field("runs", min_length=1, description=(
         "Folder or object-store URI (s3://bucket/prefix[?endpoint_override=host:port&scheme=http], gs://, "
         "abfs://, hdfs://, file://) that holds the run folders and Ray's checkpoints."))
+    tracking: Literal["none", "tensorboard", "mlflow"] = Field("none", description=(
+        "Rank 0 logs loss, τ, samples/s, learning rate, bank fill, the bank entries' mean age, the share of bank "
+        "entries masked as false negatives and the dev metrics to TensorBoard event files (<run>/tensorboard) "
+        "or an MLflow run (<run>/mlruns, or run.tracking_uri); needs pip install 'negatron[tracking]'."))
+    tracking_uri: str = Field("", description=(
+        "run.tracking: mlflow: an MLflow tracking server (e.g. http://mlflow:5000); empty = a file store in the "
+        "run folder."))
 
     @field_validator("name")
     @classmethod
@@ -279,6 +293,11 @@ class Config(_Section):
                                  "a cross-encoder trains on hard negatives (set bank.size: 0)")
             if self.model.projection_dim:
                 raise ValueError("model.projection_dim: a cross-encoder has no projection head (set 0)")
+        if self.model.kind != "bi-encoder":
+            for key in ("query_prompt", "document_prompt"):
+                if getattr(self.model, key):
+                    raise ValueError(f"model.{key} is for bi-encoders (text embeddings); a {self.model.kind} "
+                                     "has no query/document roles (leave it empty)")
         if self.bank.prefill and self.model.kind == "image":
             raise ValueError("bank.prefill is for text encoders; an image run's bank fills as it trains "
                              "(set bank.prefill: false)")
@@ -442,14 +461,21 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+# free text where YAML would turn "query: " into a mapping: the override's value is taken as written
+RAW_TEXT_KEYS = ("model.query_prompt", "model.document_prompt")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """'a.b=value' -> ('a.b', value); the value is parsed as YAML (so 0.1, true, [1, 2] work)."""
+    """'a.b=value' -> ('a.b', value); the value is parsed as YAML (so 0.1, true, [1, 2] work),
+    except for the free-text keys in ``RAW_TEXT_KEYS`` (``model.query_prompt=query: ``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. loss.temperature=0.05")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
+    if key in RAW_TEXT_KEYS:
+        return key, raw
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:

@@ -78,6 +78,9 @@ class RerankerServe(_Section):
     """The Reranker deployment (optional): a cross-encoder for /rerank and reranked /search."""
 
     path: str = Field("", description="Cross-encoder folder (empty = no reranker).")
+    name: str = Field("", pattern=r"^[A-Za-z0-9_.:\-]*$", description=(
+        "The name clients send as `model` to /v1/rerank and /v2/rerank (empty = the run's or folder's name; "
+        "'default' is always accepted)."))
     max_length: int = Field(0, ge=0, le=8192, description="Token limit per query+text pair (0 = the model's own).")
     scale: ScaleConfig = ScaleConfig()
     batch: BatchConfig = BatchConfig(max_batch_size=8, chunk_size=32)

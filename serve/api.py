@@ -3,6 +3,9 @@
 - ``POST /v1/embeddings``: OpenAI-compatible (``input`` string or list, ``model``, ``encoding_format``
   float|base64, ``usage``), so the official ``openai`` client works unchanged.
 - ``POST /rerank``: ``{query, texts, top_n?, return_text?}`` -> ``[{index, score, text?}]`` best first.
+- ``POST /v1/rerank``, ``POST /v2/rerank``: Cohere's shapes (``{model, query, documents, top_n?,
+  return_documents?}`` -> ``{id, results: [{index, relevance_score, document?}], meta}``), so the
+  official ``cohere`` client works unchanged.
 - ``POST /search``: ``{query, top_k, rerank?}`` -> ``[{doc_id, score, text}]`` best first.
 - ``GET /healthz``, ``GET /v1/models``, OpenAPI docs at ``/docs``.
 
@@ -15,6 +18,7 @@ import asyncio
 import base64
 import logging
 import os
+import uuid
 from typing import Any, Optional
 
 import numpy as np
@@ -25,10 +29,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from .deployments import Coalescer, LoadAwareWait, Readiness, mark_ready, per_model, was_ready
+from .deployments import (Coalescer, LoadAwareWait, Readiness, encode_counted, mark_ready, per_model, replica_labels,
+                          was_ready)
+from . import metrics
 from .guard import Guard
 from .image_input import decode_images_request
-from .schemas import (ApiError, EmbeddingsRequest, EmbeddingsResponse, ImageEmbeddingsRequest, IngressSettings,
+from .schemas import (ApiError, CohereRerankRequest, EmbeddingsRequest, EmbeddingsResponse, ImageEmbeddingsRequest, IngressSettings,
                       RerankRequest, RerankResult, SearchRequest, SearchResult, error_body)
 from .scoring import rerank_order, sigmoid  # noqa: F401 - re-exported
 
@@ -42,6 +48,8 @@ app = FastAPI(title="Negatron", version="0.1.0",
 
 
 app.add_middleware(Guard)
+# outermost (added last): the guard's refusals are counted too
+app.add_middleware(metrics.RequestMetrics, routes=lambda: {getattr(r, "path", "") for r in app.routes})
 
 
 @app.exception_handler(ApiError)
@@ -107,6 +115,23 @@ def embeddings_response(emb, model: str, encoding_format: str, tokens: int) -> R
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
+def document_text(doc, i: int, rank_fields: Optional[list[str]]) -> str:
+    """A Cohere document -> the text to rank: a string, an object's ``text``, or with
+    ``rank_fields`` those fields as ``name: value`` lines."""
+    if isinstance(doc, str):
+        return doc
+    if rank_fields:
+        missing = [f for f in rank_fields if f not in doc]
+        if missing:
+            raise ApiError(400, f"'documents[{i}]' has no field {missing[0]!r} named in 'rank_fields'",
+                           f"documents[{i}]", "missing_field")
+        return "\n".join(f"{f}: {doc[f]}" for f in rank_fields)
+    if not isinstance(doc.get("text"), str):
+        raise ApiError(400, f"'documents[{i}]' is an object without a string 'text' field (or give 'rank_fields')",
+                       f"documents[{i}]", "missing_field")
+    return doc["text"]
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -139,6 +164,8 @@ class Ingress:
         elif st.batch.max_batch_size > 1:
             # separate Encoder: requests that arrive while its calls are busy travel together
             self._coalesce = Coalescer(self._remote_embed, st.encoder_slots, st.batch.max_batch_size)
+            coalesce = self._coalesce
+            metrics.coalescer_gauges(lambda: len(coalesce.pending), lambda: coalesce.active)
         self.models: dict[str, str] = st.models
         self.default_model: str = st.default_model
         self.limits: dict[str, Any] = st.limits.model_dump()
@@ -153,6 +180,7 @@ class Ingress:
         self.tokenizers = {n: AutoTokenizer.from_pretrained(p, local_files_only=True) for n, p in text.items()}
         self.token_limits = {n: st.max_length or st.model_max_lengths[n] for n in text}
         self.rr_tokenizer = None
+        self.rr_name = st.reranker_name
         if st.reranker_path:
             self.rr_tokenizer = AutoTokenizer.from_pretrained(
                 in_run_folder(local_model_folder(st.reranker_path), "config.json"), local_files_only=True)
@@ -164,6 +192,7 @@ class Ingress:
         Guard.api_key = key.encode() if key else None
         Guard.max_body_bytes = st.limits.max_body_bytes
         self.image_shapes: dict[str, tuple[int, int]] = dict(st.image_shapes)
+        self.prompts: dict[str, dict[str, str]] = dict(st.prompts)
         # answer before the proxy's own (plain-text 408) timeout fires
         timeout = st.request_timeout_s
         Guard.deadline_s = max(1.0, timeout - min(5.0, timeout * 0.1)) if timeout else None
@@ -203,8 +232,9 @@ class Ingress:
         return probe
 
     def _check_texts(self, texts: list[str], param: str, tokenizer, limit: int, pair_with: Optional[str] = None,
-                     single: bool = False) -> int:
-        """Validate sizes; returns the token count (after truncation). ``single``: one string, not a list."""
+                     single: bool = False, prompt: str = "") -> int:
+        """Validate sizes; returns the token count (after truncation). ``single``: one string, not a
+        list; ``prompt``: put in front of each text before counting its tokens."""
         lim = self.limits
 
         def at(i: int) -> str:
@@ -222,7 +252,8 @@ class Ingress:
                 raise ApiError(413, f"'{at(i)}' has {len(t)} characters; the limit is {lim['max_text_chars']}",
                                at(i), "text_too_long")
         if pair_with is None:
-            counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+            counts = [len(ids) for ids in tokenizer([prompt + t for t in texts] if prompt else texts,
+                                                    add_special_tokens=True)["input_ids"]]
         else:
             counts = [len(ids) for ids in tokenizer([pair_with] * len(texts), texts)["input_ids"]]
         if lim["overlong"] == "reject":
@@ -254,7 +285,7 @@ class Ingress:
     async def _local_embed(self, items: list[tuple[str, list[str]]]) -> list[np.ndarray]:
         """Colocated mode: concurrent requests' texts in one length-sorted encode per model."""
         return await per_model(items, lambda name, flat: asyncio.to_thread(
-            self.local[name].encode, flat, batch_size=self.chunk, max_length=self.token_limits.get(name, 0)))
+            encode_counted, self.local[name], name, flat, self.chunk, self.token_limits.get(name, 0)))
 
     async def _remote_embed(self, items: list[tuple[str, list]]) -> list[np.ndarray]:
         """Separate Encoder: coalesced requests' inputs go to it in one call per model (one actor
@@ -285,6 +316,29 @@ class Ingress:
         """The same check as /healthz (the name Kubernetes users look for)."""
         return await self.healthz()
 
+    @app.get("/metrics")
+    async def metrics_route(self) -> Response:
+        """Prometheus text format: this ingress replica's counters and one replica of each model
+        deployment's (serve.metrics); a deployment that does not answer within 5 s is reported
+        as ``negatron_metrics_source_up 0``."""
+        deployments = {"Encoder": self.encoder, "Reranker": self.reranker, "Retriever": self.retriever}
+        calls = {name: h.metrics_text.remote() for name, h in deployments.items() if h is not None}
+        sources = [(replica_labels("Ingress"), metrics.local_text())]
+        up = []
+        for name, call in calls.items():
+            try:
+                labels, text = await asyncio.wait_for(call, 5.0)
+                sources.append((labels, text))
+                up.append(f'negatron_metrics_source_up{{deployment="{name}"}} 1')
+            except Exception as e:  # noqa: BLE001 - scraping must not fail because one replica is busy
+                logger.warning("metrics: %s did not answer: %s", name, e)
+                up.append(f'negatron_metrics_source_up{{deployment="{name}"}} 0')
+        up_text = "# HELP negatron_metrics_source_up Whether the deployment's replica answered this scrape.\n" \
+                  "# TYPE negatron_metrics_source_up gauge\n" + "".join(line + "\n" for line in up)
+        sources.append(({}, up_text))
+        text = await asyncio.to_thread(metrics.merge, sources)
+        return Response(text, media_type=metrics.CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def list_models(self) -> dict:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "negatron"}
@@ -298,9 +352,13 @@ class Ingress:
                            "model", "wrong_modality")
         single = isinstance(body.input, str)
         texts = [body.input] if single else list(body.input)
+        role = {"search_query": "query", "search_document": "document"}.get(body.input_type, body.input_type)
+        prompt = self.prompts.get(name, {}).get(role, "") if role else ""
         # tokenizing up to max_texts × max_text_chars takes a while: off the event loop
         tokens = await asyncio.to_thread(self._check_texts, texts, "input", self.tokenizers[name],
-                                         self.token_limits[name], single=single)
+                                         self.token_limits[name], single=single, prompt=prompt)
+        if prompt:
+            texts = [prompt + t for t in texts]
         if body.dimensions is not None and self.dims.get(name) and body.dimensions != self.dims[name]:
             raise ApiError(400, f"'dimensions' {body.dimensions} is not supported: {name} returns {self.dims[name]}",
                            "dimensions", "unsupported_dimensions")
@@ -331,17 +389,56 @@ class Ingress:
 
     @app.post("/rerank", response_model=list[RerankResult], response_model_exclude_none=True)
     async def rerank(self, body: RerankRequest) -> list[RerankResult]:
+        scores, order = await self._rerank(body.query, body.texts, "texts", body.top_n)
+        return [RerankResult(index=int(i), score=float(scores[i]), text=body.texts[i] if body.return_text else None)
+                for i in order]
+
+    @app.post("/v1/rerank")
+    async def cohere_rerank_v1(self, body: CohereRerankRequest) -> Response:
+        return await self._cohere_rerank(body, "1")
+
+    @app.post("/v2/rerank")
+    async def cohere_rerank_v2(self, body: CohereRerankRequest) -> Response:
+        return await self._cohere_rerank(body, "2")
+
+    async def _cohere_rerank(self, body: CohereRerankRequest, version: str) -> Response:
+        """Cohere's rerank: the same scores as /rerank (probabilities), in Cohere's shapes."""
+        self._require_reranker()
+        if body.model not in (None, "", "default", self.rr_name):
+            raise ApiError(404, f"unknown model {body.model!r}; the served reranker is {self.rr_name!r} "
+                                "(or send 'default')", "model", "model_not_found")
+        texts = [document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
+        if body.max_tokens_per_doc is not None and body.max_tokens_per_doc < self.rr_limit:
+            texts = await asyncio.to_thread(self._truncate_docs, texts, body.max_tokens_per_doc)
+        scores, order = await self._rerank(body.query, texts, "documents", body.top_n)
+        results = []
+        for i in order:
+            item: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
+            if body.return_documents:
+                d = body.documents[i]
+                item["document"] = d if isinstance(d, dict) else {"text": d}
+            results.append(item)
+        meta = {"api_version": {"version": version}, "billed_units": {"search_units": 1}}
+        return Response(orjson.dumps({"id": str(uuid.uuid4()), "results": results, "meta": meta}),
+                        media_type="application/json")
+
+    def _truncate_docs(self, texts: list[str], n: int) -> list[str]:
+        ids = self.rr_tokenizer(texts, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
+        return [t if len(i) < n else self.rr_tokenizer.decode(i) for t, i in zip(texts, ids)]
+
+    def _require_reranker(self) -> None:
         if self.reranker is None:
             raise ApiError(404, "no reranker is deployed: start the server with --reranker or serve.reranker.path",
                            None, "no_reranker")
-        self._check_query(body.query)
-        await asyncio.to_thread(self._check_texts, body.texts, "texts", self.rr_tokenizer, self.rr_limit,
-                                pair_with=body.query)
-        logits = await self._call("the reranker", self.reranker.score.remote(body.query, body.texts))
-        order = np.argsort(-np.asarray(logits, dtype=np.float64), kind="stable")[: body.top_n or len(body.texts)]
-        scores = sigmoid(logits)  # what sentence-transformers' CrossEncoder.predict gives
-        return [RerankResult(index=int(i), score=float(scores[i]), text=body.texts[i] if body.return_text else None)
-                for i in order]
+
+    async def _rerank(self, query: str, texts: list[str], param: str, top_n: Optional[int]):
+        """(probabilities in input order, the indices of the best ``top_n`` best first)."""
+        self._require_reranker()
+        self._check_query(query)
+        await asyncio.to_thread(self._check_texts, texts, param, self.rr_tokenizer, self.rr_limit, pair_with=query)
+        logits = await self._call("the reranker", self.reranker.score.remote(query, texts))
+        order = np.argsort(-np.asarray(logits, dtype=np.float64), kind="stable")[: top_n or len(texts)]
+        return sigmoid(logits), order  # what sentence-transformers' CrossEncoder.predict gives
 
     @app.post("/search", response_model=list[SearchResult], response_model_exclude_none=True)
     async def search(self, body: SearchRequest) -> list[SearchResult]:

@@ -99,7 +99,7 @@ def app_builder(args: ServeSection) -> Application:
     Raises:
         ConfigError: no encoder path, or a model/corpus path that does not exist.
     """
-    from negatron.trainers.model_io import ModelLoadError, resolve_model_path
+    from negatron.trainers.model_io import ModelLoadError, read_prompts, resolve_model_path
 
     if not args.encoder.path:
         raise ConfigError("serve.encoder.path is empty: give a bi-encoder folder, a run folder or 'default' (--model)")
@@ -182,12 +182,14 @@ def app_builder(args: ServeSection) -> Application:
         "models": models, "default_model": default_name, "limits": args.limits,
         "max_length": args.encoder.max_length, "model_max_lengths": {n: f[0] for n, f in facts.items()},
         "dims": {n: f[1] for n, f in facts.items()}, "reranker_path": rr_path,
+        "reranker_name": (args.reranker.name or served_name(args.reranker.path, Path(rr_local))) if rr_path else "",
         "reranker_max_length": args.reranker.max_length or _reranker_len(rr_local),
         "rerank_depth": args.retriever.rerank_depth, "rerank_weight": _rerank_weight(args, rr_local),
         "api_key_env": args.api_key_env,
         "colocate": args.encoder.colocate, "batch": args.encoder.batch,
         "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
         "image_shapes": {n: _image_shape(names[n]) for n in image_models},
+        "prompts": {n: read_prompts(p) for n, p in names.items() if n not in image_models},
         "request_timeout_s": args.request_timeout_s,
         # calls the ingress keeps in flight to a separate Encoder: enough for its autoscaler to
         # reach max_replicas (serve.deployments.Coalescer)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from . import metrics
 from .prebuild import artifact_path
 
 logger = logging.getLogger("ray.serve")
@@ -230,6 +231,24 @@ async def per_model(items: list[tuple[str, list]], embed) -> list:
     return out
 
 
+def encode_counted(enc, name: str, inputs: list, chunk: int, max_length: int) -> np.ndarray:
+    """``enc.encode`` of one batch, counted in the replica's metrics (texts, tokens, padding)."""
+    if not hasattr(enc, "tokenizer"):  # an image encoder: no tokens to count
+        return enc.encode(inputs, batch_size=chunk, max_length=max_length)
+    stats = {"texts": len(inputs)}
+    out = enc.encode(inputs, batch_size=chunk, max_length=max_length, stats=stats)
+    metrics.observe_encode(name, stats)
+    return out
+
+
+def replica_labels(deployment: str) -> dict[str, str]:
+    try:
+        rid = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (tests)
+        rid = str(os.getpid())
+    return {"deployment": deployment, "replica": rid}
+
+
 def _configure_batching(handler, batch: dict) -> None:
     handler.set_max_batch_size(int(batch["max_batch_size"]))
     handler.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
@@ -280,13 +299,17 @@ class EncoderDeployment:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         # Serve splits batches by multiplexed model id, so one batch = one model.
-        enc = await self.get_model(serve.get_multiplexed_model_id())
+        name = serve.get_multiplexed_model_id()
+        enc = await self.get_model(name)
         flat = [t for texts in requests for t in texts]
-        emb = await asyncio.to_thread(enc.encode, flat, batch_size=self.chunk, max_length=self._max_len(enc))  # N×D
+        emb = await asyncio.to_thread(encode_counted, enc, name, flat, self.chunk, self._max_len(enc))  # N×D
         return split_rows(emb, [len(texts) for texts in requests])
 
     async def ready(self) -> bool:
         return True
+
+    async def metrics_text(self) -> tuple[dict, str]:
+        return replica_labels("Encoder"), metrics.local_text()
 
     def check_health(self) -> None:
         for name, path in self.paths.items():
@@ -318,10 +341,14 @@ class RerankerDeployment:
         queries = [q for q, texts in requests for _ in texts]
         texts = [t for _, ts in requests for t in ts]
         scores = await asyncio.to_thread(self.model.score, queries, texts, self.chunk, raw=True)  # logits
+        metrics.observe_rerank(len(texts))
         return split_rows(scores, [len(ts) for _, ts in requests])
 
     async def ready(self) -> bool:
         return True
+
+    async def metrics_text(self) -> tuple[dict, str]:
+        return replica_labels("Reranker"), metrics.local_text()
 
     def check_health(self) -> None:
         if not Path(self.path).is_dir():
@@ -354,6 +381,14 @@ class RetrieverDeployment:
         self.settings: dict[str, Any] = {}
         self._watch: asyncio.Task | None = None
         self._skipped: str | None = None
+        self._swaps = metrics.index_gauges(self._index_size)
+
+    def _index_size(self) -> float:
+        state = self.state
+        if state is None:
+            return 0.0
+        idx = state["index"]
+        return float(getattr(idx, "count", None) or len(getattr(idx, "doc_ids", [])))
 
     async def reconfigure(self, user_config: dict) -> None:
         """Build the new encoder + index in a worker thread: the replica's event loop stays free,
@@ -362,6 +397,8 @@ class RetrieverDeployment:
             return
         cfg = dict(user_config)
         state = await asyncio.to_thread(self._build, cfg)
+        if self.state is not None:
+            self._swaps.inc()
         # one assignment: requests in flight keep the state they started with
         self.state = state
         self.settings = cfg
@@ -389,7 +426,7 @@ class RetrieverDeployment:
 
             max_len = int(cfg.get("max_length") or 0) or enc.max_length
             index_args = {k: cfg[k] for k in ("hnsw_m", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe") if k in cfg}
-            idx = load_or_build(cfg["corpus"], folder, lambda texts: enc.encode(texts, self.chunk, max_len),
+            idx = load_or_build(cfg["corpus"], folder, lambda texts: enc.encode(texts, self.chunk, max_len, role="document"),
                                 kind=cfg.get("index", "flat"), cache_dir=cfg.get("cache_dir") or None,
                                 log=logger.info, embed_settings={"max_length": max_len}, **index_args)
         enc.eval()
@@ -402,10 +439,12 @@ class RetrieverDeployment:
         state = self.state
         if state is None:
             return {}
-        idx = state["index"]
         return {"model_id": state["model_id"], "source": state["source"],
                 "artifact": bool(state["source"]) and state["source"] != self.settings.get("corpus"),
-                "count": getattr(idx, "count", None) or len(getattr(idx, "doc_ids", []))}
+                "count": int(self._index_size())}
+
+    async def metrics_text(self) -> tuple[dict, str]:
+        return replica_labels("Retriever"), metrics.local_text()
 
     async def _watch_model(self) -> None:
         """Swap in a checkpoint retrained into the served model folder (found by its content hash)."""
@@ -430,6 +469,7 @@ class RetrieverDeployment:
                 new = await asyncio.to_thread(self._build, cfg, now)
                 if self.settings == cfg:  # no reconfigure came in meanwhile
                     self.state = new
+                    self._swaps.inc()
                     logger.info("Retriever: swapped to model %s", now)
             except Exception as e:  # noqa: BLE001 - the old index keeps answering
                 logger.warning("Retriever: keeping the current index: %s", e)
@@ -442,8 +482,10 @@ class RetrieverDeployment:
         state = self.state
         k = max(k for _, k in requests)
 
+        metrics.observe_search(len(requests))
+
         def run():
-            emb = state["encoder"].encode([q for q, _ in requests], self.chunk, state["max_length"])  # Q×D
+            emb = state["encoder"].encode([q for q, _ in requests], self.chunk, state["max_length"], role="query")  # Q×D
             scores, rows = state["index"].search(emb, k)  # Q×k
             idx = state["index"]
             return [[(*idx.doc(int(r)), float(s)) for s, r in zip(srow[:want], rrow[:want]) if r >= 0]

@@ -8,7 +8,7 @@ from typing import Optional
 from .schemas import error_body
 
 OPEN_PATHS = ("/healthz", "/readyz")  # answer without the API key (exact paths, after the route prefix)
-UNGATED_PATHS = OPEN_PATHS + ("/docs", "/openapi.json", "/v1/models", "/docs/oauth2-redirect", "/redoc")
+UNGATED_PATHS = OPEN_PATHS + ("/metrics", "/docs", "/openapi.json", "/v1/models", "/docs/oauth2-redirect", "/redoc")
 
 
 class Guard:

@@ -4,7 +4,7 @@ Every rejected request gets ``{"error": {"message", "type", "param", "code"}}`` 
 with a 4xx naming the field; ``ApiError`` carries one from anywhere in the request path.
 """
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,9 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(None, description="Must equal the model's dimension if given.")
     user: Optional[str] = None
+    input_type: Optional[Literal["query", "document", "search_query", "search_document"]] = Field(None, description=(
+        "Put the model's query or document prompt (model.query_prompt / model.document_prompt, saved with "
+        "the checkpoint) in front of each text, as in training; omitted = the texts as given."))
 
 
 class EmbeddingItem(BaseModel):
@@ -63,6 +66,23 @@ class RerankResult(BaseModel):
     index: int
     score: float
     text: Optional[str] = None
+
+
+class CohereRerankRequest(BaseModel):
+    """Cohere's rerank request (``/v1/rerank`` and ``/v2/rerank``): what the ``cohere`` client sends.
+
+    v1 documents may be objects: their ``text`` field is ranked, or with ``rank_fields`` those
+    fields as ``name: value`` lines (Cohere's semi-structured form)."""
+
+    model_config = ConfigDict(extra="ignore")  # newer client fields (e.g. relevant_spans) are not errors
+    model: Optional[str] = Field(None, description="The served reranker's name or 'default'.")
+    query: str
+    documents: list[Union[str, dict[str, Any]]]
+    top_n: Optional[int] = Field(None, ge=1, description="Return only the best N (default: all).")
+    return_documents: bool = False
+    rank_fields: Optional[list[str]] = None
+    max_tokens_per_doc: Optional[int] = Field(None, ge=1, description="Truncate each document to N tokens first.")
+    max_chunks_per_doc: Optional[int] = Field(None, ge=1, description="Accepted; documents are never chunked.")
 
 
 class SearchRequest(BaseModel):
@@ -98,6 +118,7 @@ class IngressSettings(BaseModel):
     model_max_lengths: dict[str, int] = Field(default_factory=dict, description="Each text model's token limit.")
     dims: dict[str, int] = Field(default_factory=dict)
     reranker_path: str = ""
+    reranker_name: str = Field("", description="The reranker's served name (the Cohere routes' 'model').")
     reranker_max_length: int = 512
     rerank_depth: int = RetrieverServe.model_fields["rerank_depth"].default
     rerank_weight: float = 1.0
@@ -106,6 +127,7 @@ class IngressSettings(BaseModel):
     batch: BatchConfig = EncoderServe.model_fields["batch"].default
     torch_threads: int = 1
     image_models: list[str] = Field(default_factory=list)
+    prompts: dict[str, dict[str, str]] = Field(default_factory=dict, description="Text model -> {role: prompt}.")
     image_shapes: dict[str, tuple[int, int]] = Field(default_factory=dict, description="Image model -> (size, channels).")
     request_timeout_s: float = 0.0
     encoder_slots: int = Field(1, ge=1, description="Calls kept in flight to a separate Encoder deployment.")

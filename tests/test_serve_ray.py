@@ -33,7 +33,9 @@ def _free_port() -> int:
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     make_tiny_encoder(seed=0).save(root / "enc")
-    make_tiny_encoder(seed=1).save(root / "enc2")
+    enc2 = make_tiny_encoder(seed=1)
+    enc2.set_prompts("query: ", "passage: ")  # saved with it: /v1/embeddings input_type applies them
+    enc2.save(root / "enc2")
     make_tiny_cross_encoder(root / "ce")
     docs = [f"def handler_{i}(x):\n    return x * {i} + {i % 7}  # item {i}" for i in range(60)]
     write_corpus(root / "corpus.parquet", [f"d{i}" for i in range(60)], docs)
@@ -124,6 +126,24 @@ def test_multiplexed_second_model(server, assets):
     assert not np.allclose(a, b, atol=1e-3)
 
 
+def test_input_type_applies_the_models_saved_prompts(server, assets):
+    from negatron.trainers.encoder import Encoder
+
+    enc = Encoder.from_pretrained(str(assets["root"] / "enc2"))
+    texts = ["read a config file", "sort a list"]
+    for input_type, role in [("query", "query"), ("document", "document"), ("search_query", "query")]:
+        r = server["client"].post("/v1/embeddings", json={"input": texts, "model": "tiny2", "input_type": input_type})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        np.testing.assert_allclose(got, enc.encode(texts, role=role), atol=1e-5)
+    # the prompt's tokens are counted like the text's
+    plain = server["client"].post("/v1/embeddings", json={"input": texts, "model": "tiny2"}).json()
+    q = server["client"].post("/v1/embeddings", json={"input": texts, "model": "tiny2", "input_type": "query"}).json()
+    assert q["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 2 * len(enc.tokenizer.tokenize("query: "))
+    r = server["client"].post("/v1/embeddings", json={"input": texts, "input_type": "passage"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "input_type"
+
+
 def test_rerank_order_equals_direct_cross_encoder(server, assets):
     from sentence_transformers import CrossEncoder
 
@@ -139,6 +159,75 @@ def test_rerank_order_equals_direct_cross_encoder(server, assets):
     assert res[0]["text"] == texts[res[0]["index"]]
     r = server["client"].post("/rerank", json={"query": query, "texts": texts[:3]})
     assert len(r.json()) == 3 and "text" not in r.json()[0]
+
+
+def test_cohere_client_works_unchanged_against_v2_and_v1_rerank(server, assets):
+    import cohere
+
+    query, texts = "multiply the input", assets["docs"][:8]
+    want = server["client"].post("/rerank", json={"query": query, "texts": texts, "top_n": 3}).json()
+    co = cohere.ClientV2(api_key=KEY, base_url=server["url"])
+    res = co.rerank(model="ce", query=query, documents=texts, top_n=3)  # the folder's name
+    assert [r.index for r in res.results] == [w["index"] for w in want]
+    np.testing.assert_allclose([r.relevance_score for r in res.results], [w["score"] for w in want], atol=1e-6)
+    assert res.meta.api_version.version == "2"
+    v1 = cohere.Client(api_key=KEY, base_url=server["url"])
+    res = v1.rerank(model="default", query=query, documents=[{"text": t, "id": i} for i, t in enumerate(texts)],
+                    top_n=3, return_documents=True)
+    assert [r.index for r in res.results] == [w["index"] for w in want]
+    assert res.results[0].document.text == texts[res.results[0].index]
+    with pytest.raises(cohere.errors.NotFoundError):
+        co.rerank(model="rerank-v3.5", query=query, documents=texts)
+    with pytest.raises(cohere.errors.UnauthorizedError):
+        cohere.ClientV2(api_key="wrong", base_url=server["url"]).rerank(model="ce", query=query, documents=texts)
+    # semi-structured documents: the named fields as "name: value" lines; a missing one is a 400
+    r = server["client"].post("/v1/rerank", json={"query": query, "documents": [{"title": "a", "body": "b"}],
+                                                  "rank_fields": ["title", "body"]})
+    assert r.status_code == 200 and r.json()["results"][0]["index"] == 0
+    r = server["client"].post("/v1/rerank", json={"query": query, "documents": [{"title": "a"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "documents[0]"
+    # max_tokens_per_doc truncates before scoring: the same as sending the cut text
+    long = texts[0] * 5
+    cut = server["client"].post("/v2/rerank", json={"query": query, "documents": [long], "max_tokens_per_doc": 6})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(assets["root"] / "ce"))
+    short = tok.decode(tok(long, add_special_tokens=False)["input_ids"][:6])
+    plain = server["client"].post("/v2/rerank", json={"query": query, "documents": [short]})
+    assert cut.json()["results"][0]["relevance_score"] == pytest.approx(plain.json()["results"][0]["relevance_score"])
+
+
+def test_metrics_are_prometheus_text_from_every_deployment(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = server["client"]
+    assert c.post("/v1/embeddings", json={"input": ["one text", "and a longer second text here"]}).status_code == 200
+    assert c.post("/search", json={"query": "multiply", "top_k": 3}).status_code == 200
+    assert c.post("/rerank", json={"query": "q", "texts": ["a", "b"]}).status_code == 200
+    assert httpx.get(server["url"] + "/v1/models").status_code == 401  # counted, refused before routing
+    assert httpx.get(server["url"] + "/metrics").status_code == 401  # behind the key like the rest
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+
+    def total(name, **labels):
+        return sum(s.value for s in fams[name].samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert total("negatron_http_requests_total", route="/v1/embeddings", code="200") >= 1
+    assert total("negatron_http_requests_total", route="/v1/models", code="401") >= 1
+    assert total("negatron_http_request_duration_seconds_count", route="/search") >= 1
+    assert total("negatron_encoder_texts_total", deployment="Encoder", model="tiny") >= 2
+    tokens, slots = total("negatron_encoder_tokens_total"), total("negatron_encoder_padded_slots_total")
+    assert 0 < tokens <= slots  # padding waste = 1 - tokens / slots
+    assert total("negatron_encoder_padding_waste_ratio_count") >= 1
+    assert total("negatron_reranker_pairs_total", deployment="Reranker") >= 2
+    assert total("negatron_search_batch_queries_count", deployment="Retriever") >= 1
+    assert total("negatron_index_documents") == 60
+    assert "negatron_coalescer_queue_depth" in fams and "negatron_index_swaps" in fams
+    assert {s.labels["deployment"] for s in fams["negatron_metrics_source_up"].samples} == {
+        "Encoder", "Reranker", "Retriever"}
+    assert all(s.value == 1 for s in fams["negatron_metrics_source_up"].samples)
 
 
 def test_search_finds_known_documents(server, assets):

@@ -77,6 +77,13 @@ class MemoryBank(nn.Module):
     def fill(self) -> int:
         return int((self.steps >= 0).sum())
 
+    def mean_age(self, step: int) -> float:
+        """Mean steps since the filled entries were written (0 when empty); a host sync: call it
+        when logging."""
+        filled = self.steps >= 0
+        n = int(filled.sum())
+        return float((step - self.steps[filled]).float().mean()) if n else 0.0
+
     def checksum(self) -> str:
         """A digest of the whole state: equal on every worker after every step."""
         h = hashlib.sha256()

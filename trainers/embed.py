@@ -100,7 +100,7 @@ class ShardEmbedder:
     """Ray Data actor: loads the model once, then embeds whole shards and writes their files."""
 
     def __init__(self, model: str, corpus: str, out: str, max_length: int, batch_size: int, threads: int,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, role: str = "document"):
         import torch
 
         from negatron.trainers.encoder import Encoder
@@ -114,6 +114,7 @@ class ShardEmbedder:
         self.enc.eval()
         self.source = ParquetSource(corpus, columns=["doc_id", "text"])
         self.out, self.max_length, self.batch_size = out, max_length or self.enc.max_length, batch_size
+        self.role = role
 
     def embed(self, shard: dict[str, int]) -> tuple[int, float, float]:
         from .schema import CORPUS, check_values
@@ -122,7 +123,7 @@ class ShardEmbedder:
         block = self.source.blocks[int(shard["block"])]
         check_values(table, CORPUS, block.file, block.file_row + int(shard["offset"]))
         started = time.time()  # wall clock: the driver compares shards from every actor
-        emb = self.enc.encode(table.column("text").to_pylist(), self.batch_size, self.max_length)  # n×D
+        emb = self.enc.encode(table.column("text").to_pylist(), self.batch_size, self.max_length, role=self.role)  # n×D
         out = shard_table(table.column("doc_id"), int(shard["start"]), emb)
         storage.write_with(storage.join(self.out, shard_file(int(shard["id"]))), lambda p: pq.write_table(out, p))
         return int(emb.shape[1]), started, time.time()
@@ -139,8 +140,9 @@ class ShardEmbedder:
                 "ended": np.array(ends)}
 
 
-def _plan_key(model_hash: str, fingerprint: str, max_length: int, shard_rows: int) -> str:
-    return hashlib.sha256(json.dumps([EMBED_VERSION, model_hash, fingerprint, max_length, shard_rows]).encode()).hexdigest()[:20]
+def _plan_key(model_hash: str, fingerprint: str, max_length: int, shard_rows: int, role: str = "document") -> str:
+    parts = [EMBED_VERSION, model_hash, fingerprint, max_length, shard_rows] + ([role] if role != "document" else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
@@ -170,8 +172,11 @@ def done_shards(out: str, plan: list[dict]) -> dict[int, int]:
 
 def embed_corpus(model: str, data: str, out: str, actors: int = 2, cpus_per_actor: float = 1.0,
                  gpus_per_actor: float = 0.0, batch_size: int = 64, max_length: int = 0, shard_rows: int = 4096,
-                 log: Callable[[str], None] = print, address: str | None = None) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, address: str | None = None,
+                 role: str = "document") -> dict[str, Any]:
     """Embed the corpus ``data`` into ``out`` (a folder or URI); returns the manifest.
+
+    ``role``: the model's prompt the texts get ("document", or "query" when mining embeds queries).
 
     Raises:
         SchemaError: the corpus is missing, unreadable or lacks ``doc_id`` / ``text``.
@@ -196,7 +201,7 @@ def embed_corpus(model: str, data: str, out: str, actors: int = 2, cpus_per_acto
     max_len = max_length or st["max_length"]
     plan = plan_shards(source, shard_rows)
     mid, fp = model_id(folder), corpus_fingerprint(source)
-    key = _plan_key(mid, fp, max_len, shard_rows)
+    key = _plan_key(mid, fp, max_len, shard_rows, role)
     plan_doc = {"version": EMBED_VERSION, "key": key, "model": {"path": storage.redact(model), "id": mid},
                 "corpus": {"path": storage.redact(data), "fingerprint": fp, "rows": source.num_rows,
                            "files": [f.path for f in source.fragments]},
@@ -222,7 +227,8 @@ def embed_corpus(model: str, data: str, out: str, actors: int = 2, cpus_per_acto
     t0 = time.perf_counter()
     dim, busy, span = next(iter(done.values()), None), 0.0, 0.0
     if todo:
-        ran, busy, span = _run(model, data, out, todo, actors, cpus_per_actor, gpus_per_actor, batch_size, max_len, address)
+        ran, busy, span = _run(model, data, out, todo, actors, cpus_per_actor, gpus_per_actor, batch_size, max_len, address,
+                               role)
         dim = ran or dim
     wall = time.perf_counter() - t0
     embedded = sum(s["rows"] for s in todo)
@@ -272,7 +278,7 @@ def _model_settings(folder) -> dict:
 
 
 def _run(model: str, data: str, out: str, todo: list[dict], actors: int, cpus: float, gpus: float, batch_size: int,
-         max_len: int, address: str | None) -> tuple[int | None, float, float]:
+         max_len: int, address: str | None, role: str = "document") -> tuple[int | None, float, float]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm.auto import tqdm
@@ -293,7 +299,8 @@ def _run(model: str, data: str, out: str, todo: list[dict], actors: int, cpus: f
     embedded = ds.map_batches(
         ShardEmbedder, batch_size=1, compute=ActorPoolStrategy(size=min(actors, len(items))), num_cpus=cpus, num_gpus=gpus or None,
         fn_constructor_kwargs={"model": model, "corpus": data, "out": out, "max_length": max_len,
-                               "batch_size": batch_size, "threads": max(1, int(cpus)), "use_gpu": gpus > 0})
+                               "batch_size": batch_size, "threads": max(1, int(cpus)), "use_gpu": gpus > 0,
+                               "role": role})
     total = sum(s["rows"] for s in todo)
     bar = tqdm(total=total, desc="embed", unit="doc", mininterval=2.0, file=sys.stdout, smoothing=0.1)
     dim, busy, first, last = None, 0.0, float("inf"), 0.0

@@ -19,8 +19,9 @@ from torch import nn
 
 # re-exported: callers that import these from ``encoder`` keep working
 from .precision import autocast, enable_checkpointing
-from .model_io import (DEFAULT_MODEL, IMAGE_CONFIG, ModelLoadError, load_error, read_json,  # noqa: F401
-                       read_st_settings, require_safetensors, resolve_model_path)
+from .model_io import (DEFAULT_MODEL, IMAGE_CONFIG, PROMPT_ROLES, ModelLoadError, load_error,  # noqa: F401
+                       read_json, read_prompts, read_st_settings, require_safetensors, resolve_model_path,
+                       write_st_config)
 
 
 def load_encoder(path: str):
@@ -99,6 +100,24 @@ class Encoder(nn.Module):
         self.max_length = max_length
         hidden = backbone.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+        # model.query_prompt / model.document_prompt, prepended by role (saved with the model)
+        self.prompts: dict[str, str] = {}
+
+    def set_prompts(self, query: str | None = None, document: str | None = None) -> None:
+        """Set the prompts; None keeps the current one, "" removes it."""
+        for role, text in (("query", query), ("document", document)):
+            if text is not None:
+                if text:
+                    self.prompts[role] = text
+                else:
+                    self.prompts.pop(role, None)
+
+    def prompted(self, texts: Sequence[str], role: str | None) -> Sequence[str]:
+        """``texts`` with the role's prompt in front (``role`` None, or no prompt: unchanged)."""
+        if role is not None and role not in PROMPT_ROLES:
+            raise ValueError(f"role must be one of {PROMPT_ROLES} or None, got {role!r}")
+        prompt = self.prompts.get(role or "")
+        return [prompt + t for t in texts] if prompt else texts
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the transformer's activations in backward (model.gradient_checkpointing)."""
@@ -139,6 +158,7 @@ class Encoder(nn.Module):
         if enc.projection is not None and dense.is_file() and proj_dim == st.get("projection_dim"):
             sd = load_file(str(dense))
             enc.projection.load_state_dict({"weight": sd["linear.weight"], "bias": sd["linear.bias"]})
+        enc.prompts = read_prompts(folder)
         return enc
 
     @classmethod
@@ -173,9 +193,9 @@ class Encoder(nn.Module):
             emb = F.normalize(emb, dim=-1)  # B×D, unit rows
         return emb
 
-    def token_lengths(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
-        """Tokens per text after truncation (N ints), special tokens included."""
-        return _lengths(self._tokenize_unpadded(texts, max_length))
+    def token_lengths(self, texts: Sequence[str], max_length: int | None = None, role: str | None = None) -> np.ndarray:
+        """Tokens per text after truncation (N ints), special tokens and the role's prompt included."""
+        return _lengths(self._tokenize_unpadded(self.prompted(texts, role), max_length))
 
     def _tokenize_unpadded(self, texts: Sequence[str], max_length: int | None = None):
         """Token ids (and masks) per text after truncation, not padded: lists of lists."""
@@ -183,8 +203,9 @@ class Encoder(nn.Module):
             return {"input_ids": []}
         return self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)
 
-    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
-        batch = self.tokenize(texts, max_length)
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None, role: str | None = None) -> torch.Tensor:
+        """Texts (B) -> embeddings B×D with gradients; ``role`` ("query" / "document") picks the prompt."""
+        batch = self.tokenize(self.prompted(texts, role), max_length)
         device = next(self.parameters()).device
         return self(**{k: v.to(device) for k, v in batch.items()})
 
@@ -211,32 +232,41 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
-               progress: str | None = None) -> np.ndarray:
+               progress: str | None = None, stats: dict | None = None, role: str | None = None) -> np.ndarray:
         """Embed ``texts`` (N) -> float32 array N×D, in input order.
 
+        ``role`` ("query" / "document") prepends that prompt (``model.query_prompt`` /
+        ``model.document_prompt``, saved with the model); None embeds the texts as given.
         Texts are sorted by token count and cut into forward passes of at most ``batch_size`` by
-        ``plan_chunks``, so little is padded; ``progress`` names a tqdm bar.
+        ``plan_chunks``, so little is padded; ``progress`` names a tqdm bar. ``stats``, when given,
+        receives ``tokens`` (real tokens, after truncation), ``slots`` (tokens the forward passes
+        computed, padding included) and ``passes``.
         """
         was_training = self.training
         if was_training:  # eval() walks every submodule: skip it when already in eval mode
             self.eval()
         # tokenized once, unpadded; each forward pass pads only its own rows
-        tok = self._tokenize_unpadded(texts, max_length)
+        tok = self._tokenize_unpadded(self.prompted(texts, role), max_length)
         lengths = _lengths(tok)  # N
         order = np.argsort(-lengths, kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bar = _progress(len(texts), progress)
         device = next(self.parameters()).device
+        slots = passes = 0
         for start, end in plan_chunks(lengths[order], batch_size, self.forward_cost_tokens):
             idx = order[start:end]
             emb = self(**{k: v.to(device) for k, v in self._pad(tok, idx).items()})  # b×D
             out[idx] = emb.float().cpu().numpy()
+            slots += len(idx) * int(lengths[idx].max())
+            passes += 1
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:
             bar.close()
         if was_training:
             self.train()
+        if stats is not None:
+            stats.update(tokens=int(lengths.sum()), slots=slots, passes=passes)
         return out
 
     # -- saving ---------------------------------------------------------------------------------
@@ -273,6 +303,7 @@ class Encoder(nn.Module):
                             "type": "sentence_transformers.models.Normalize"})
             (folder / f"{len(modules) - 1}_Normalize").mkdir(exist_ok=True)
         (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+        write_st_config(folder, self.prompts, "cosine" if self.normalize else "dot")
         return folder
 
 

@@ -57,7 +57,7 @@ def _subset(data: EvalData, max_queries: int, max_docs: int, seed: int = DEV_SEE
 
 
 def encode_shared(encoder, texts: Sequence[str], batch_size: int, max_length: int | None = None,
-                  progress: str | None = None):
+                  progress: str | None = None, role: str | None = None):
     """Every training worker embeds a contiguous 1/N of ``texts``; rank 0 gets all N×D rows in
     order, the other ranks None. One process (no process group): the whole array, with a
     ``progress`` bar when named."""
@@ -66,16 +66,17 @@ def encode_shared(encoder, texts: Sequence[str], batch_size: int, max_length: in
     world, rank = D.world_size(), D.rank()
     bounds = np.linspace(0, len(texts), world + 1).astype(int)
     mine = encoder.encode(texts[bounds[rank]:bounds[rank + 1]], batch_size=batch_size, max_length=max_length,
-                          progress=progress if world == 1 else None)
+                          progress=progress if world == 1 else None, role=role)
     return D.gather_rows(mine, np.diff(bounds).tolist())
 
 
 def _retrieve(encoder, qtexts, docs, batch_size, top_k, query_max_length, progress):
     t0 = time.perf_counter()
-    doc_emb = encoder.encode(docs, batch_size=batch_size, progress="corpus" if progress else None)
+    doc_emb = encoder.encode(docs, batch_size=batch_size, progress="corpus" if progress else None,
+                             role="document")
     t1 = time.perf_counter()
     q_emb = encoder.encode(qtexts, batch_size=batch_size, max_length=query_max_length,
-                           progress="queries" if progress else None)
+                           progress="queries" if progress else None, role="query")
     t2 = time.perf_counter()
     scores, idx = exact_search(doc_emb, q_emb, top_k)
     t3 = time.perf_counter()
@@ -99,10 +100,11 @@ class DevRetrieval:
     def evaluate(self, encoder) -> dict[str, float] | None:
         """Metrics on rank 0 (with ``num_docs`` and the timings), None on the other ranks."""
         t0 = time.perf_counter()
-        doc_emb = encode_shared(encoder, self.docs, self.batch_size, progress="corpus" if self.progress else None)
+        doc_emb = encode_shared(encoder, self.docs, self.batch_size, progress="corpus" if self.progress else None,
+                                role="document")
         t1 = time.perf_counter()
         q_emb = encode_shared(encoder, self.qtexts, self.batch_size, self.query_max_length,
-                              progress="queries" if self.progress else None)
+                              progress="queries" if self.progress else None, role="query")
         t2 = time.perf_counter()
         if doc_emb is None:
             return None
@@ -200,7 +202,8 @@ def evaluate_pipeline(model: str, data: str, work: str | None = None, index: str
             raise SchemaError(f"{storage.redact(qrels_path)}: column 'query_id' has {len(unknown)} id(s) not in "
                               f"queries.parquet, e.g. {sorted(unknown)[0]!r}")
         encoder = Encoder.from_pretrained(model, max_length=max_length)
-        q_emb = encoder.encode(queries.column("text").take(keep).to_pylist(), batch_size=batch_size, progress="queries")
+        q_emb = encoder.encode(queries.column("text").take(keep).to_pylist(), batch_size=batch_size, progress="queries",
+                               role="query")
         t2 = time.perf_counter()
         _, rows = art.search(q_emb, top_k)
         doc_ids = art.docs.column("doc_id")

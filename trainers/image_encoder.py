@@ -88,7 +88,7 @@ class ImageEncoder(nn.Module):
             return torch.cat([prepare(to_tensor([a]), s.image_size, s.channels) for a in images])
         return to_tensor(images)
 
-    def encode_batch(self, images, max_length: int | None = None) -> torch.Tensor:
+    def encode_batch(self, images, max_length: int | None = None, role: str | None = None) -> torch.Tensor:
         """A batch of images (tensor or list of arrays) → B×D; ``max_length`` is for text and ignored."""
         device = next(self.parameters()).device
         return self(to_tensor(images).to(device))

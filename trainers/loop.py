@@ -25,6 +25,7 @@ from .checkpoint import load_training_state, optimizer_checksum, save_checkpoint
 from .step import ContrastiveModel
 from .seeds import dropout_seed
 from .tasks import task_for
+from .tracking import open_tracker
 
 ReportFn = Callable[[dict, Optional[str]], None]
 
@@ -175,6 +176,8 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
     params = model.trainable_parameters()
     reducer = D.GradReducer(params)
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
+    masked_sum = 0.0  # the bank's false-negative share, summed on the device between log lines
+    tracker = open_tracker(cfg, rank)  # run.tracking: TensorBoard / MLflow on rank 0
     key = primary_metric(cfg)
     best = max((h[key] for h in history if key in h), default=-1.0)
     # a running digest of every global batch's rows since step 0: a resumed run that continues at
@@ -183,80 +186,94 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
     # the next batch is read and augmented in a background thread while this one trains; each
     # batch is a function of (seed, step, rank) alone, so the run is the same as without it
     prefetch = Prefetcher(lambda s: task.views(stream.batch(s), aug, cfg, s, rank), start, end)
-    for step in range(start, end):
-        torch.manual_seed(dropout_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
-        data_digest = rows_digest(data_digest, stream.global_rows(step))
-        batch = prefetch.get(step)
-        opt.zero_grad(set_to_none=True)
-        # one pass or the cached step; the gradient all-reduce overlaps the (last) backward pass
-        loss, state = model.forward_backward(batch, step, scaler, before_last_backward=reducer.arm)
-        reducer.finish()  # identical gradients on every rank, so every fp16 scaler skips alike
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)  # skipped when a gradient overflowed; the scale then shrinks
-            scaler.update()
-        else:
-            opt.step()
-        model.temperature.clamp_()  # the stored τ, after the step (its gradient never vanishes at a bound)
-        sched.step()
-        model.after_step(state, step)
-        loss_sum = loss_sum + loss  # on the device: read back only when logging (no sync per step)
-        loss_n += 1
-        n_since += stream.global_batch
-        done = step + 1
-        now = time.perf_counter()
-        is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == end
-        log_now = rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end)
-        if log_now or is_checkpoint:
-            mean_loss = float(loss_sum) / loss_n
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"loss is {mean_loss} in the steps up to {done}; lower optim.lr or raise "
-                                         "loss.temperature")
-        if log_now:
-            entry = {"step": done, "epoch": round(stream.epoch_of(done), 3), "loss": mean_loss,
-                     "temperature": model.temperature.value(), "samples_per_s": n_since / (now - t_log),
-                     "lr": sched.get_last_lr()[0],
-                     "bank_fill": model.bank.fill() if model.bank is not None else 0}
-            history.append(entry)
-            log(f"[negatron] step {done}/{cfg.trainer.max_steps} epoch {entry['epoch']:.2f} "
-                f"loss {entry['loss']:.4f} tau {entry['temperature']:.4f} "
-                f"{entry['samples_per_s']:.1f} samples/s bank {entry['bank_fill']}")
-            t_log, n_since, loss_sum, loss_n = now, 0, 0.0, 0
-        if is_checkpoint:
-            metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": float(loss),
-                       "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0,
-                       "optimizer_checksum": optimizer_checksum(opt, sched), "data_digest": data_digest}
-            if model.bank is not None:
-                metrics["bank_checksum"] = model.bank.checksum()
-                # every rank's checksum: the bank must be identical everywhere (reported by rank 0)
-                metrics["bank_checksums"] = D.all_gather_object(metrics["bank_checksum"])
-            if worker_nodes:
-                metrics["worker_nodes"] = worker_nodes
-            m = task.evaluate(dev, model.encoder, cfg) if dev is not None else None
-            if m:  # rank 0 (the others take part in a shared check and get None)
-                metrics.update({f"dev_{k}": v for k, v in m.items()})
-                shown = tuple(k for k in task.shown_metrics if k in m)
-                history.append({"step": done, **{f"dev_{k}": m[k] for k in shown},
-                                **({"dev_check_s": m["check_s"]} if "check_s" in m else {})})
-                best = max(best, metrics[key])
-                took = f" in {m['check_s']:.1f} s" if "check_s" in m else ""
-                log(f"[negatron] step {done} dev " + " ".join(f"{k} {m[k]:.4f}" for k in shown[:2])
-                    + f" (best {key[4:]} {best:.4f}){took}")
-            if dev is not None:
-                model.encoder.train()
-            last_metrics = metrics
-            # lists (worker_nodes, bank_checksums) stay in the checkpoint's negatron.json: Ray's
-            # loggers want scalars
-            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-            if rank == 0:
-                with tempfile.TemporaryDirectory(prefix="negatron-ckpt-") as tmp:
-                    save_checkpoint(tmp, model, opt, sched, done, cfg.to_dict(), metrics, history, scaler)
-                    report(scalars, tmp)
+    try:
+        for step in range(start, end):
+            torch.manual_seed(dropout_seed(cfg.trainer.seed, step, rank))  # dropout: a function of (seed, step, rank)
+            data_digest = rows_digest(data_digest, stream.global_rows(step))
+            batch = prefetch.get(step)
+            opt.zero_grad(set_to_none=True)
+            # one pass or the cached step; the gradient all-reduce overlaps the (last) backward pass
+            loss, state = model.forward_backward(batch, step, scaler, before_last_backward=reducer.arm)
+            reducer.finish()  # identical gradients on every rank, so every fp16 scaler skips alike
+            if scaler is not None:
+                scaler.unscale_(opt)
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            if scaler is not None:
+                scaler.step(opt)  # skipped when a gradient overflowed; the scale then shrinks
+                scaler.update()
             else:
-                report(scalars, None)
+                opt.step()
+            model.temperature.clamp_()  # the stored τ, after the step (its gradient never vanishes at a bound)
+            sched.step()
+            model.after_step(state, step)
+            loss_sum = loss_sum + loss  # on the device: read back only when logging (no sync per step)
+            if "bank_masked" in state:
+                masked_sum = masked_sum + state["bank_masked"]
+            loss_n += 1
+            n_since += stream.global_batch
+            done = step + 1
+            now = time.perf_counter()
+            is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == end
+            log_now = rank == 0 and (now - t_log >= cfg.trainer.log_every_s or done == end)
+            if log_now or is_checkpoint:
+                mean_loss = float(loss_sum) / loss_n
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} in the steps up to {done}; lower optim.lr or raise "
+                                             "loss.temperature")
+            if log_now:
+                entry = {"step": done, "epoch": round(stream.epoch_of(done), 3), "loss": mean_loss,
+                         "temperature": model.temperature.value(), "samples_per_s": n_since / (now - t_log),
+                         "lr": sched.get_last_lr()[0],
+                         "bank_fill": model.bank.fill() if model.bank is not None else 0}
+                if model.bank is not None:  # bank health
+                    entry["bank_mean_age"] = model.bank.mean_age(done)
+                    entry["bank_masked_share"] = float(masked_sum) / loss_n
+                history.append(entry)
+                if tracker is not None:
+                    tracker.log(entry, done)
+                log(f"[negatron] step {done}/{cfg.trainer.max_steps} epoch {entry['epoch']:.2f} "
+                    f"loss {entry['loss']:.4f} tau {entry['temperature']:.4f} "
+                    f"{entry['samples_per_s']:.1f} samples/s bank {entry['bank_fill']}")
+                t_log, n_since, loss_sum, loss_n, masked_sum = now, 0, 0.0, 0, 0.0
+            if is_checkpoint:
+                metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": float(loss),
+                           "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0,
+                           "optimizer_checksum": optimizer_checksum(opt, sched), "data_digest": data_digest}
+                if model.bank is not None:
+                    metrics["bank_checksum"] = model.bank.checksum()
+                    # every rank's checksum: the bank must be identical everywhere (reported by rank 0)
+                    metrics["bank_checksums"] = D.all_gather_object(metrics["bank_checksum"])
+                if worker_nodes:
+                    metrics["worker_nodes"] = worker_nodes
+                m = task.evaluate(dev, model.encoder, cfg) if dev is not None else None
+                if m:  # rank 0 (the others take part in a shared check and get None)
+                    metrics.update({f"dev_{k}": v for k, v in m.items()})
+                    shown = tuple(k for k in task.shown_metrics if k in m)
+                    history.append({"step": done, **{f"dev_{k}": m[k] for k in shown},
+                                    **({"dev_check_s": m["check_s"]} if "check_s" in m else {})})
+                    best = max(best, metrics[key])
+                    took = f" in {m['check_s']:.1f} s" if "check_s" in m else ""
+                    if tracker is not None:
+                        tracker.log({f"dev_{k}": v for k, v in m.items()}, done)
+                        tracker.flush()
+                    log(f"[negatron] step {done} dev " + " ".join(f"{k} {m[k]:.4f}" for k in shown[:2])
+                        + f" (best {key[4:]} {best:.4f}){took}")
+                if dev is not None:
+                    model.encoder.train()
+                last_metrics = metrics
+                # lists (worker_nodes, bank_checksums) stay in the checkpoint's negatron.json: Ray's
+                # loggers want scalars
+                scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+                if rank == 0:
+                    with tempfile.TemporaryDirectory(prefix="negatron-ckpt-") as tmp:
+                        save_checkpoint(tmp, model, opt, sched, done, cfg.to_dict(), metrics, history, scaler)
+                        report(scalars, tmp)
+                else:
+                    report(scalars, None)
+    finally:
+        if tracker is not None:
+            tracker.close()
     return last_metrics
 
 

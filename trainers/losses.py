@@ -98,6 +98,7 @@ def info_nce(
     bank_weight: float | None = None,
     query_ids_global: torch.Tensor | None = None,
     bank_qids: torch.Tensor | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """InfoNCE of the local queries against global in-batch candidates (+ hard negatives + bank).
 
@@ -124,6 +125,8 @@ def info_nce(
         query_ids_global: G query-group ids of the in-batch rows (rows of one query share it);
             another positive of the same query is never a negative.
         bank_qids: K query-group ids of the bank's keys (-1 = unknown), masked the same way.
+        stats: if given, gets ``bank_masked``: the share of (query, valid bank entry) pairs masked
+            as a duplicate or likely false negative (a 0-d tensor on the device: no host sync).
 
     Returns:
         The mean loss over the B local queries (0-d). Candidates sharing the query's positive id,
@@ -151,8 +154,6 @@ def info_nce(
         m = same_id_mask(my_ids, bank_ids)  # B×K
         if my_qids is not None and bank_qids is not None:
             m = m | same_id_mask(my_qids, bank_qids)  # B×K, another positive of the same query
-        if bank_valid is not None:
-            m = m | ~bank_valid[None, :]  # B×K
         if bank_key_pos is not None:
             pos_logit = (q * bank_key_pos.detach()).sum(-1, keepdim=True)  # B×1
         else:
@@ -161,6 +162,10 @@ def info_nce(
             ps = pos_logit.detach()  # B×1
             # only where the positive scores > 0, so the ratio keeps its meaning
             m = m | ((bank_logits.detach() > bank_filter_ratio * ps) & (ps > 0))  # B×K
+        valid = bank_valid if bank_valid is not None else torch.ones_like(bank_ids, dtype=torch.bool)  # K
+        if stats is not None:  # false-negative masking among the entries that count
+            stats["bank_masked"] = (m & valid[None, :]).sum() / (valid.sum() * b).clamp(min=1)
+        m = m | ~valid[None, :]  # B×K
         if bank_key_pos is not None:
             zeros = torch.zeros(b, dtype=torch.long, device=q.device)  # B, the positive is column 0
             keep = torch.zeros(b, 1, dtype=torch.bool, device=q.device)  # B×1

@@ -116,7 +116,8 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
     The candidate pool is ``corpus`` (doc_id, text) if given, else the distinct positives of ``data``
     (written beside ``out`` as ``<out>.negatives.parquet``, the file the trainer's
     ``data.negatives_corpus`` then names). ``embed(texts, desc)`` replaces the Ray pipeline (tests of
-    the pure path). ``index_kind``: flat (exact), ivfpq, or auto (flat up to 2M candidates).
+    the pure path; ``desc`` names what is embedded, and prompts are then the caller's). The
+    pipeline gives queries the model's query prompt and the rest its document prompt. ``index_kind``: flat (exact), ivfpq, or auto (flat up to 2M candidates).
     ``work``: where embeddings and the index are kept (default: a temp folder, removed); give one to
     resume an interrupted run. Returns counts, timings and ``negatives_corpus``.
     """
@@ -158,13 +159,14 @@ def mine(model: str, data: str | Path, out: str | Path, k: int = 50, skip: int =
 
         def run(name: str, path: str) -> Path:
             dst = wdir / f"emb_{name}"
+            role = "query" if name == "queries" else "document"
             if embed is not None:
                 if not (dst / "manifest.json").is_file():
                     embed_local(lambda texts: embed(texts, f"embed {name}"), path, str(dst),
                                 {"path": str(model), "id": mid}, max_length=max_length)
             else:
                 embed_corpus(str(model), path, str(dst), actors=workers, cpus_per_actor=cpus_per_worker,
-                             batch_size=batch_size, max_length=max_length, log=log, address=address)
+                             batch_size=batch_size, max_length=max_length, log=log, address=address, role=role)
             return dst
 
         log(f"mine: {source.num_rows} pairs, {n_q} distinct queries, {n_pos} distinct positives, "

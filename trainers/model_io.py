@@ -143,6 +143,42 @@ def read_st_settings(folder: Path) -> dict:
     return out
 
 
+ST_CONFIG = "config_sentence_transformers.json"
+PROMPT_ROLES = ("query", "document")
+# names sentence-transformers models use for the document side's prompt, in order of preference
+_DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
+
+
+def read_prompts(folder: Path) -> dict[str, str]:
+    """{"query": ..., "document": ...} from a folder's sentence-transformers config (those set)."""
+    cfg = read_json(Path(folder) / ST_CONFIG)
+    prompts = (cfg or {}).get("prompts") if isinstance(cfg, dict) else None
+    if not isinstance(prompts, dict):
+        return {}
+    out = {}
+    if isinstance(prompts.get("query"), str) and prompts["query"]:
+        out["query"] = prompts["query"]
+    for name in _DOCUMENT_PROMPT_NAMES:
+        if isinstance(prompts.get(name), str) and prompts[name]:
+            out["document"] = prompts[name]
+            break
+    return out
+
+
+def write_st_config(folder: Path, prompts: dict[str, str], similarity: str) -> None:
+    """``config_sentence_transformers.json``: what sentence-transformers reads for its prompts
+    (``encode_query`` / ``encode_document``) and similarity function."""
+    import torch
+    import transformers
+
+    cfg = {"model_type": "SentenceTransformer",
+           "__version__": {"negatron": "0.1.0", "transformers": transformers.__version__,
+                           "pytorch": torch.__version__.split("+")[0]},
+           "prompts": {r: prompts[r] for r in PROMPT_ROLES if prompts.get(r)},
+           "default_prompt_name": None, "similarity_fn_name": similarity}
+    (Path(folder) / ST_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def _file_digest(path: Path, h: "hashlib._Hash") -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -150,7 +186,7 @@ def _file_digest(path: Path, h: "hashlib._Hash") -> None:
 
 
 # training state in a checkpoint folder: never read by an encoder, so never part of its id
-_NOT_MODEL = ("train_state",)
+_NOT_MODEL = ("train_state", "README.md", "training.png")  # the model card does not change embeddings
 
 
 def model_id(folder: str | Path) -> str:

@@ -80,6 +80,7 @@ def quickstart(cfg: Config, address: str | None = None, with_reranker: bool = Fa
     with clock.stage("zero-shot evaluation"):
         print(f"[2/{n}] zero-shot evaluation of {cfg.model.path} on {test_dir}", flush=True)
         zero_shot = Encoder.from_pretrained(cfg.model.path, max_length=cfg.model.max_length)
+        zero_shot.set_prompts(cfg.model.query_prompt or None, cfg.model.document_prompt or None)
         before = evaluate_encoder(zero_shot, test_dir, query_max_length=qlen)
         write_json(out / "zero_shot.json", before)
         print(format_table({"zero-shot": before}), flush=True)
@@ -95,11 +96,13 @@ def quickstart(cfg: Config, address: str | None = None, with_reranker: bool = Fa
         print(f"[4/{n}] evaluating the fine-tuned model ({res.final_dir}) on {test_dir}", flush=True)
         after = evaluate_encoder(Encoder.from_pretrained(str(res.final_dir)), test_dir, query_max_length=qlen)
         write_json(out / "fine_tuned.json", after)
-    from .train import plot_history
+    from .train import plot_history, write_cards
 
     history = json.loads((res.run_dir / "history.json").read_text())
     atomic_write(res.run_dir / "training.png",
                  lambda tmp: plot_history(history, tmp, title=cfg.run.name, zero_shot=dev_before["mrr@10"]))
+    write_cards(cfg, res.final_dir, None, res.metrics, None, int(res.metrics.get("steps") or 0), history,
+                test=after)  # the final model's card gains its test scores
     summary = {"zero_shot": before, "fine_tuned": after, "zero_shot_dev": dev_before, "wall_s": round(clock.total, 1),
                "stage_s": clock.as_dict(), "train": res.metrics, "final_model": str(res.final_dir)}
     write_json(out / "quickstart.json", summary)

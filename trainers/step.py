@@ -115,10 +115,11 @@ class ContrastiveModel(nn.Module):
         batch: "query", "positive" (B texts each), "pos_ids" (B), optional "negatives" (B·H texts),
         "neg_ids" (B·H), "neg_valid" (B·H).
         """
-        emb = {"q": self.encoder.encode_batch(batch["query"], self.query_max_length),  # B×D
-               "p": self.encoder.encode_batch(batch["positive"])}  # B×D
+        enc, qlen = self.encoder, self.query_max_length
+        emb = {"q": enc.encode_batch(batch["query"], qlen, role="query"),  # B×D
+               "p": enc.encode_batch(batch["positive"], role="document")}  # B×D
         if batch.get("negatives"):
-            emb["n"] = self.encoder.encode_batch(batch["negatives"])  # (B·H)×D
+            emb["n"] = enc.encode_batch(batch["negatives"], role="document")  # (B·H)×D
         return self.loss_from(emb, batch, step)
 
     def forward_backward(self, batch: dict, step: int, scaler=None,
@@ -130,10 +131,11 @@ class ContrastiveModel(nn.Module):
             return one_pass_backward(*self.loss(batch, step), step, scale, before_last_backward)
 
         m, enc = self.mini_batch_size, self.encoder
-        parts = {"q": [lambda c=c: enc.encode_batch(c, self.query_max_length) for c in chunks(batch["query"], m)],
-                 "p": [lambda c=c: enc.encode_batch(c) for c in chunks(batch["positive"], m)]}
+        qlen = self.query_max_length
+        parts = {"q": [lambda c=c: enc.encode_batch(c, qlen, role="query") for c in chunks(batch["query"], m)],
+                 "p": [lambda c=c: enc.encode_batch(c, role="document") for c in chunks(batch["positive"], m)]}
         if batch.get("negatives"):
-            parts["n"] = [lambda c=c: enc.encode_batch(c) for c in chunks(batch["negatives"], m)]
+            parts["n"] = [lambda c=c: enc.encode_batch(c, role="document") for c in chunks(batch["negatives"], m)]
         device = next(enc.parameters()).device
         return cached_backward(parts, lambda emb: self.loss_from(emb, batch, step), device, scale,
                                lambda loss: check_finite(loss, step),
@@ -171,10 +173,14 @@ class ContrastiveModel(nn.Module):
             negatives["bank_filter_ratio"] = self.bank_filter_ratio
         q_all = self._gather(q) if self.symmetric else None  # G×D
         scale = self.temperature.scale()
+        stats: dict = {}
+        if self.bank is not None:
+            negatives["stats"] = stats
         loss = contrastive_loss(q, p_all, ids_all, scale, rank=rank, symmetric=self.symmetric,
                                 q_global=q_all, **negatives)
         return loss, {"positives": batch["positive"], "p_all": p_all.detach(), "p_local": p.detach(),
-                      "ids_all": ids_all, "ids_local": pos_ids, "qids_local": qids, "keys_local": keys_local}
+                      "ids_all": ids_all, "ids_local": pos_ids, "qids_local": qids, "keys_local": keys_local,
+                      **stats}
 
     @torch.no_grad()
     def prefill_bank(self, texts: list[str], ids: torch.Tensor, batch_size: int = 64) -> int:
@@ -190,7 +196,7 @@ class ContrastiveModel(nn.Module):
             raise ValueError(f"ids must have shape ({len(texts)},), got {tuple(ids.shape)}")
         enc = self.key_encoder if self.key_encoder is not None else self.encoder
         device = self.bank.keys.device
-        keys = torch.from_numpy(enc.encode(texts, batch_size=batch_size)).to(device)  # N×D
+        keys = torch.from_numpy(enc.encode(texts, batch_size=batch_size, role="document")).to(device)  # N×D
         ids = ids.to(device)
         # always gathered: the bank is shared even when the loss uses only local candidates
         keys, ids = D.gather_no_grad(keys), D.gather_no_grad(ids)  # (world·N)×D, world·N
@@ -202,7 +208,7 @@ class ContrastiveModel(nn.Module):
         was = self.key_encoder.training
         self.key_encoder.eval()
         size = self.mini_batch_size or len(texts)  # a cached step bounds the key encoder's batch too
-        parts = [self.key_encoder.encode_batch(texts[i:i + size]) for i in range(0, len(texts), size)]
+        parts = [self.key_encoder.encode_batch(texts[i:i + size], role="document") for i in range(0, len(texts), size)]
         k = torch.cat(parts) if len(parts) > 1 else parts[0]  # B×D
         self.key_encoder.train(was)
         return k

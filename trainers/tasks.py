@@ -136,9 +136,11 @@ class Task:
     def build_encoder(self, cfg: Config, path: str | None = None):
         from .encoder import Encoder
 
-        return Encoder.from_pretrained(path or cfg.model.path, pooling=cfg.model.pooling,
-                                       projection_dim=cfg.model.projection_dim, normalize=cfg.model.normalize,
-                                       max_length=cfg.model.max_length)
+        enc = Encoder.from_pretrained(path or cfg.model.path, pooling=cfg.model.pooling,
+                                      projection_dim=cfg.model.projection_dim, normalize=cfg.model.normalize,
+                                      max_length=cfg.model.max_length)
+        enc.set_prompts(cfg.model.query_prompt or None, cfg.model.document_prompt or None)
+        return enc
 
     def build_model(self, cfg: Config, resume_dir: str | None = None):
         from .step import ContrastiveModel

@@ -50,6 +50,9 @@ def validate_inputs(cfg: Config, address: str | None = None) -> None:
 
     if storage.is_remote(cfg.run.storage_path):
         storage.check_writable(run_folder(cfg))
+    from .tracking import require
+
+    require(cfg.run.tracking)
     if not cfg.trainer.use_gpu:
         return
     import ray
@@ -163,12 +166,13 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         _copy_model(Path(d), final_dir)
-    best_dir = None
+    best_dir, best_metrics = None, None
     if cfg.data.dev:
         best = result.get_best_checkpoint(primary_metric(cfg), "max")
         if best is not None:
             best_dir = storage.sub(run_dir, "best")
             with best.as_directory() as d:
+                best_metrics = {k[4:]: v for k, v in read_meta(d).get("metrics", {}).items() if k.startswith("dev_")}
                 _copy_model(Path(d), best_dir)
     history = meta.get("history", [])
     train_entries = [h for h in history if "samples_per_s" in h]
@@ -187,10 +191,27 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     storage.write_json(storage.sub(run_dir, "history.json"), history, indent=1)
     storage.write_with(storage.sub(run_dir, "training.png"),
                        lambda tmp: plot_history(history, tmp, title=cfg.run.name, metric=primary_metric(cfg)))
+    write_cards(cfg, final_dir, best_dir, metrics, best_metrics, meta["step"], history)
     return TrainResult(run_dir, final_dir, best_dir, metrics,
                        checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
 
 
+
+
+def write_cards(cfg: Config, final_dir, best_dir, metrics: dict, best_metrics: dict | None, steps: int,
+                history: list[dict], test: dict | None = None) -> None:
+    """The model card (README.md + training.png) in final/ and best/ (trainers/model_card.py)."""
+    import tempfile
+
+    from .loop import primary_metric
+    from .model_card import dev_columns, write_model_card
+
+    with tempfile.TemporaryDirectory() as d:
+        plot = plot_history(history, Path(d) / "training.png", title=cfg.run.name, metric=primary_metric(cfg))
+        for folder in (final_dir, best_dir):
+            if folder is not None:
+                write_model_card(folder, cfg.to_dict(), cfg.run.name, dev_columns(metrics, best_metrics, test),
+                                 steps, plot)
 
 
 def _fit_interruptibly(trainer, run_dir: Path):
