@@ -286,6 +286,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from negatron.trainers import onnx_backend
+
+    out = Path(args.out)
+    dest, check = onnx_backend.prepare(args.model, args.quantize, args.dev, out=out)
+    size = (dest / "model.onnx").stat().st_size / 2**20
+    line = f"wrote {dest / 'model.onnx'} ({size:.1f} MiB, {args.quantize if args.quantize != 'none' else 'fp32'})"
+    if check.get("check") == "dev":
+        line += f"; dev MRR@10 {check['mrr@10_fp32']:.4f} (fp32) -> {check['mrr@10_int8']:.4f} (int8)"
+    elif check:
+        line += f"; cosine to fp32 mean {check['cosine_mean']:.4f}, min {check['cosine_min']:.4f}"
+    print(line)
+    print(f"serve the same model on ONNX Runtime with: negatron serve --model {args.model} "
+          f"serve.encoder.backend=onnx" + (" serve.encoder.quantize=int8" if args.quantize == "int8" else ""))
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .jobs import submit
 
@@ -454,6 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--shard-rows", type=POS, default=4096, help="docs per output shard (the unit of resume)")
     em.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     em.set_defaults(func=_cmd_embed)
+
+    ex = sub.add_parser("export", help="export a bi-encoder or cross-encoder to ONNX (optionally int8, quality-checked)")
+    ex.add_argument("--model", required=True, help="bi-encoder or cross-encoder folder, Negatron run folder, or 'default'")
+    ex.add_argument("--backend", choices=["onnx"], default="onnx", help="the export format (onnx)")
+    ex.add_argument("--quantize", choices=["none", "int8"], default="none",
+                    help="int8: dynamic quantization, refused when it loses quality against fp32")
+    ex.add_argument("--dev", help="an eval folder (queries, corpus, qrels): judge int8 by dev MRR@10 "
+                                  "(default: cosine to fp32 on calibration texts)")
+    ex.add_argument("--out", required=True, help="output folder (model.onnx, tokenizer, negatron_onnx.json)")
+    ex.set_defaults(func=_cmd_export)
 
     ix = sub.add_parser("index", help="faiss index artifacts from `negatron embed` output")
     ixsub = ix.add_subparsers(dest="index_command", required=True)

@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from .deployments import (Coalescer, LoadAwareWait, Readiness, encode_counted, mark_ready, per_model, replica_labels,
-                          was_ready)
+from .deployments import (Coalescer, LoadAwareWait, Readiness, encode_counted, load_backend, mark_ready, per_model,
+                          replica_labels, was_ready)
 from . import metrics
 from .guard import Guard
 from .image_input import decode_images_request
@@ -152,12 +152,10 @@ class Ingress:
         self.local: dict[str, Any] = {}
         self._coalesce: Optional[Coalescer] = None
         if st.colocate:  # the encoders run in this replica: no hop per request
-            from negatron.trainers.encoder import load_encoder
-
             from .deployments import set_threads
 
             set_threads(st.torch_threads)
-            self.local = {n: load_encoder(p).eval() for n, p in st.models.items()}
+            self.local = {n: load_backend(p, st.backend, st.torch_threads).eval() for n, p in st.models.items()}
             self.chunk = st.batch.chunk_size
             self._local_embed.set_max_batch_size(st.batch.max_batch_size)
             self._batch_wait = LoadAwareWait(self._local_embed, st.batch.batch_wait_timeout_s, st.batch.max_batch_size)

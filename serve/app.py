@@ -129,10 +129,12 @@ def app_builder(args: ServeSection) -> Application:
                           f"{default_name!r} is an image encoder")
 
     drain = args.request_timeout_s or 600.0  # 0 = no request limit: still bounded, as a kill must be
+    backend = _prepare_backend(args, names, image_models)
     encoder = None
     if not args.encoder.colocate:
         encoder = EncoderDeployment.options(**deployment_options(args.encoder.scale, args.access_log, drain)).bind(
-            models, args.encoder.max_length, args.encoder.batch.model_dump(), args.encoder.scale.torch_threads)
+            models, args.encoder.max_length, args.encoder.batch.model_dump(), args.encoder.scale.torch_threads,
+            backend)
 
     reranker = None
     rr_path = rr_local = ""
@@ -148,8 +150,13 @@ def app_builder(args: ServeSection) -> Application:
             raise ConfigError(f"serve.reranker.path: {e}") from None
         rr_local = str(rr.resolve())
         rr_path = args.reranker.path if storage.is_remote(args.reranker.path) else rr_local
+        if args.reranker.backend == "onnx":
+            from negatron.trainers import onnx_backend
+
+            onnx_backend.prepare(rr_local, "none", log=_say)  # exported once here, before any replica
         reranker = RerankerDeployment.options(**deployment_options(args.reranker.scale, args.access_log, drain)).bind(
-            rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads)
+            rr_path, args.reranker.max_length, args.reranker.batch.model_dump(), args.reranker.scale.torch_threads,
+            args.reranker.backend)
 
     retriever = None
     if args.retriever.corpus or args.retriever.index_path:
@@ -190,6 +197,7 @@ def app_builder(args: ServeSection) -> Application:
         "torch_threads": args.encoder.scale.torch_threads, "image_models": image_models,
         "image_shapes": {n: _image_shape(names[n]) for n in image_models},
         "prompts": {n: read_prompts(p) for n, p in names.items() if n not in image_models},
+        "backend": backend,
         "request_timeout_s": args.request_timeout_s,
         # calls the ingress keeps in flight to a separate Encoder: enough for its autoscaler to
         # reach max_replicas (serve.deployments.Coalescer)
@@ -198,6 +206,32 @@ def app_builder(args: ServeSection) -> Application:
     # colocated, the ingress carries the encoders, so it takes the encoder's resources and scaling
     ingress_scale = args.encoder.scale if args.encoder.colocate else args.ingress
     return Ingress.options(**deployment_options(ingress_scale, args.access_log, drain)).bind(encoder, reranker, retriever, settings)
+
+
+def _say(line: str) -> None:
+    print(f"[negatron] {line}", flush=True)
+
+
+def _prepare_backend(args: ServeSection, names: dict[str, Path], image_models: list[str]) -> dict:
+    """serve.encoder.backend / quantize: export (and for int8, check) every text model here on the
+    driver, so a refused quantization stops `negatron serve` with its numbers before any replica
+    starts; replicas load the cached export."""
+    backend = {"backend": args.encoder.backend, "quantize": args.encoder.quantize}
+    if args.encoder.backend == "torch":
+        if args.encoder.quantize != "none":
+            raise ConfigError("serve.encoder.quantize: int8 needs serve.encoder.backend: onnx")
+        return backend
+    if image_models:
+        raise ConfigError(f"serve.encoder.backend: onnx serves text encoders; {', '.join(image_models)} "
+                          "embeds images (use backend: torch)")
+    from negatron.trainers import onnx_backend
+
+    for name, folder in names.items():
+        _, check = onnx_backend.prepare(folder, args.encoder.quantize, args.encoder.quantize_dev or None,
+                                        log=_say)
+        if check:
+            _say(f"{name}: int8 accepted ({check})")
+    return backend
 
 
 def _pipeline_artifact(args: ServeSection, model_folder: Path, name: str) -> tuple[dict, dict] | None:

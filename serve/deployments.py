@@ -241,6 +241,18 @@ def encode_counted(enc, name: str, inputs: list, chunk: int, max_length: int) ->
     return out
 
 
+def load_backend(path: str, backend: dict, threads: int):
+    """A served encoder on serve.encoder.backend: torch (text or image) or ONNX Runtime (text)."""
+    from negatron.trainers.encoder import load_encoder
+
+    if backend.get("backend") == "onnx":
+        from negatron.trainers import onnx_backend
+        from negatron.trainers.model_io import resolve_model_path
+
+        return onnx_backend.load(resolve_model_path(path), backend.get("quantize", "none"), threads)
+    return load_encoder(path)
+
+
 def replica_labels(deployment: str) -> dict[str, str]:
     try:
         rid = serve.get_replica_context().replica_id.unique_id
@@ -265,10 +277,13 @@ class EncoderDeployment:
         torch_threads: intra-op threads of this replica.
     """
 
-    def __init__(self, models: dict[str, str], max_length: int, batch: dict, torch_threads: int = 1):
+    def __init__(self, models: dict[str, str], max_length: int, batch: dict, torch_threads: int = 1,
+                 backend: dict | None = None):
         from negatron.trainers.model_io import resolve_model_path
 
         set_threads(torch_threads)
+        self.backend = backend or {"backend": "torch", "quantize": "none"}
+        self.threads = torch_threads
         # a folder on an object store is fetched once per node into the local cache
         self.paths = {name: str(resolve_model_path(path)) for name, path in models.items()}
         self.max_length = max_length
@@ -279,11 +294,9 @@ class EncoderDeployment:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, name: str):
-        from negatron.trainers.encoder import load_encoder
-
         if name not in self.paths:
             raise KeyError(f"unknown model {name!r}")
-        enc = await asyncio.to_thread(load_encoder, self.paths[name])  # text or image
+        enc = await asyncio.to_thread(load_backend, self.paths[name], self.backend, self.threads)
         enc.eval()
         logger.info("Encoder: loaded %s from %s", name, self.paths[name])
         return enc
@@ -322,13 +335,19 @@ class RerankerDeployment:
     """Cross-encoder scoring. ``score(query, texts)`` -> float32 logits, input order (the ingress
     turns them into probabilities for /rerank and fuses the logits themselves for /search)."""
 
-    def __init__(self, path: str, max_length: int, batch: dict, torch_threads: int = 1):
+    def __init__(self, path: str, max_length: int, batch: dict, torch_threads: int = 1, backend: str = "torch"):
         from negatron.trainers.cross_encoder import CrossEncoder
-        from negatron.trainers.model_io import local_model_folder
+        from negatron.trainers.model_io import in_run_folder, local_model_folder
 
         set_threads(torch_threads)
         self.path = str(local_model_folder(path))  # fetched once per node when on an object store
-        self.model = CrossEncoder.from_pretrained(self.path, max_length=max_length or None)
+        if backend == "onnx":
+            from negatron.trainers import onnx_backend
+
+            folder = in_run_folder(Path(self.path), "config.json")
+            self.model = onnx_backend.load(folder, threads=torch_threads, max_length=max_length or None)
+        else:
+            self.model = CrossEncoder.from_pretrained(self.path, max_length=max_length or None)
         self.model.eval()
         self.chunk = int(batch["chunk_size"])
         _configure_batching(self._score_batch, batch)

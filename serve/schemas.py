@@ -128,6 +128,8 @@ class IngressSettings(BaseModel):
     torch_threads: int = 1
     image_models: list[str] = Field(default_factory=list)
     prompts: dict[str, dict[str, str]] = Field(default_factory=dict, description="Text model -> {role: prompt}.")
+    backend: dict[str, str] = Field(default_factory=lambda: {"backend": "torch", "quantize": "none"},
+                                    description="serve.encoder.backend and quantize (colocated encoders).")
     image_shapes: dict[str, tuple[int, int]] = Field(default_factory=dict, description="Image model -> (size, channels).")
     request_timeout_s: float = 0.0
     encoder_slots: int = Field(1, ge=1, description="Calls kept in flight to a separate Encoder deployment.")

@@ -456,6 +456,42 @@ def test_colocated_encoder_gives_the_same_embeddings(server, assets):
         serve.delete("colocated")
 
 
+def test_onnx_backend_serves_the_same_embeddings_and_scores(server, assets):
+    """serve.encoder.backend / serve.reranker.backend: onnx — exported on the driver, cached beside
+    each model, loaded by the Encoder and Reranker replicas; within 1e-4 of torch."""
+    pytest.importorskip("onnxruntime")
+    from ray import serve
+
+    from negatron.cluster.serve_config import ServeSection
+    from negatron.serve.app import app_builder
+    from negatron.trainers.cross_encoder import CrossEncoder
+    from negatron.trainers.encoder import Encoder
+
+    d = server["section"].model_dump()
+    d.update(app_name="onnx", api_key_env="")
+    d["encoder"]["backend"] = "onnx"
+    d["reranker"]["backend"] = "onnx"
+    d["retriever"]["corpus"] = ""
+    serve.run(app_builder(ServeSection.model_validate(d)), name="onnx", route_prefix="/onnx")
+    try:
+        assert (assets["root"] / "enc" / "onnx" / "fp32" / "model.onnx").is_file()
+        texts = ["sort a list of keys", "def f(x):\n    return x + 1"]
+        r = httpx.post(server["url"] + "/onnx/v1/embeddings", json={"input": texts, "model": "tiny2",
+                                                                    "input_type": "query"}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = np.array([x["embedding"] for x in r.json()["data"]], dtype=np.float32)
+        want = Encoder.from_pretrained(str(assets["root"] / "enc2")).encode(texts, role="query")
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        query, docs = "multiply the input", assets["docs"][:6]
+        r = httpx.post(server["url"] + "/onnx/rerank", json={"query": query, "texts": docs}, timeout=60)
+        assert r.status_code == 200, r.text
+        direct = CrossEncoder.from_pretrained(assets["root"] / "ce").score([query] * len(docs), docs)
+        got = {x["index"]: x["score"] for x in r.json()}
+        np.testing.assert_allclose([got[i] for i in range(len(docs))], direct, atol=1e-4)
+    finally:
+        serve.delete("onnx")
+
+
 def _stream_upload(port: int, mb: int, headers: str = "") -> tuple[str, bytes, int]:
     """POST a chunked body of ``mb`` MB as fast as possible; (status line, body, bytes sent)."""
     s = socket.create_connection(("127.0.0.1", port))

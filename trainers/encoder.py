@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -69,39 +69,14 @@ def plan_chunks(lengths: np.ndarray, max_chunk: int, forward_cost: float) -> lis
     return out[::-1]
 
 
-class Encoder(nn.Module):
-    """Text bi-encoder.
-
-    Args:
-        backbone: a transformers ``PreTrainedModel`` returning ``last_hidden_state``.
-        tokenizer: its (fast) tokenizer.
-        pooling: "mean" or "cls".
-        projection_dim: 0 for none, else a linear head to this size.
-        normalize: L2-normalise the output.
-        max_length: default truncation length for ``tokenize``.
-
-    ``encode`` sorts texts by token count and splits them with ``plan_chunks``; a forward pass is
-    taken to cost as much as ``forward_cost_tokens`` tokens (measured for all-MiniLM-L6-v2 on one
-    CPU thread: ~4.4 ms per pass against ~0.17 ms per token).
-    """
+class TextInput:
+    """What every text-encoder backend (torch ``Encoder``, ``OnnxEncoder``) shares on the input
+    side: the tokenizer, the token limit, the query/document prompts, and unpadded tokenization
+    padded per forward pass. Needs ``tokenizer``, ``max_length`` and ``prompts``."""
 
     forward_cost_tokens: float = 32.0
-    autocast_dtype: torch.dtype | None = None  # bf16 / fp16 autocast of the transformer (precision.py)
-
-    def __init__(self, backbone: nn.Module, tokenizer, pooling: str = "mean", projection_dim: int = 0,
-                 normalize: bool = True, max_length: int = 128):
-        super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.backbone = backbone
-        self.tokenizer = tokenizer
-        self.pooling = pooling
-        self.normalize = normalize
-        self.max_length = max_length
-        hidden = backbone.config.hidden_size
-        self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
-        # model.query_prompt / model.document_prompt, prepended by role (saved with the model)
-        self.prompts: dict[str, str] = {}
+    prompts: dict[str, str]
+    max_length: int
 
     def set_prompts(self, query: str | None = None, document: str | None = None) -> None:
         """Set the prompts; None keeps the current one, "" removes it."""
@@ -118,6 +93,71 @@ class Encoder(nn.Module):
             raise ValueError(f"role must be one of {PROMPT_ROLES} or None, got {role!r}")
         prompt = self.prompts.get(role or "")
         return [prompt + t for t in texts] if prompt else texts
+
+    def token_lengths(self, texts: Sequence[str], max_length: int | None = None, role: str | None = None) -> np.ndarray:
+        """Tokens per text after truncation (N ints), special tokens and the role's prompt included."""
+        return _lengths(self._tokenize_unpadded(self.prompted(texts, role), max_length))
+
+    def _tokenize_unpadded(self, texts: Sequence[str], max_length: int | None = None):
+        """Token ids (and masks) per text after truncation, not padded: lists of lists."""
+        if not len(texts):
+            return {"input_ids": []}
+        return self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)
+
+    def _pad(self, tok, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` of an unpadded tokenization as b×L tensors, padded as the tokenizer pads."""
+        tk = self.tokenizer
+        width = max(len(tok["input_ids"][i]) for i in idx)
+        fills = {"input_ids": tk.pad_token_id or 0, "attention_mask": 0,
+                 "token_type_ids": getattr(tk, "pad_token_type_id", 0)}
+        left = tk.padding_side == "left"
+        out = {}
+        for key, fill in fills.items():
+            if key not in tok:
+                continue
+            arr = np.full((len(idx), width), fill, dtype=np.int64)  # b×L
+            for j, i in enumerate(idx):
+                seq = tok[key][i]
+                if left:
+                    arr[j, width - len(seq):] = seq
+                else:
+                    arr[j, :len(seq)] = seq
+            out[key] = torch.from_numpy(arr)
+        return out
+
+
+class Encoder(TextInput, nn.Module):
+    """Text bi-encoder.
+
+    Args:
+        backbone: a transformers ``PreTrainedModel`` returning ``last_hidden_state``.
+        tokenizer: its (fast) tokenizer.
+        pooling: "mean" or "cls".
+        projection_dim: 0 for none, else a linear head to this size.
+        normalize: L2-normalise the output.
+        max_length: default truncation length for ``tokenize``.
+
+    ``encode`` sorts texts by token count and splits them with ``plan_chunks``; a forward pass is
+    taken to cost as much as ``forward_cost_tokens`` tokens (measured for all-MiniLM-L6-v2 on one
+    CPU thread: ~4.4 ms per pass against ~0.17 ms per token).
+    """
+
+    autocast_dtype: torch.dtype | None = None  # bf16 / fp16 autocast of the transformer (precision.py)
+
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: str = "mean", projection_dim: int = 0,
+                 normalize: bool = True, max_length: int = 128):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_length = max_length
+        hidden = backbone.config.hidden_size
+        self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+        # model.query_prompt / model.document_prompt, prepended by role (saved with the model)
+        self.prompts: dict[str, str] = {}
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the transformer's activations in backward (model.gradient_checkpointing)."""
@@ -193,42 +233,11 @@ class Encoder(nn.Module):
             emb = F.normalize(emb, dim=-1)  # B×D, unit rows
         return emb
 
-    def token_lengths(self, texts: Sequence[str], max_length: int | None = None, role: str | None = None) -> np.ndarray:
-        """Tokens per text after truncation (N ints), special tokens and the role's prompt included."""
-        return _lengths(self._tokenize_unpadded(self.prompted(texts, role), max_length))
-
-    def _tokenize_unpadded(self, texts: Sequence[str], max_length: int | None = None):
-        """Token ids (and masks) per text after truncation, not padded: lists of lists."""
-        if not len(texts):
-            return {"input_ids": []}
-        return self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)
-
     def encode_batch(self, texts: Sequence[str], max_length: int | None = None, role: str | None = None) -> torch.Tensor:
         """Texts (B) -> embeddings B×D with gradients; ``role`` ("query" / "document") picks the prompt."""
         batch = self.tokenize(self.prompted(texts, role), max_length)
         device = next(self.parameters()).device
         return self(**{k: v.to(device) for k, v in batch.items()})
-
-    def _pad(self, tok, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Rows ``idx`` of an unpadded tokenization as b×L tensors, padded as the tokenizer pads."""
-        tk = self.tokenizer
-        width = max(len(tok["input_ids"][i]) for i in idx)
-        fills = {"input_ids": tk.pad_token_id or 0, "attention_mask": 0,
-                 "token_type_ids": getattr(tk, "pad_token_type_id", 0)}
-        left = tk.padding_side == "left"
-        out = {}
-        for key, fill in fills.items():
-            if key not in tok:
-                continue
-            arr = np.full((len(idx), width), fill, dtype=np.int64)  # b×L
-            for j, i in enumerate(idx):
-                seq = tok[key][i]
-                if left:
-                    arr[j, width - len(seq):] = seq
-                else:
-                    arr[j, :len(seq)] = seq
-            out[key] = torch.from_numpy(arr)
-        return out
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
@@ -245,28 +254,14 @@ class Encoder(nn.Module):
         was_training = self.training
         if was_training:  # eval() walks every submodule: skip it when already in eval mode
             self.eval()
-        # tokenized once, unpadded; each forward pass pads only its own rows
-        tok = self._tokenize_unpadded(self.prompted(texts, role), max_length)
-        lengths = _lengths(tok)  # N
-        order = np.argsort(-lengths, kind="stable")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        bar = _progress(len(texts), progress)
         device = next(self.parameters()).device
-        slots = passes = 0
-        for start, end in plan_chunks(lengths[order], batch_size, self.forward_cost_tokens):
-            idx = order[start:end]
-            emb = self(**{k: v.to(device) for k, v in self._pad(tok, idx).items()})  # b×D
-            out[idx] = emb.float().cpu().numpy()
-            slots += len(idx) * int(lengths[idx].max())
-            passes += 1
-            if bar is not None:
-                bar.update(len(idx))
-        if bar is not None:
-            bar.close()
+
+        def forward(batch: dict[str, torch.Tensor]) -> np.ndarray:
+            return self(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()  # b×D
+
+        out = encode_sorted(self, self.prompted(texts, role), batch_size, max_length, forward, progress, stats)
         if was_training:
             self.train()
-        if stats is not None:
-            stats.update(tokens=int(lengths.sum()), slots=slots, passes=passes)
         return out
 
     # -- saving ---------------------------------------------------------------------------------
@@ -305,6 +300,35 @@ class Encoder(nn.Module):
         (folder / "modules.json").write_text(json.dumps(modules, indent=2))
         write_st_config(folder, self.prompts, "cosine" if self.normalize else "dot")
         return folder
+
+
+def encode_sorted(enc, texts: Sequence[str], batch_size: int, max_length: int | None,
+                  forward: Callable[[dict[str, torch.Tensor]], np.ndarray], progress: str | None = None,
+                  stats: dict | None = None) -> np.ndarray:
+    """The inference loop every text-encoder backend shares (torch, ONNX Runtime).
+
+    ``texts`` are tokenized once, unpadded, sorted by token count and cut into forward passes by
+    ``plan_chunks``; each pass pads only its own rows and ``forward`` maps those b×L tensors to
+    b×D rows. ``enc`` gives ``_tokenize_unpadded``, ``_pad``, ``dim`` and ``forward_cost_tokens``.
+    """
+    tok = enc._tokenize_unpadded(texts, max_length)
+    lengths = _lengths(tok)  # N
+    order = np.argsort(-lengths, kind="stable")
+    out = np.zeros((len(texts), enc.dim), dtype=np.float32)
+    bar = _progress(len(texts), progress)
+    slots = passes = 0
+    for start, end in plan_chunks(lengths[order], batch_size, enc.forward_cost_tokens):
+        idx = order[start:end]
+        out[idx] = forward(enc._pad(tok, idx))  # b×D
+        slots += len(idx) * int(lengths[idx].max())
+        passes += 1
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    if stats is not None:
+        stats.update(tokens=int(lengths.sum()), slots=slots, passes=passes)
+    return out
 
 
 def _lengths(tok) -> np.ndarray:

@@ -186,7 +186,8 @@ def _file_digest(path: Path, h: "hashlib._Hash") -> None:
 
 
 # training state in a checkpoint folder: never read by an encoder, so never part of its id
-_NOT_MODEL = ("train_state", "README.md", "training.png")  # the model card does not change embeddings
+# the model card and the ONNX exports (trainers/onnx_backend.py) do not change the model
+_NOT_MODEL = ("train_state", "README.md", "training.png", "onnx")
 
 
 def model_id(folder: str | Path) -> str:
