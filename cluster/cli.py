@@ -25,11 +25,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from negatron.trainers.stdlib_data import build_stdlib_dataset
+    from negatron.trainers.stdlib_data import build_pycode_dataset, build_stdlib_dataset
 
     t0 = time.perf_counter()
-    counts = build_stdlib_dataset(args.out, seed=args.seed)
-    print(f"built the stdlib code-search dataset in {args.out} ({time.perf_counter() - t0:.1f}s)")
+    build = build_pycode_dataset if args.dataset == "pycode" else build_stdlib_dataset
+    counts = build(args.out, seed=args.seed)
+    print(f"built the {args.dataset} code-search dataset in {args.out} ({time.perf_counter() - t0:.1f}s)")
     print(f"  train: {counts['train']['pairs']} pairs")
     for split in ("dev", "test"):
         c = counts[split]
@@ -384,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", required=True, help="output folder")
     ds.add_argument("--seed", type=NONNEG, default=0, help="split seed (default 0)")
     ds.set_defaults(func=_cmd_data)
+    dy = dsub.add_parser("pycode", help="code-search pairs from the third-party packages installed with Negatron "
+                                        "(numpy, torch, transformers, ray, pyarrow, ...)")
+    dy.add_argument("--out", required=True, help="output folder")
+    dy.add_argument("--seed", type=NONNEG, default=0, help="split seed (default 0)")
+    dy.set_defaults(func=_cmd_data)
     dp = dsub.add_parser("prepare", help="rewrite JSONL/CSV/Parquet pairs into Parquet shards that stream well")
     dp.add_argument("--in", dest="inputs", nargs="+", required=True,
                     help="input files (.jsonl/.json, .csv, .parquet; paths or URIs) with query, positive "

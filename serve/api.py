@@ -49,7 +49,8 @@ app = FastAPI(title="Negatron", version="0.1.0",
 
 app.add_middleware(Guard)
 # outermost (added last): the guard's refusals are counted too
-app.add_middleware(metrics.RequestMetrics, routes=lambda: {getattr(r, "path", "") for r in app.routes})
+app.add_middleware(metrics.RequestMetrics,
+                   paths=lambda: set(app.openapi()["paths"]) | {getattr(r, "path", "") for r in app.routes})
 
 
 @app.exception_handler(ApiError)

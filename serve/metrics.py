@@ -157,28 +157,38 @@ def merge(sources: Iterable[tuple[dict[str, str], str]]) -> str:
 
 class RequestMetrics:
     """ASGI middleware (outermost, so refusals by the guard are counted): requests by route, method
-    and code, and their latency. Unknown paths count as route ``other`` (bounded cardinality)."""
+    and code, and their latency. The route is the matched route's path template; a request refused
+    before routing counts under its path when that is one of the app's paths (``paths()``, read
+    once); anything else counts as ``other`` (bounded cardinality)."""
 
-    def __init__(self, app, routes: Callable[[], set[str]]):
-        self.app, self._routes, self._known = app, routes, None
+    def __init__(self, app, paths: Callable[[], set[str]]):
+        self.app, self._paths_fn, self._paths = app, paths, None
+
+    def _route(self, scope) -> str:
+        matched = scope.get("route")  # set by FastAPI's router on the shared scope
+        if getattr(matched, "path", None):
+            return matched.path
+        if self._paths is None:
+            try:
+                self._paths = set(self._paths_fn())
+            except Exception:  # noqa: BLE001 - never fail a request over a metric label
+                self._paths = set()
+        path, root = scope.get("path", ""), scope.get("root_path", "") or ""
+        path = path[len(root):] if root and path.startswith(root) else path
+        return path if path in self._paths else "other"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self._known is None:
-            self._known = self._routes()
-        path, root = scope.get("path", ""), scope.get("root_path", "") or ""
-        path = path[len(root):] if root and path.startswith(root) else path
-        route = path if path in self._known else "other"
         t0, code = time.perf_counter(), [500]
 
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
                 code[0] = message["status"]
-                request_seconds().labels(route).observe(time.perf_counter() - t0)
+                request_seconds().labels(self._route(scope)).observe(time.perf_counter() - t0)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapped)
         finally:
-            requests_total().labels(route, scope.get("method", ""), str(code[0])).inc()
+            requests_total().labels(self._route(scope), scope.get("method", ""), str(code[0])).inc()

@@ -210,8 +210,8 @@ def test_metrics_are_prometheus_text_from_every_deployment(server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     fams = {f.name: f for f in text_string_to_metric_families(r.text)}
 
-    def total(name, **labels):
-        return sum(s.value for s in fams[name].samples
+    def total(name, **labels):  # a sample name (counters' families drop "_total")
+        return sum(s.value for f in fams.values() for s in f.samples
                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
     assert total("negatron_http_requests_total", route="/v1/embeddings", code="200") >= 1
@@ -225,6 +225,7 @@ def test_metrics_are_prometheus_text_from_every_deployment(server):
     assert total("negatron_search_batch_queries_count", deployment="Retriever") >= 1
     assert total("negatron_index_documents") == 60
     assert "negatron_coalescer_queue_depth" in fams and "negatron_index_swaps" in fams
+    assert total("negatron_index_swaps_total") == 0
     assert {s.labels["deployment"] for s in fams["negatron_metrics_source_up"].samples} == {
         "Encoder", "Reranker", "Retriever"}
     assert all(s.value == 1 for s in fams["negatron_metrics_source_up"].samples)

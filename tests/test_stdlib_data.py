@@ -51,3 +51,33 @@ def test_first_sentence():
     assert first_sentence("Return the thing. More text.") == "Return the thing."
     assert first_sentence("Multi\n  line summary here.\n\nDetails.") == "Multi line summary here."
     assert first_sentence("No full stop") == "No full stop"
+
+
+def _modules(ids):
+    return {i.rsplit(".", 1)[0] for i in ids}
+
+
+def test_pycode_is_deterministic_split_by_module_and_shaped_like_stdlib(tmp_path):
+    """`negatron data pycode` on a few small installed packages (the full build parses torch,
+    transformers and ray: its counts are in docs/data.md)."""
+    import json
+
+    from negatron.trainers.stdlib_data import build_pycode_dataset
+
+    pkgs = ["yaml", "tqdm", "httpx"]
+    counts = build_pycode_dataset(tmp_path / "a", packages=pkgs)
+    build_pycode_dataset(tmp_path / "b", packages=pkgs)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") and len(_digest(tmp_path / "a")) == 7
+    info = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    assert set(info["packages"]) == {"PyYAML", "tqdm", "httpx"} and info["counts"] == counts
+    train = check_pairs(tmp_path / "a" / "train.parquet")
+    assert train.schema.names == pq.read_schema(tmp_path / "a" / "train.parquet").names
+    assert set(train.schema.names) == {"query", "positive", "query_id", "positive_id"}
+    ids = {"train": set(train.column("positive_id").to_pylist())}
+    for split in ("dev", "test"):
+        ev = check_eval_dir(tmp_path / "a" / split)
+        ids[split] = set(ev.corpus.column("doc_id").to_pylist())
+    assert counts["train"]["pairs"] > 100
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not ids[a] & ids[b] and not _modules(ids[a]) & _modules(ids[b]), (a, b)
+    assert all(i.split(".")[0] in pkgs for i in ids["train"])

@@ -1,10 +1,13 @@
-"""The built-in dataset: code-search pairs from the Python standard library on this machine.
+"""The built-in datasets: code-search pairs from Python source installed on this machine.
 
 query = the first sentence of a function's (or method's) docstring; document = the function's
 source without its docstring; ids come from the qualified name (``module.Class.func``). No
-download: the source files are those of the running interpreter. Pairs are split by module with
-a seeded hash, so no function (and no module) is in two splits, and the output is byte-identical
-from run to run on the same interpreter.
+download: the source files are those of the running interpreter (``stdlib``) or of the
+third-party packages installed with Negatron itself (``pycode``: numpy, torch, transformers, ray,
+pyarrow, ...). Pairs are split by module with a seeded hash, so no function (and no module) is in
+two splits; duplicate code and duplicate queries are dropped; dev and test corpora get
+docstring-less functions of their own modules as distractors. The output is byte-identical from
+run to run in the same environment (``pycode`` records the package versions in dataset.json).
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def _module_name(root: Path, path: Path) -> str:
     return ".".join(parts)
 
 
-def iter_source_files(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*.py")):
+def iter_source_files(root: Path, under: Path | None = None) -> Iterator[Path]:
+    for path in sorted((under or root).rglob("*.py")):
         rel = path.relative_to(root).parts
         if any(p in _SKIP_PARTS or p.startswith("test_") for p in rel):
             continue
@@ -88,11 +91,13 @@ def _function(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str], qu
     return Function(id=qualname, module=module, doc=first_sentence(doc) if doc else "", code=code)
 
 
-def extract_functions(root: Path | None = None) -> list[Function]:
-    """Every top-level function and method in the stdlib, in a deterministic order."""
+def extract_functions(root: Path | None = None, packages: list[str] | None = None) -> list[Function]:
+    """Every top-level function and method under ``root`` (the stdlib by default; only the
+    ``packages`` folders of it when given), in a deterministic order."""
     root = root or stdlib_root()
     out: list[Function] = []
-    for path in iter_source_files(root):
+    files = (f for p in packages for f in iter_source_files(root, root / p)) if packages else iter_source_files(root)
+    for path in files:
         try:
             text = path.read_text(encoding="utf-8")
             tree = ast.parse(text)
@@ -138,8 +143,70 @@ def build_stdlib_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.1,
         max_code_chars: truncate very long function sources.
         distractors_per_query: distractor documents added to a dev/test corpus per query.
     """
+    return write_code_dataset(out, extract_functions(root), seed, dev_frac, test_frac, min_words, min_body_lines,
+                              max_code_chars, distractors_per_query)
+
+
+# pycode: import name -> distribution, the third-party packages a default install of Negatron brings
+PYCODE_PACKAGES = {"numpy": "numpy", "torch": "torch", "transformers": "transformers", "ray": "ray",
+                   "pyarrow": "pyarrow", "pydantic": "pydantic", "yaml": "PyYAML", "tqdm": "tqdm",
+                   "matplotlib": "matplotlib", "httpx": "httpx", "psutil": "psutil"}
+# inside those packages: vendored code, generated bindings and examples
+_PYCODE_SKIP = ("_vendor", "thirdparty", "third_party", "_private/thirdparty_files", "examples", "benchmarks",
+                "testing/_internal")
+
+
+def pycode_sources(packages: list[str] | None = None) -> tuple[Path, list[str], dict[str, str]]:
+    """(site-packages folder, the package folders found there, {distribution: version})."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    roots, found, versions = set(), [], {}
+    for mod, dist in PYCODE_PACKAGES.items():
+        if packages is not None and mod not in packages:
+            continue
+        spec = importlib.util.find_spec(mod)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        folder = Path(list(spec.submodule_search_locations)[0])
+        roots.add(folder.parent)
+        found.append(mod)
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = "unknown"
+    if len(roots) != 1:  # e.g. an editable install elsewhere: module names would not be comparable
+        raise RuntimeError(f"pycode: the packages are in several folders ({sorted(map(str, roots))})")
+    return roots.pop(), found, versions
+
+
+def build_pycode_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.1, test_frac: float = 0.2,
+                         min_words: int = 5, min_body_lines: int = 3, max_code_chars: int = 4000,
+                         distractors_per_query: float = 1.0,
+                         packages: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """The second built-in dataset: code-search pairs from the third-party packages installed with
+    Negatron (``PYCODE_PACKAGES``, or the ``packages`` among them), with the stdlib dataset's rules;
+    ``dataset.json`` records the package versions (the output is a function of them and the seed)."""
+    import json
+    import platform
+
+    root, packages, versions = pycode_sources(packages)
+    funcs = [f for f in extract_functions(root, packages)
+             if not any(f"/{s.replace('.', '/')}/" in "/" + f.module.replace(".", "/") + "/" for s in _PYCODE_SKIP)]
+    counts = write_code_dataset(out, funcs, seed, dev_frac, test_frac, min_words, min_body_lines, max_code_chars,
+                                distractors_per_query)
+    info = {"name": "pycode", "seed": seed, "python": platform.python_version(), "packages": versions,
+            "counts": counts, "rules": {"dev_frac": dev_frac, "test_frac": test_frac, "min_words": min_words,
+                                        "min_body_lines": min_body_lines, "max_code_chars": max_code_chars}}
+    (Path(out) / "dataset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return counts
+
+
+def write_code_dataset(out: str | Path, funcs: list[Function], seed: int, dev_frac: float, test_frac: float,
+                       min_words: int, min_body_lines: int, max_code_chars: int,
+                       distractors_per_query: float) -> dict[str, dict[str, int]]:
+    """Pairs, splits and files from extracted functions (the rules of ``build_stdlib_dataset``)."""
     out = Path(out)
-    funcs = extract_functions(root)
     pairs: dict[str, list[Function]] = {"train": [], "dev": [], "test": []}
     distractors: dict[str, list[Function]] = {"train": [], "dev": [], "test": []}
     seen_ids: set[str] = set()
