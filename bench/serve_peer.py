@@ -82,6 +82,48 @@ def _embed(url: str, texts: list[str], model: str) -> np.ndarray:
     return np.array([d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])], dtype=np.float32)
 
 
+def _title(p) -> str:
+    """A process's role: Ray's titles (ray::ServeReplica:app:Deployment, ray::ProxyActor), or its
+    executable's name."""
+    try:
+        cmd = p.cmdline()
+    except Exception:  # noqa: BLE001 - gone
+        return "?"
+    first = cmd[0] if cmd else p.name()
+    if first.startswith("ray::"):
+        return first.split(" ")[0]
+    name = Path(first).name
+    return name + (" " + " ".join(cmd[1:3]) if name.startswith("python") else "")
+
+
+def cpu_by_process(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a server process and all its descendants, by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[f"{_title(p)}#{p.pid}"] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Cores used per role over ``wall`` seconds (the load's warm-up included), largest first."""
+    used: dict[str, float] = {}
+    for k, v in after.items():
+        role = k.rsplit("#", 1)[0]
+        used[role] = used.get(role, 0.0) + (v - before.get(k, 0.0)) / wall
+    return {k: round(v, 2) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
 def run_server(name: str, cmd: list[str], env: dict, url: str, ready_path: str, model: str, texts: list[str],
                levels: list[int], seconds: float, logdir: Path) -> tuple[dict, np.ndarray]:
     print(f"[{name}] starting: {' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr, flush=True)
@@ -94,7 +136,9 @@ def run_server(name: str, cmd: list[str], env: dict, url: str, ready_path: str, 
         bodies = [{"input": t, "model": model} for t in texts]
         points = []
         for c in levels:
+            before, t_cpu = cpu_by_process(proc.pid), time.perf_counter()
             p = asyncio.run(load(url, "/v1/embeddings", bodies, c, seconds))
+            p["cores_by_process"] = cpu_share(before, cpu_by_process(proc.pid), time.perf_counter() - t_cpu)
             print(f"[{name}] concurrency {c}: {p}", file=sys.stderr, flush=True)
             points.append(p)
         return {"start_s": round(start_s, 1), "points": points}, emb
