@@ -96,6 +96,6 @@ def test_negatron_export_command(tiny, tmp_path, capsys):
     assert main(["export", "--model", str(tiny / "enc"), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "model.onnx" in out and "serve.encoder.backend=onnx" in out
-    assert json.loads((tmp_path / "out" / ob.META).read_text())["kind"] == "encoder"
+    assert json.loads((tmp_path / "out" / ob.META).read_text())["kind"] == ob.EMBEDDER
     assert main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) != 0
     assert "nope" in capsys.readouterr().err

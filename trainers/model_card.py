@@ -41,13 +41,13 @@ def _metrics_table(columns: dict[str, dict[str, Any]]) -> str:
 def render(cfg: dict[str, Any], name: str, metrics: dict[str, dict[str, Any]], steps: int,
            with_plot: bool) -> str:
     """The card's Markdown. ``cfg``: the run's config as a dict; ``metrics``: column -> metrics."""
+    from .tasks import TASKS
+
     m, t, kind = cfg["model"], cfg["trainer"], cfg["model"]["kind"]
+    task = TASKS[kind]
     base = _base_model(m["path"])
-    cross = kind == "cross-encoder"
-    meta = {"library_name": "sentence-transformers" if kind != "image" else "negatron",
-            "pipeline_tag": "text-ranking" if cross else ("image-feature-extraction" if kind == "image"
-                                                          else "sentence-similarity"),
-            "tags": ["negatron", "contrastive", "cross-encoder" if cross else "sentence-transformers"],
+    meta = {"library_name": task.card_meta["library_name"], "pipeline_tag": task.card_meta["pipeline_tag"],
+            "tags": ["negatron", "contrastive", task.card_meta["tag"]],
             "base_model": base, "datasets": [storage.redact(cfg["data"]["train"])] if cfg["data"].get("train") else []}
     prompts = {r: m.get(f"{r}_prompt") for r in ("query", "document") if m.get(f"{r}_prompt")}
     setup = {
@@ -62,26 +62,11 @@ def render(cfg: dict[str, Any], name: str, metrics: dict[str, dict[str, Any]], s
     }
     if prompts:
         setup["prompts"] = ", ".join(f"{r}: `{p!r}`" for r, p in prompts.items())
+    link = "https://huggingface.co/" + base if m["path"] == "default" else base
     out = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
-           f"A {kind} fine-tuned from [`{base}`]({'https://huggingface.co/' + base if m['path'] == 'default' else base}) "
-           "with [Negatron](https://github.com/negatron/negatron): data-parallel contrastive training on Ray "
+           f"A {kind} fine-tuned from [`{base}`]({link}) with Negatron: data-parallel contrastive training on Ray "
            "with cross-worker in-batch negatives" + (" and a shared memory bank." if cfg["bank"]["size"] else "."),
-           "", "## Usage", ""]
-    if cross:
-        out += ["```python", "from sentence_transformers import CrossEncoder", "",
-                "model = CrossEncoder(\"path/to/this/folder\")",
-                "scores = model.predict([(\"how do I parse a date\", \"def parse_date(s): ...\")])", "```"]
-    elif kind == "image":
-        out += ["```python", "from negatron.trainers.image_encoder import ImageEncoder", "",
-                "model = ImageEncoder.from_pretrained(\"path/to/this/folder\")", "emb = model.encode(images)", "```"]
-    else:
-        out += ["```python", "from sentence_transformers import SentenceTransformer", "",
-                "model = SentenceTransformer(\"path/to/this/folder\")",
-                "queries = model.encode_query([\"how do I parse a date\"])" + ("  # adds the query prompt" if "query" in prompts else ""),
-                "docs = model.encode_document([\"def parse_date(s): ...\"])" + ("  # adds the document prompt" if "document" in prompts else ""),
-                "print(model.similarity(queries, docs))", "```", "",
-                "Or serve it: `negatron serve --model path/to/this/folder` (OpenAI-style `/v1/embeddings`; "
-                "send `input_type: query` or `document` to get the prompts used in training)."]
+           "", "## Usage", "", "```python", *task.card_usage, "```", "", task.card_serving]
     out += ["", "## Training", "", "| setting | value |", "|---|---|", _rows(setup), ""]
     if metrics:
         out += ["## Results", "", _metrics_table(metrics), ""]

@@ -35,10 +35,12 @@ from .model_io import model_id, read_prompts, resolve_model_path
 
 META = "negatron_onnx.json"
 ONNX_DIR = "onnx"
-FORMAT = 1
+FORMAT = 2  # exports of another format are redone
 MAX_MRR_DROP = 0.005
 MIN_COSINE = 0.99
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# what an export holds (from the model's architecture): embeddings, or a relevance logit per pair
+EMBEDDER, RERANKER = "embedder", "reranker"
 
 
 class QuantizationRefused(ConfigError):
@@ -55,7 +57,7 @@ def require() -> None:
 def _kind(folder: Path) -> str:
     cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     archs = cfg.get("architectures") or []
-    return "cross-encoder" if any("SequenceClassification" in a for a in archs) else "encoder"
+    return RERANKER if any("SequenceClassification" in a for a in archs) else EMBEDDER
 
 
 def _writable(folder: Path) -> bool:
@@ -97,7 +99,8 @@ def export(model: str | Path, quantize: str = "none", out: Path | None = None, l
     dest = Path(out) if out is not None else cache_dir(folder, variant)
     mid = model_id(folder)
     meta = _read_meta(dest)
-    if meta.get("model_id") == mid and meta.get("variant") == variant and (dest / "model.onnx").is_file():
+    if (meta.get("model_id") == mid and meta.get("variant") == variant and meta.get("format") == FORMAT
+            and (dest / "model.onnx").is_file()):
         return dest
     if variant == "int8":
         fp32 = export(folder, "none", log=log)
@@ -141,7 +144,7 @@ def _swap_in(stage: Path, dest: Path) -> None:
 def _export_fp32(folder: Path, kind: str, stage: Path) -> dict:
     import torch
 
-    if kind == "cross-encoder":
+    if kind == RERANKER:
         from .cross_encoder import CrossEncoder
 
         model = CrossEncoder.from_pretrained(folder).eval()
@@ -224,7 +227,7 @@ class OnnxEncoder(TextInput):
 
         self.folder = Path(folder)
         self.meta = _read_meta(self.folder)
-        if self.meta.get("kind") != "encoder":
+        if self.meta.get("kind") != EMBEDDER:
             raise ConfigError(f"{folder}: not an ONNX bi-encoder export ({META} says {self.meta.get('kind')!r})")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         self.max_length = int(self.meta["max_length"])
@@ -253,7 +256,7 @@ class OnnxCrossEncoder:
 
         self.folder = Path(folder)
         self.meta = _read_meta(self.folder)
-        if self.meta.get("kind") != "cross-encoder":
+        if self.meta.get("kind") != RERANKER:
             raise ConfigError(f"{folder}: not an ONNX cross-encoder export ({META} says {self.meta.get('kind')!r})")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         self.max_length = max_length or int(self.meta["max_length"])
@@ -338,7 +341,7 @@ def prepare(model: str | Path, quantize: str = "none", dev: str | None = None, o
     """Export (and for int8, check) ``model``; returns the ONNX folder and the check's numbers.
     The check's verdict is kept in the folder, so replicas and restarts do not repeat it."""
     dest = export(model, quantize, out=out, log=log)
-    if quantize != "int8" or _kind(resolve_model_path(str(model))) != "encoder":
+    if quantize != "int8" or _kind(resolve_model_path(str(model))) != EMBEDDER:
         return dest, {}
     meta = _read_meta(dest)
     key = f"check:{dev or 'cosine'}"
@@ -353,4 +356,4 @@ def load(model: str | Path, quantize: str = "none", threads: int = 1, max_length
     """``OnnxEncoder`` or ``OnnxCrossEncoder`` of a model folder (exported when not cached)."""
     dest = export(model, quantize, log=lambda s: None)
     kind = _read_meta(dest).get("kind")
-    return OnnxCrossEncoder(dest, threads, max_length) if kind == "cross-encoder" else OnnxEncoder(dest, threads)
+    return OnnxCrossEncoder(dest, threads, max_length) if kind == RERANKER else OnnxEncoder(dest, threads)

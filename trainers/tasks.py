@@ -68,6 +68,18 @@ class Task:
     metrics: ClassVar[tuple[str, ...]] = TEXT_METRICS
     what_trains: ClassVar[str] = "a pairs Parquet with query, positive, query_id, positive_id"
     shared_dev: ClassVar[bool] = True  # every worker takes part in a dev check (else rank 0 alone)
+    # the model card's Hub metadata and usage (trainers/model_card.py)
+    card_meta: ClassVar[dict[str, str]] = {"library_name": "sentence-transformers",
+                                           "pipeline_tag": "sentence-similarity", "tag": "sentence-transformers"}
+    card_usage: ClassVar[tuple[str, ...]] = (
+        "from sentence_transformers import SentenceTransformer", "",
+        'model = SentenceTransformer("path/to/this/folder")',
+        'queries = model.encode_query(["how do I parse a date"])  # with the query prompt, if any',
+        'docs = model.encode_document(["def parse_date(s): ..."])  # with the document prompt, if any',
+        "print(model.similarity(queries, docs))")
+    card_serving: ClassVar[str] = (
+        "Or serve it: `negatron serve --model path/to/this/folder` (OpenAI-style `/v1/embeddings`; send "
+        "`input_type: query` or `document` to get the prompts used in training).")
 
     # -- the driver ------------------------------------------------------------------------------
 
@@ -189,6 +201,12 @@ class CrossEncoderTask(Task):
 
     kind = "cross-encoder"
     shared_dev = False
+    card_meta = {"library_name": "sentence-transformers", "pipeline_tag": "text-ranking", "tag": "cross-encoder"}
+    card_usage = ("from sentence_transformers import CrossEncoder", "",
+                  'model = CrossEncoder("path/to/this/folder")',
+                  'scores = model.predict([("how do I parse a date", "def parse_date(s): ...")])')
+    card_serving = ("Or serve it: `negatron serve --model BI_ENCODER --reranker path/to/this/folder` (`/rerank`, "
+                    "Cohere's `/v2/rerank`).")
 
     def validate(self, cfg: Config) -> None:
         from .model_io import resolve_model_path
@@ -233,6 +251,10 @@ class ImageTask(Task):
 
     kind = "image"
     shared_dev = False  # small folders of images: rank 0 alone
+    card_meta = {"library_name": "negatron", "pipeline_tag": "image-feature-extraction", "tag": "image"}
+    card_usage = ("from negatron.trainers.image_encoder import ImageEncoder", "",
+                  'model = ImageEncoder.from_pretrained("path/to/this/folder")', "emb = model.encode(images)")
+    card_serving = "Or serve it: `negatron serve --model path/to/this/folder` (`/v1/images/embeddings`)."
     primary_metric = "dev_knn_acc"
     shown_metrics = ("knn_acc", "probe_acc", "fewshot_probe_acc")
     metrics = ("dev_knn_acc", "dev_probe_acc", "dev_fewshot_probe_acc")

@@ -134,6 +134,5 @@ def open_tracker(cfg, rank: int) -> Tracker | None:
     """The run's tracker on rank 0 (None elsewhere, or with ``run.tracking: none``)."""
     if rank != 0 or cfg.run.tracking == "none":
         return None
-    from .train import run_folder
-
-    return Tracker(cfg.run.tracking, str(run_folder(cfg)), cfg.run.name, flat_params(cfg.to_dict()), cfg.run.tracking_uri)
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)  # train.run_folder's rule; loop imports this module
+    return Tracker(cfg.run.tracking, run_dir, cfg.run.name, flat_params(cfg.to_dict()), cfg.run.tracking_uri)
