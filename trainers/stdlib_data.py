@@ -147,10 +147,17 @@ def build_stdlib_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.1,
                               max_code_chars, distractors_per_query)
 
 
-# pycode: import name -> distribution, the third-party packages a default install of Negatron brings
+# pycode: import name -> distribution, the third-party packages a default install of Negatron brings:
+# its direct dependencies, then what those require (torch: sympy, networkx, jinja2, fsspec;
+# transformers: huggingface_hub; ray[serve]: fastapi, starlette, aiohttp, requests, click;
+# matplotlib: pillow, fonttools)
 PYCODE_PACKAGES = {"numpy": "numpy", "torch": "torch", "transformers": "transformers", "ray": "ray",
                    "pyarrow": "pyarrow", "pydantic": "pydantic", "yaml": "PyYAML", "tqdm": "tqdm",
-                   "matplotlib": "matplotlib", "httpx": "httpx", "psutil": "psutil"}
+                   "matplotlib": "matplotlib", "httpx": "httpx", "psutil": "psutil",
+                   "sympy": "sympy", "networkx": "networkx", "jinja2": "Jinja2", "fsspec": "fsspec",
+                   "huggingface_hub": "huggingface-hub", "fastapi": "fastapi", "starlette": "starlette",
+                   "aiohttp": "aiohttp", "requests": "requests", "click": "click", "PIL": "pillow",
+                   "fontTools": "fonttools"}
 # inside those packages: vendored code, generated bindings and examples
 _PYCODE_SKIP = ("_vendor", "thirdparty", "third_party", "_private/thirdparty_files", "examples", "benchmarks",
                 "testing/_internal")
@@ -180,7 +187,7 @@ def pycode_sources(packages: list[str] | None = None) -> tuple[Path, list[str], 
     return roots.pop(), found, versions
 
 
-def build_pycode_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.1, test_frac: float = 0.2,
+def build_pycode_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.05, test_frac: float = 0.1,
                          min_words: int = 5, min_body_lines: int = 3, max_code_chars: int = 4000,
                          distractors_per_query: float = 1.0,
                          packages: list[str] | None = None) -> dict[str, dict[str, int]]:
