@@ -64,12 +64,13 @@ def test_pycode_is_deterministic_split_by_module_and_shaped_like_stdlib(tmp_path
 
     from negatron.trainers.stdlib_data import build_pycode_dataset
 
-    pkgs = ["yaml", "tqdm", "httpx"]
-    counts = build_pycode_dataset(tmp_path / "a", packages=pkgs)
-    build_pycode_dataset(tmp_path / "b", packages=pkgs)
+    pkgs = ["yaml", "tqdm", "httpx", "click"]
+    fracs = {"dev_frac": 0.2, "test_frac": 0.3}  # few modules: larger shares, so no split is empty
+    counts = build_pycode_dataset(tmp_path / "a", packages=pkgs, **fracs)
+    build_pycode_dataset(tmp_path / "b", packages=pkgs, **fracs)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") and len(_digest(tmp_path / "a")) == 7
     info = json.loads((tmp_path / "a" / "dataset.json").read_text())
-    assert set(info["packages"]) == {"PyYAML", "tqdm", "httpx"} and info["counts"] == counts
+    assert set(info["packages"]) == {"PyYAML", "tqdm", "httpx", "click"} and info["counts"] == counts
     train = check_pairs(tmp_path / "a" / "train.parquet")
     assert train.schema.names == pq.read_schema(tmp_path / "a" / "train.parquet").names
     assert set(train.schema.names) == {"query", "positive", "query_id", "positive_id"}
