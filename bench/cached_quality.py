@@ -93,10 +93,9 @@ def main() -> None:
                 print(json.dumps({name: out["runs"][name]}), file=sys.stderr)
         finally:
             ray.shutdown()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    from emit import emit  # bench/ is on sys.path when a bench runs as a script
+
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,9 @@ def main() -> None:
             sp["int8_over_torch_fp32"] = round(sp["onnx_int8"]["texts_per_s_batch32"] / sp["torch_fp32"]["texts_per_s_batch32"], 3)
             sp["onnx_fp32_over_torch_fp32"] = round(sp["onnx_fp32"]["texts_per_s_batch32"] / sp["torch_fp32"]["texts_per_s_batch32"], 3)
         out["gate"] = checks["int8_gate"]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    from emit import emit  # bench/ is on sys.path when a bench runs as a script
+
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

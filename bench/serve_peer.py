@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import signal
@@ -204,10 +203,9 @@ def main() -> None:
                            "texts_per_s": round(pn["texts_per_s"] / pi["texts_per_s"], 3) if pi["texts_per_s"] else None,
                            "p99": round(pn["p99_ms"] / pi["p99_ms"], 3) if pi["p99_ms"] else None})
         out["negatron_over_infinity"] = ratios
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    from emit import emit  # bench/ is on sys.path when a bench runs as a script
+
+    emit(out, args.out)
 
 
 if __name__ == "__main__":
