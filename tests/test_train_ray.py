@@ -41,6 +41,12 @@ def test_two_workers_train_and_checkpoint_loads_everywhere(tmp_path, tiny_model_
     assert np.mean(losses[-5:]) < np.mean(losses[:5])  # loss falls
     assert (res.run_dir / "training.png").stat().st_size > 1000
     assert (res.run_dir / "best" / "model.safetensors").is_file()
+    for folder in ("final", "best"):  # each describes itself: a model card with the dev metrics, ST's config
+        card = (res.run_dir / folder / "README.md").read_text()
+        assert card.startswith("---") and "| mrr@10 |" in card and "(training.png)" in card
+        assert (res.run_dir / folder / "training.png").is_file()
+        assert json.loads((res.run_dir / folder / "config_sentence_transformers.json").read_text())[
+            "similarity_fn_name"] == "cosine"
 
     texts = ["return the sorted list of keys", "def f(x):\n    return x + 1"]
     ours = Encoder.from_pretrained(str(res.final_dir)).encode(texts)
