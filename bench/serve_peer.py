@@ -92,7 +92,9 @@ def _title(p) -> str:
     if first.startswith("ray::"):
         return first.split(" ")[0]
     name = Path(first).name
-    return name + (" " + " ".join(cmd[1:3]) if name.startswith("python") else "")
+    if name.startswith("python") and len(cmd) > 1:  # a Python process: name it by its script or module
+        return name + " " + " ".join(Path(c).name for c in cmd[1:3])
+    return name
 
 
 def cpu_by_process(pid: int) -> dict[str, float]:
@@ -170,7 +172,7 @@ def main() -> None:
     env = {**os.environ, **threads}
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / "negatron-serve-peer"
     logdir.mkdir(parents=True, exist_ok=True)
-    out = {"model": "all-MiniLM-L6-v2", "folder": folder, "seconds": args.seconds, "threads": args.threads,
+    out = {"model": "all-MiniLM-L6-v2", "folder": "the packaged all-MiniLM-L6-v2 (negatron's 'default')", "seconds": args.seconds, "threads": args.threads,
            "texts": len(texts), "cpus": os.cpu_count(), "servers": {}}
     emb = {}
     only = set(args.only.split(","))
@@ -185,7 +187,8 @@ def main() -> None:
                    *shlex.split(args.infinity_args)]
             res, emb["infinity"] = run_server("infinity", cmd, env, f"http://127.0.0.1:{port}", "/v1/models",
                                               "all-MiniLM-L6-v2", texts, levels, args.seconds, logdir)
-            out["servers"]["infinity"] = {"command": " ".join(cmd[1:]), **res}
+            shown = " ".join(cmd[1:]).replace(folder, "MODEL").replace(f"--port {port}", "--port PORT")
+            out["servers"]["infinity"] = {"command": shown, **res}
     if "negatron" in only:
         port = free_port()
         cmd = [sys.executable, "-m", "negatron.cluster.cli", "serve", "--model", "default", f"serve.port={port}",
