@@ -173,8 +173,9 @@ class RequestMetrics:
                 self._paths = set(self._paths_fn())
             except Exception:  # noqa: BLE001 - never fail a request over a metric label
                 self._paths = set()
-        path, root = scope.get("path", ""), scope.get("root_path", "") or ""
-        path = path[len(root):] if root and path.startswith(root) else path
+        from .guard import Guard
+
+        path = Guard._route(scope)  # the path after the application's route prefix
         return path if path in self._paths else "other"
 
     async def __call__(self, scope, receive, send):

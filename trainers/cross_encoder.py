@@ -7,7 +7,7 @@ two labels -> softmax probability of label 1. Rank order is that of the raw logi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -147,16 +147,25 @@ class CrossEncoder(nn.Module):
               max_length: int | None = None, raw: bool = False) -> np.ndarray:
         """Scores in (0, 1) for N pairs (raw logits with ``raw``), in input order; pairs run in
         length-sorted chunks."""
-        if len(queries) != len(texts):
-            raise ValueError(f"{len(queries)} queries but {len(texts)} texts")
         was_training = self.training
         self.eval()
-        order = np.argsort([-(len(q) + len(t)) for q, t in zip(queries, texts)], kind="stable")
-        out = np.zeros(len(texts), dtype=np.float32)
-        for start in range(0, len(texts), chunk_size):
-            idx = order[start:start + chunk_size]
-            logit = self.logits([queries[i] for i in idx], [texts[i] for i in idx], max_length)  # b
-            logit = logit.float()
-            out[idx] = (logit if raw else torch.sigmoid(logit)).cpu().numpy()  # 2 labels: sigmoid(l1-l0) = softmax[1]
+        out = score_sorted(queries, texts, chunk_size, raw,
+                           lambda q, t: self.logits(q, t, max_length).float().cpu().numpy())
         self.train(was_training)
         return out
+
+
+def score_sorted(queries: Sequence[str], texts: Sequence[str], chunk_size: int, raw: bool,
+                 logits: Callable[[list[str], list[str]], np.ndarray]) -> np.ndarray:
+    """The scoring loop every cross-encoder backend shares (torch, ONNX Runtime): pairs sorted by
+    length, ``logits`` per chunk of at most ``chunk_size``; probabilities (sigmoid; with 2 labels
+    sigmoid(l1 - l0) = softmax[1]) or raw logits, in input order."""
+    if len(queries) != len(texts):
+        raise ValueError(f"{len(queries)} queries but {len(texts)} texts")
+    order = np.argsort([-(len(q) + len(t)) for q, t in zip(queries, texts)], kind="stable")
+    out = np.zeros(len(texts), dtype=np.float32)
+    for start in range(0, len(texts), chunk_size):
+        idx = order[start:start + chunk_size]
+        logit = np.asarray(logits([queries[i] for i in idx], [texts[i] for i in idx]), dtype=np.float32)  # b
+        out[idx] = logit if raw else 1.0 / (1.0 + np.exp(-logit))
+    return out

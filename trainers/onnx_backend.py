@@ -268,17 +268,14 @@ class OnnxCrossEncoder:
 
     def score(self, queries: Sequence[str], texts: Sequence[str], chunk_size: int = 32,
               max_length: int | None = None, raw: bool = False) -> np.ndarray:
-        if len(queries) != len(texts):
-            raise ValueError(f"{len(queries)} queries but {len(texts)} texts")
-        order = np.argsort([-(len(q) + len(t)) for q, t in zip(queries, texts)], kind="stable")
-        out = np.zeros(len(texts), dtype=np.float32)
-        for start in range(0, len(texts), chunk_size):
-            idx = order[start:start + chunk_size]
-            batch = self.tokenizer([queries[i] for i in idx], [texts[i] for i in idx], padding=True, truncation=True,
-                                   max_length=max_length or self.max_length, return_tensors="np")
-            logit = self.session.run(None, _feeds(dict(batch), self._names))[0].astype(np.float32)  # b
-            out[idx] = logit if raw else 1.0 / (1.0 + np.exp(-logit))
-        return out
+        from .cross_encoder import score_sorted
+
+        def logits(q: list[str], t: list[str]) -> np.ndarray:
+            batch = self.tokenizer(q, t, padding=True, truncation=True, max_length=max_length or self.max_length,
+                                   return_tensors="np")
+            return self.session.run(None, _feeds(dict(batch), self._names))[0]  # b
+
+        return score_sorted(queries, texts, chunk_size, raw, logits)
 
 
 def calibration_texts(n: int = 256) -> list[str]:

@@ -102,7 +102,7 @@ def quickstart(cfg: Config, address: str | None = None, with_reranker: bool = Fa
     atomic_write(res.run_dir / "training.png",
                  lambda tmp: plot_history(history, tmp, title=cfg.run.name, zero_shot=dev_before["mrr@10"]))
     write_cards(cfg, res.final_dir, None, res.metrics, None, int(res.metrics.get("steps") or 0), history,
-                test=after)  # the final model's card gains its test scores
+                test=after, plot=res.run_dir / "training.png")  # the final card gains its test scores and step 0
     summary = {"zero_shot": before, "fine_tuned": after, "zero_shot_dev": dev_before, "wall_s": round(clock.total, 1),
                "stage_s": clock.as_dict(), "train": res.metrics, "final_model": str(res.final_dir)}
     write_json(out / "quickstart.json", summary)

@@ -199,15 +199,17 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
 
 
 def write_cards(cfg: Config, final_dir, best_dir, metrics: dict, best_metrics: dict | None, steps: int,
-                history: list[dict], test: dict | None = None) -> None:
-    """The model card (README.md + training.png) in final/ and best/ (trainers/model_card.py)."""
+                history: list[dict], test: dict | None = None, plot: Path | None = None) -> None:
+    """The model card (README.md + training.png) in final/ and best/ (trainers/model_card.py);
+    ``plot``: the run's training.png when it is already drawn locally, else it is drawn here."""
     import tempfile
 
     from .loop import primary_metric
     from .model_card import dev_columns, write_model_card
 
     with tempfile.TemporaryDirectory() as d:
-        plot = plot_history(history, Path(d) / "training.png", title=cfg.run.name, metric=primary_metric(cfg))
+        if plot is None:
+            plot = plot_history(history, Path(d) / "training.png", title=cfg.run.name, metric=primary_metric(cfg))
         for folder in (final_dir, best_dir):
             if folder is not None:
                 write_model_card(folder, cfg.to_dict(), cfg.run.name, dev_columns(metrics, best_metrics, test),
