@@ -143,6 +143,13 @@ class LossConfig(_Section):
         "Lower bound of a learnable temperature (the stored value is clamped after each step)."))
     symmetric: bool = Field(False, description="Add the positive-to-query direction of InfoNCE (CLIP-style).")
     cross_worker_negatives: bool = Field(True, description="Gather every worker's keys as negatives (global batch); off: each worker's own batch only.")
+    guide_model: str = Field("", description=(
+        "GISTEmbed: a frozen bi-encoder ('default' = the packaged all-MiniLM-L6-v2, or a model folder) that "
+        "embeds each batch's queries, positives and hard negatives without gradient; an in-batch, hard or bank "
+        "candidate it scores above the query's positive (minus loss.guide_margin) is masked as a likely false "
+        "negative. Costs one extra forward pass per text. Empty = off (bi-encoder training)."))
+    guide_margin: float = Field(0.0, ge=0.0, le=2.0, description=(
+        "GISTEmbed: mask candidates the guide scores above (its score of the positive − this margin)."))
 
     @model_validator(mode="after")
     def _check_clamp(self) -> "LossConfig":
@@ -298,6 +305,9 @@ class Config(_Section):
                 if getattr(self.model, key):
                     raise ValueError(f"model.{key} is for bi-encoders (text embeddings); a {self.model.kind} "
                                      "has no query/document roles (leave it empty)")
+        if self.loss.guide_model and self.model.kind != "bi-encoder":
+            raise ValueError(f"loss.guide_model is for bi-encoders (GISTEmbed); a {self.model.kind} run has no "
+                             "guide (leave it empty)")
         if self.bank.prefill and self.model.kind == "image":
             raise ValueError("bank.prefill is for text encoders; an image run's bank fills as it trains "
                              "(set bank.prefill: false)")

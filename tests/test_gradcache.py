@@ -34,6 +34,8 @@ def _grads(model, batch, train: bool, seed: int = 5):
 
 def _models(mini, **kwargs):
     state = make_tiny_encoder(seed=0).state_dict()
+    if "guide_margin" in kwargs:  # GISTEmbed: one frozen guide for both
+        kwargs["guide"] = make_tiny_encoder(seed=7)
     out = []
     for m in (0, mini):
         enc = make_tiny_encoder(seed=0)
@@ -46,7 +48,8 @@ def _models(mini, **kwargs):
     dict(temperature=0.1),
     dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco", symmetric=True, learnable_temperature=True),
     dict(temperature=0.1, bank_size=12, bank_mode="joint"),
-], ids=["in-batch", "moco-symmetric-learnable", "joint-bank"])
+    dict(temperature=0.1, bank_size=12, bank_momentum=0.9, guide_margin=0.02),
+], ids=["in-batch", "moco-symmetric-learnable", "joint-bank", "gist-guide"])
 def test_cached_step_equals_one_pass(kwargs):
     """Mini-batches of 3 (uneven: 3+3+2, negatives 3×5+1) without dropout: the same loss, the same
     gradients for every parameter (τ included), the same state for the bank."""

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 
 from .image_encoder import ImageEncoder, decode_images
-from .metrics import METRIC_KEYS, evaluate_run
+from .metrics import METRIC_KEYS, alignment, evaluate_run, uniformity
 from .schema import EvalData, check_eval_dir
 
 
@@ -97,8 +97,22 @@ class DevRetrieval:
         self.batch_size, self.top_k, self.query_max_length = batch_size, top_k, query_max_length
         self.progress = progress
 
+    def _geometry(self, q_emb: np.ndarray, doc_emb: np.ndarray) -> dict[str, float]:
+        """Alignment of the (query, relevant document) pairs and uniformity of the corpus (Wang &
+        Isola; both lower-is-better), from the embeddings the check made anyway."""
+        row = {d: i for i, d in enumerate(self.doc_ids)}
+        pairs = [(qi, row[d]) for qi, q in enumerate(self.qids) for d in self.qrels[q] if d in row]
+        out = {}
+        if pairs:
+            qi, di = map(np.asarray, zip(*pairs))
+            out["alignment"] = alignment(q_emb[qi], doc_emb[di])
+        if len(doc_emb) >= 2:
+            out["uniformity"] = uniformity(doc_emb)
+        return out
+
     def evaluate(self, encoder) -> dict[str, float] | None:
-        """Metrics on rank 0 (with ``num_docs`` and the timings), None on the other ranks."""
+        """Metrics on rank 0 (with ``num_docs``, ``alignment``, ``uniformity`` and the timings), None
+        on the other ranks."""
         t0 = time.perf_counter()
         doc_emb = encode_shared(encoder, self.docs, self.batch_size, progress="corpus" if self.progress else None,
                                 role="document")
@@ -112,6 +126,7 @@ class DevRetrieval:
         t3 = time.perf_counter()
         run = {q: [self.doc_ids[j] for j in row if j >= 0] for q, row in zip(self.qids, idx)}
         metrics = evaluate_run(run, self.qrels)
+        metrics.update(self._geometry(q_emb, doc_emb))
         metrics.update({"num_docs": len(self.docs), "encode_corpus_s": round(t1 - t0, 3),
                         "encode_queries_s": round(t2 - t1, 3), "search_s": round(t3 - t2, 4),
                         "check_s": round(time.perf_counter() - t0, 3)})

@@ -22,6 +22,7 @@ from negatron.cluster.errors import NegatronError
 from . import distributed as D
 from . import precision
 from .checkpoint import load_training_state, optimizer_checksum, save_checkpoint
+from .metrics import GEOMETRY
 from .step import ContrastiveModel
 from .seeds import dropout_seed
 from .tasks import task_for
@@ -177,6 +178,7 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
     reducer = D.GradReducer(params)
     t_log, t0, n_since, loss_sum, loss_n = time.perf_counter(), time.perf_counter(), 0, 0.0, 0
     masked_sum = 0.0  # the bank's false-negative share, summed on the device between log lines
+    guide_sum = 0.0  # the guide's (GISTEmbed) masked share of in-batch negatives, likewise
     tracker = open_tracker(cfg, rank)  # run.tracking: TensorBoard / MLflow on rank 0
     key = primary_metric(cfg)
     best = max((h[key] for h in history if key in h), default=-1.0)
@@ -210,6 +212,8 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
             loss_sum = loss_sum + loss  # on the device: read back only when logging (no sync per step)
             if "bank_masked" in state:
                 masked_sum = masked_sum + state["bank_masked"]
+            if "guide_masked" in state:
+                guide_sum = guide_sum + state["guide_masked"]
             loss_n += 1
             n_since += stream.global_batch
             done = step + 1
@@ -229,13 +233,15 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
                 if model.bank is not None:  # bank health
                     entry["bank_mean_age"] = model.bank.mean_age(done)
                     entry["bank_masked_share"] = float(masked_sum) / loss_n
+                if model.guide is not None:  # GISTEmbed: in-batch negatives the guide masked
+                    entry["guide_masked_share"] = float(guide_sum) / loss_n
                 history.append(entry)
                 if tracker is not None:
                     tracker.log(entry, done)
                 log(f"[negatron] step {done}/{cfg.trainer.max_steps} epoch {entry['epoch']:.2f} "
                     f"loss {entry['loss']:.4f} tau {entry['temperature']:.4f} "
                     f"{entry['samples_per_s']:.1f} samples/s bank {entry['bank_fill']}")
-                t_log, n_since, loss_sum, loss_n, masked_sum = now, 0, 0.0, 0, 0.0
+                t_log, n_since, loss_sum, loss_n, masked_sum, guide_sum = now, 0, 0.0, 0, 0.0, 0.0
             if is_checkpoint:
                 metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": float(loss),
                            "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0,
@@ -251,6 +257,7 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
                     metrics.update({f"dev_{k}": v for k, v in m.items()})
                     shown = tuple(k for k in task.shown_metrics if k in m)
                     history.append({"step": done, **{f"dev_{k}": m[k] for k in shown},
+                                    **{f"dev_{k}": round(m[k], 4) for k in GEOMETRY if k in m},
                                     **({"dev_check_s": m["check_s"]} if "check_s" in m else {})})
                     best = max(best, metrics[key])
                     took = f" in {m['check_s']:.1f} s" if "check_s" in m else ""

@@ -99,6 +99,11 @@ def info_nce(
     query_ids_global: torch.Tensor | None = None,
     bank_qids: torch.Tensor | None = None,
     stats: dict | None = None,
+    guide_q: torch.Tensor | None = None,
+    guide_pos_global: torch.Tensor | None = None,
+    guide_neg_global: torch.Tensor | None = None,
+    guide_bank: torch.Tensor | None = None,
+    guide_margin: float = 0.0,
 ) -> torch.Tensor:
     """InfoNCE of the local queries against global in-batch candidates (+ hard negatives + bank).
 
@@ -126,7 +131,13 @@ def info_nce(
             another positive of the same query is never a negative.
         bank_qids: K query-group ids of the bank's keys (-1 = unknown), masked the same way.
         stats: if given, gets ``bank_masked``: the share of (query, valid bank entry) pairs masked
-            as a duplicate or likely false negative (a 0-d tensor on the device: no host sync).
+            as a duplicate or likely false negative, and with a guide ``guide_masked``: the share of
+            in-batch negatives the guide masked (0-d tensors on the device: no host sync).
+        guide_q, guide_pos_global, guide_neg_global, guide_bank: a frozen guide model's embeddings
+            (no grad) of the local queries (B×E), of the candidates in the same rows as
+            ``pos_global`` / ``neg_global`` / ``bank_keys``. GISTEmbed (Solatorio, 2024): a
+            candidate the guide scores above the guide's score of the query's positive minus
+            ``guide_margin`` is taken for a false negative and masked.
 
     Returns:
         The mean loss over the B local queries (0-d). Candidates sharing the query's positive id,
@@ -142,11 +153,21 @@ def info_nce(
     if query_ids_global is not None:
         my_qids = query_ids_global[labels]  # B
         masks[0] = masks[0] | same_id_mask(my_qids, query_ids_global, keep)  # B×G
+    guide_thr = None
+    if guide_q is not None:
+        gq = guide_q.detach().float()  # B×E
+        guide_thr = (gq * guide_pos_global[labels].float()).sum(-1, keepdim=True) - guide_margin  # B×1
+        gm = (gq @ guide_pos_global.float().T > guide_thr) & ~keep  # B×G, never the labelled positive
+        if stats is not None:
+            stats["guide_masked"] = (gm & ~masks[0]).sum() / max(b * (pos_global.shape[0] - 1), 1)
+        masks[0] = masks[0] | gm
     if neg_global is not None and neg_global.shape[0] > 0:
         logits.append(q @ neg_global.T)  # B×(G·H)
         m = same_id_mask(my_ids, neg_ids_global)  # B×(G·H)
         if neg_valid_global is not None:
             m = m | ~neg_valid_global[None, :]  # B×(G·H)
+        if guide_thr is not None and guide_neg_global is not None:
+            m = m | (gq @ guide_neg_global.float().T > guide_thr)  # B×(G·H)
         masks.append(m)
     bank_term = None
     if bank_keys is not None and bank_keys.shape[0] > 0:
@@ -158,6 +179,8 @@ def info_nce(
             pos_logit = (q * bank_key_pos.detach()).sum(-1, keepdim=True)  # B×1
         else:
             pos_logit = logits[0].gather(1, labels[:, None])  # B×1
+        if guide_thr is not None and guide_bank is not None:
+            m = m | (gq @ guide_bank.float().T > guide_thr)  # B×K
         if bank_filter_ratio > 0:
             ps = pos_logit.detach()  # B×1
             # only where the positive scores > 0, so the ratio keeps its meaning

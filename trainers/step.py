@@ -36,13 +36,17 @@ class ContrastiveModel(nn.Module):
             whose positive is the key encoder's embedding, consistent with the bank keys).
         mini_batch_size: > 0: ``forward_backward`` runs the cached step (GradCache), encoding at
             most this many texts per pass with gradients; 0: one pass over the batch.
+        guide, guide_margin: GISTEmbed — a frozen encoder whose scores mask likely false negatives
+            (in-batch, hard and bank candidates; losses.info_nce). With a bank, a second queue holds
+            the guide's embeddings of the bank's entries, slot for slot.
     """
 
     def __init__(self, encoder: Encoder, temperature: float = 0.05, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, bank_size: int = 0, bank_momentum: float = 0.0,
                  bank_max_age: int = 0, symmetric: bool = False, cross_worker: bool = True,
                  query_max_length: int = 0, bank_filter_ratio: float = 0.0, bank_mode: str = "moco",
-                 bank_weight: float | None = None, mini_batch_size: int = 0):
+                 bank_weight: float | None = None, mini_batch_size: int = 0, guide: Encoder | None = None,
+                 guide_margin: float = 0.0):
         super().__init__()
         self.mini_batch_size = mini_batch_size
         if bank_mode not in ("joint", "moco"):
@@ -59,12 +63,19 @@ class ContrastiveModel(nn.Module):
             self.key_encoder = copy.deepcopy(encoder)
             for p in self.key_encoder.parameters():
                 p.requires_grad_(False)
+        self.guide, self.guide_margin, self.guide_bank = guide, guide_margin, None
+        if guide is not None:
+            for p in guide.parameters():
+                p.requires_grad_(False)
+            guide.eval()
+            if self.bank is not None:
+                self.guide_bank = MemoryBank(bank_size, guide.dim, bank_max_age)
         self.symmetric = symmetric
         self.cross_worker = cross_worker
         self.query_max_length = query_max_length or None
 
     @classmethod
-    def from_config(cls, encoder: Encoder, cfg) -> "ContrastiveModel":
+    def from_config(cls, encoder: Encoder, cfg, guide: Encoder | None = None) -> "ContrastiveModel":
         return cls(encoder, temperature=cfg.loss.temperature,
                    learnable_temperature=cfg.loss.learnable_temperature,
                    min_temperature=cfg.loss.min_temperature, bank_size=cfg.bank.size,
@@ -72,7 +83,7 @@ class ContrastiveModel(nn.Module):
                    symmetric=cfg.loss.symmetric, cross_worker=cfg.loss.cross_worker_negatives,
                    query_max_length=cfg.model.query_max_length, bank_filter_ratio=cfg.bank.filter_ratio,
                    bank_mode=cfg.bank.mode, bank_weight=cfg.bank.weight,
-                   mini_batch_size=cfg.trainer.mini_batch_size)
+                   mini_batch_size=cfg.trainer.mini_batch_size, guide=guide, guide_margin=cfg.loss.guide_margin)
 
     def state_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         """The training state besides the encoder's weights, by part: τ (``extra``), the bank and
@@ -82,6 +93,8 @@ class ContrastiveModel(nn.Module):
             parts["bank"] = dict(self.bank.state_dict())
         if self.key_encoder is not None:
             parts["key_encoder"] = dict(self.key_encoder.state_dict())
+        if self.guide_bank is not None:
+            parts["guide_bank"] = dict(self.guide_bank.state_dict())
         return parts
 
     def load_state_parts(self, read, where) -> None:
@@ -98,6 +111,12 @@ class ContrastiveModel(nn.Module):
             self.bank.load_state_dict(sd)
         if self.key_encoder is not None:
             self.key_encoder.load_state_dict(read("key_encoder"))
+        if self.guide_bank is not None:
+            sd = read("guide_bank")
+            if sd.get("keys") is None or tuple(sd["keys"].shape) != tuple(self.guide_bank.keys.shape):
+                raise CheckpointError(f"{where / 'guide_bank.safetensors'}: the guide's bank does not match "
+                                      "loss.guide_model and bank.size; resume with the same guide and bank")
+            self.guide_bank.load_state_dict(sd)
         self.temperature.load_state_part(read("extra"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -171,16 +190,26 @@ class ContrastiveModel(nn.Module):
             negatives["bank_qids"] = self.bank.qids
             negatives["bank_valid"] = self.bank.valid(step)
             negatives["bank_filter_ratio"] = self.bank_filter_ratio
+        guide_local = None
+        if self.guide is not None:
+            g = self._guide_embs(batch)  # no grad: q B×E, p B×E, n (B·H)×E
+            guide_local = g["p"]
+            gather = D.gather_no_grad if self.cross_worker else (lambda x: x)
+            negatives.update(guide_q=g["q"], guide_pos_global=gather(g["p"]), guide_margin=self.guide_margin)
+            if "n" in g and "neg_global" in negatives:
+                negatives["guide_neg_global"] = gather(g["n"])
+            if self.guide_bank is not None:
+                negatives["guide_bank"] = self.guide_bank.keys
         q_all = self._gather(q) if self.symmetric else None  # G×D
         scale = self.temperature.scale()
         stats: dict = {}
-        if self.bank is not None:
+        if self.bank is not None or self.guide is not None:
             negatives["stats"] = stats
         loss = contrastive_loss(q, p_all, ids_all, scale, rank=rank, symmetric=self.symmetric,
                                 q_global=q_all, **negatives)
         return loss, {"positives": batch["positive"], "p_all": p_all.detach(), "p_local": p.detach(),
                       "ids_all": ids_all, "ids_local": pos_ids, "qids_local": qids, "keys_local": keys_local,
-                      **stats}
+                      "guide_local": guide_local, **stats}
 
     @torch.no_grad()
     def prefill_bank(self, texts: list[str], ids: torch.Tensor, batch_size: int = 64) -> int:
@@ -201,7 +230,27 @@ class ContrastiveModel(nn.Module):
         # always gathered: the bank is shared even when the loss uses only local candidates
         keys, ids = D.gather_no_grad(keys), D.gather_no_grad(ids)  # (world·N)×D, world·N
         self.bank.enqueue(keys, ids, 0)
+        if self.guide_bank is not None:  # slot for slot with the bank
+            g = torch.from_numpy(self.guide.encode(texts, batch_size=batch_size, role="document")).to(device)
+            self.guide_bank.enqueue(D.gather_no_grad(g), ids, 0)
         return self.bank.fill()
+
+    @torch.no_grad()
+    def _guide_embs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The guide's embeddings of this worker's queries, positives and hard negatives (eval
+        mode, no gradient; at most ``mini_batch_size`` texts per pass in a cached step)."""
+        g, size = self.guide, self.mini_batch_size
+
+        def enc(texts: list[str], role: str, max_length: int | None = None) -> torch.Tensor:
+            n = size or len(texts)
+            parts = [g.encode_batch(texts[i:i + n], max_length, role=role) for i in range(0, len(texts), n)]
+            return (torch.cat(parts) if len(parts) > 1 else parts[0]).float()
+
+        g.eval()
+        out = {"q": enc(batch["query"], "query", self.query_max_length), "p": enc(batch["positive"], "document")}
+        if batch.get("negatives"):
+            out["n"] = enc(batch["negatives"], "document")
+        return out
 
     @torch.no_grad()
     def _keys(self, texts: list[str]) -> torch.Tensor:
@@ -245,6 +294,8 @@ class ContrastiveModel(nn.Module):
         qids = state.get("qids_local")
         qids = D.gather_no_grad(qids) if qids is not None else None  # G
         self.bank.enqueue(keys, ids, step, qids)
+        if self.guide_bank is not None:  # the same ids, step and slots as the bank
+            self.guide_bank.enqueue(D.gather_no_grad(state["guide_local"]), ids, step, qids)
 
 
 def augment_batch(batch: dict, aug: TextAugmenter, apply_to: str, dropout_views: bool, seed: int,

@@ -25,6 +25,9 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 from negatron.cluster import storage
 from negatron.cluster.config import Config, ConfigError
 
+from .metrics import GEOMETRY
+
+
 @runtime_checkable
 class TrainingModel(Protocol):
     """What ``run_worker`` and ``checkpoint`` need of the model a task builds (``ContrastiveModel``
@@ -54,6 +57,18 @@ class TrainingModel(Protocol):
 
     def load_state_parts(self, read: Callable[[str], dict], where: Path) -> None:
         """Restore what ``state_parts`` saved; ``read(name)`` returns one part."""
+
+
+def _check_guide(path: str) -> None:
+    """loss.guide_model names a bi-encoder folder (a cross-encoder cannot score the bank's entries,
+    which are stored as embeddings)."""
+    from .model_io import read_json, resolve_model_path
+
+    folder = resolve_model_path(path)
+    archs = (read_json(folder / "config.json") or {}).get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"loss.guide_model: {path} is a cross-encoder ({archs[0]}); the guide must be a "
+                          "bi-encoder folder, whose embeddings also score the bank's entries")
 
 
 TEXT_METRICS = ("dev_mrr@10", "dev_recall@1", "dev_recall@10", "dev_recall@100", "dev_ndcg@10")
@@ -94,6 +109,8 @@ class Task:
         if cfg.data.dev:
             check_eval_dir(cfg.data.dev)
         resolve_model_path(cfg.model.path)
+        if cfg.loss.guide_model:
+            _check_guide(cfg.loss.guide_model)
 
     @staticmethod
     def _check_negatives(cfg: Config, names: list[str]) -> None:
@@ -157,7 +174,12 @@ class Task:
     def build_model(self, cfg: Config, resume_dir: str | None = None):
         from .step import ContrastiveModel
 
-        return ContrastiveModel.from_config(self.build_encoder(cfg, resume_dir), cfg)
+        guide = None
+        if cfg.loss.guide_model:  # GISTEmbed: frozen, its own pooling and prompts, the run's max length
+            from .encoder import Encoder
+
+            guide = Encoder.from_pretrained(cfg.loss.guide_model, max_length=cfg.model.max_length)
+        return ContrastiveModel.from_config(self.build_encoder(cfg, resume_dir), cfg, guide=guide)
 
     def head_lr(self, cfg: Config) -> float:
         """Learning rate of a fresh scoring head (0: the head trains at ``optim.lr``)."""
@@ -192,7 +214,10 @@ class Task:
 
 
 class BiEncoderTask(Task):
-    """Text bi-encoder: the base task as it is."""
+    """Text bi-encoder: the base task, whose dev check also reports Wang & Isola's alignment and
+    uniformity of the dev embeddings (lower is better: usable as tune.metric with tune.mode min)."""
+
+    metrics = TEXT_METRICS + tuple(f"dev_{k}" for k in GEOMETRY)
 
 
 class CrossEncoderTask(Task):
