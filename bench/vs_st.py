@@ -40,6 +40,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+QUICKSTART = str(ROOT / "cluster" / "quickstart.yaml")  # what `negatron quickstart` runs (= configs/quickstart.yaml)
 RUNS = ("zero_shot", "st_mnrl", "st_cached", "negatron", "negatron_plain")
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10")
 
@@ -104,10 +105,10 @@ def run_negatron(data: Path, out: Path, args, seed: int, plain: bool) -> Path:
         sets += ["trainer.num_workers=1", f"trainer.batch_size={args.batch}", "trainer.cpus_per_worker=1",
                  f"trainer.torch_threads={args.threads}", "bank.size=0", "bank.momentum=0.0"]
     else:
-        cfg0 = load_config(str(ROOT / "configs" / "quickstart.yaml"), [])
+        cfg0 = load_config(QUICKSTART, [])
         per_worker = args.batch // cfg0.trainer.num_workers
         sets += [f"trainer.batch_size={per_worker}"] + list(args.set)
-    cfg = load_config(None if plain else str(ROOT / "configs" / "quickstart.yaml"), sets)
+    cfg = load_config(None if plain else QUICKSTART, sets)
     return Path(run_training(cfg).final_dir)
 
 
@@ -171,7 +172,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     res = {"bench": "vs_st", "model": args.model, "steps": args.steps, "batch": args.batch, "lr": args.lr,
            "warmup": args.warmup, "max_length": args.max_length, "temperature": args.temperature,
-           "negatron_config": "configs/quickstart.yaml", "negatron_overrides": args.set,
+           "negatron_config": "cluster/quickstart.yaml", "negatron_overrides": args.set,
            "cpu_count": os.cpu_count(), "results": {}, "seconds": {}}
 
     def emit() -> None:

@@ -33,7 +33,8 @@ def test_two_workers_train_and_checkpoint_loads_everywhere(tmp_path, tiny_model_
                "trainer.checkpoint_every=20")
     res = run_training(cfg)
     m = json.loads((res.run_dir / "metrics.json").read_text())
-    for k in ["recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10", "steps", "samples_per_s", "wall_s"]:
+    for k in ["recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10", "alignment", "uniformity", "steps",
+              "samples_per_s", "wall_s"]:
         assert k in m
     assert m["steps"] == 40
     history = json.loads((res.run_dir / "history.json").read_text())
@@ -92,6 +93,7 @@ def check_resumes(run_dir: Path, history: list[dict], every: int) -> list[int]:
         assert step in saved and step % every == 0, (step, sorted(saved))
         assert r["bank_checksum"] == saved[step].get("bank_checksum")
         assert r["optimizer_checksum"] == saved[step]["optimizer_checksum"]
+        assert r.get("guide_bank_checksum") == saved[step].get("guide_bank_checksum")
         steps.append(step)
     return steps
 
@@ -99,7 +101,8 @@ def check_resumes(run_dir: Path, history: list[dict], every: int) -> list[int]:
 def test_two_worker_sigkills_resume_from_checkpoints(tmp_path, tiny_model_dir, stdlib_data):
     cfg = _cfg(tmp_path, tiny_model_dir, stdlib_data, "fault", "trainer.max_steps=240",
                "trainer.checkpoint_every=20", "trainer.max_failures=2", "bank.size=50", "bank.momentum=0.5",
-               "trainer.keep_checkpoints=100", "data.max_dev_queries=20")
+               "trainer.keep_checkpoints=100", "data.max_dev_queries=20",
+               f"loss.guide_model={tiny_model_dir}")  # GISTEmbed: its bank queue is saved and restored too
     run_dir = tmp_path / "fault"
     killed: list[tuple[int, int]] = []
     rng = random.Random(1234)
@@ -135,6 +138,8 @@ def test_two_worker_sigkills_resume_from_checkpoints(tmp_path, tiny_model_dir, s
     history = json.loads((res.run_dir / "history.json").read_text())
     resumed = check_resumes(run_dir, history, 20)
     assert len(resumed) == 2 and resumed[0] < resumed[1] < 240
+    assert all(h.get("guide_bank_checksum") for h in history if "resumed_from" in h)  # the guide's queue came back
+    assert any("guide_masked_share" in h for h in history)
     assert res.metrics["steps"] == 240
     final = json.loads((res.final_dir / "negatron.json").read_text())
     assert final["step"] == 240

@@ -150,7 +150,9 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
         meta = load_training_state(resume_dir, model, opt, sched, scaler)
         start, history, last_metrics = meta["step"], meta.get("history", []), meta.get("metrics", {})
         history.append({"resumed_from": start, "bank_checksum": model.bank.checksum() if model.bank else None,
-                        "optimizer_checksum": optimizer_checksum(opt, sched)})
+                        "optimizer_checksum": optimizer_checksum(opt, sched),
+                        **({"guide_bank_checksum": model.guide_bank.checksum()}
+                           if getattr(model, "guide_bank", None) is not None else {})})
         if warm_start:
             _apply_hparams(cfg, model, opt, sched)
         if rank == 0:
@@ -233,7 +235,7 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
                 if model.bank is not None:  # bank health
                     entry["bank_mean_age"] = model.bank.mean_age(done)
                     entry["bank_masked_share"] = float(masked_sum) / loss_n
-                if model.guide is not None:  # GISTEmbed: in-batch negatives the guide masked
+                if getattr(model, "guide", None) is not None:  # GISTEmbed: in-batch negatives the guide masked
                     entry["guide_masked_share"] = float(guide_sum) / loss_n
                 history.append(entry)
                 if tracker is not None:
@@ -250,6 +252,8 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
                     metrics["bank_checksum"] = model.bank.checksum()
                     # every rank's checksum: the bank must be identical everywhere (reported by rank 0)
                     metrics["bank_checksums"] = D.all_gather_object(metrics["bank_checksum"])
+                if getattr(model, "guide_bank", None) is not None:  # GISTEmbed's queue, restored with the bank
+                    metrics["guide_bank_checksum"] = model.guide_bank.checksum()
                 if worker_nodes:
                     metrics["worker_nodes"] = worker_nodes
                 m = task.evaluate(dev, model.encoder, cfg) if dev is not None else None
