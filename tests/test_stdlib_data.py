@@ -82,3 +82,19 @@ def test_pycode_is_deterministic_split_by_module_and_shaped_like_stdlib(tmp_path
     for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
         assert not ids[a] & ids[b] and not _modules(ids[a]) & _modules(ids[b]), (a, b)
     assert all(i.split(".")[0] in pkgs for i in ids["train"])
+
+
+def test_pycode_sources_do_not_depend_on_what_was_imported_first():
+    """Ray puts vendored copies (ray/thirdparty_files) ahead of site-packages once imported; the
+    packages and versions pycode reads are still those installed in site-packages."""
+    import sysconfig
+    from pathlib import Path
+
+    import ray  # noqa: F401
+
+    from negatron.trainers.stdlib_data import pycode_sources
+
+    root, found, versions = pycode_sources()
+    assert root == Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert {"numpy", "torch", "ray", "pyarrow"} <= set(found) and versions["numpy"]
+    assert all((root / m / "__init__.py").is_file() for m in found)

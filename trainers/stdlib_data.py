@@ -164,27 +164,30 @@ _PYCODE_SKIP = ("_vendor", "thirdparty", "third_party", "_private/thirdparty_fil
 
 
 def pycode_sources(packages: list[str] | None = None) -> tuple[Path, list[str], dict[str, str]]:
-    """(site-packages folder, the package folders found there, {distribution: version})."""
-    import importlib.util
-    from importlib.metadata import PackageNotFoundError, version
+    """(site-packages folder, the package folders found there, {distribution: version}).
 
-    roots, found, versions = set(), [], {}
+    Packages are looked up in this environment's site-packages (``sysconfig``'s purelib) with their
+    distribution's metadata there, not through ``sys.path``, so the result does not depend on what
+    the process imported first (Ray, once imported, puts its vendored copies from
+    ``ray/thirdparty_files`` ahead of site-packages)."""
+    import sysconfig
+    from importlib.metadata import distributions
+
+    root = Path(sysconfig.get_paths()["purelib"]).resolve()
+    found, versions = [], {}
     for mod, dist in PYCODE_PACKAGES.items():
         if packages is not None and mod not in packages:
             continue
-        spec = importlib.util.find_spec(mod)
-        if spec is None or not spec.submodule_search_locations:
+        if not (root / mod / "__init__.py").is_file():
             continue
-        folder = Path(list(spec.submodule_search_locations)[0])
-        roots.add(folder.parent)
+        d = next(iter(distributions(name=dist, path=[str(root)])), None)
+        if d is None:
+            continue
         found.append(mod)
-        try:
-            versions[dist] = version(dist)
-        except PackageNotFoundError:
-            versions[dist] = "unknown"
-    if len(roots) != 1:  # e.g. an editable install elsewhere: module names would not be comparable
-        raise RuntimeError(f"pycode: the packages are in several folders ({sorted(map(str, roots))})")
-    return roots.pop(), found, versions
+        versions[dist] = d.version
+    if not found:
+        raise RuntimeError(f"pycode: none of the packages is installed in {root}")
+    return root, found, versions
 
 
 def build_pycode_dataset(out: str | Path, seed: int = 0, dev_frac: float = 0.05, test_frac: float = 0.1,
