@@ -124,3 +124,14 @@ def test_use_gpu_without_a_gpu_is_an_error_not_a_silent_cpu_run(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "trainer.use_gpu is true, but this machine has no CUDA GPU" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_guide_model_is_one_line_before_ray(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("NEGATRON_RAY_ADDRESS", raising=False)
+    pairs = write_pairs(tmp_path / "p.parquet", n=48)
+    rc = cli.main(["train", f"model.path={tiny_model_dir}", f"data.train={pairs}",
+                   f"loss.guide_model={tmp_path / 'nope'}", f"run.storage_path={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("negatron: error: loss.guide_model: model folder not found") and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()

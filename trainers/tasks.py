@@ -62,9 +62,12 @@ class TrainingModel(Protocol):
 def _check_guide(path: str) -> None:
     """loss.guide_model names a bi-encoder folder (a cross-encoder cannot score the bank's entries,
     which are stored as embeddings)."""
-    from .model_io import read_json, resolve_model_path
+    from .model_io import ModelLoadError, read_json, resolve_model_path
 
-    folder = resolve_model_path(path)
+    try:
+        folder = resolve_model_path(path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"loss.guide_model: {e}") from None
     archs = (read_json(folder / "config.json") or {}).get("architectures") or []
     if any(str(a).endswith("ForSequenceClassification") for a in archs):
         raise ConfigError(f"loss.guide_model: {path} is a cross-encoder ({archs[0]}); the guide must be a "
