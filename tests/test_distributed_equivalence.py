@@ -45,6 +45,8 @@ def _model(state, kwargs):
 
     enc = make_tiny_encoder(seed=0)
     enc.load_state_dict(state)
+    if kwargs.get("guide"):  # GISTEmbed: the same frozen guide on every rank
+        kwargs = {**kwargs, "guide": make_tiny_encoder(seed=7)}
     model = ContrastiveModel(enc, **kwargs)
     model.eval()  # no dropout, so both runs are deterministic
     return model
@@ -104,6 +106,10 @@ CASES = {
     "moco-mode-momentum": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco"),
     "moco-prefilled-wrap": dict(temperature=0.1, bank_size=13, bank_momentum=0.9, bank_mode="moco", prefill=True),
     # the cached step (mini-batches of 3 of each worker's 4 rows) against one plain pass over 2B
+    # GISTEmbed: the guide's embeddings gathered like the candidates (it masks 1/8 of the in-batch
+    # candidates here), its bank queue prefilled too
+    "gist-guide-moco-prefilled": dict(temperature=0.1, bank_size=13, bank_momentum=0.9, guide=True, guide_margin=0.0,
+                                      prefill=True),
     "gradcache-moco-symmetric-learnable": dict(temperature=0.1, bank_size=12, bank_momentum=0.9, bank_mode="moco",
                                                symmetric=True, learnable_temperature=True, mini_batch_size=3),
 }
