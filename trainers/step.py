@@ -236,31 +236,26 @@ class ContrastiveModel(nn.Module):
         return self.bank.fill()
 
     @torch.no_grad()
+    def _frozen_encode(self, enc: Encoder, texts: list[str], role: str, max_length: int | None = None) -> torch.Tensor:
+        """A frozen encoder's (key encoder, guide) embeddings in eval mode, without gradient, at most
+        ``mini_batch_size`` texts per pass in a cached step; the encoder's mode is restored."""
+        was = enc.training
+        enc.eval()
+        size = self.mini_batch_size or len(texts)
+        parts = [enc.encode_batch(texts[i:i + size], max_length, role=role) for i in range(0, len(texts), size)]
+        enc.train(was)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]  # N×D
+
     def _guide_embs(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The guide's embeddings of this worker's queries, positives and hard negatives (eval
-        mode, no gradient; at most ``mini_batch_size`` texts per pass in a cached step)."""
-        g, size = self.guide, self.mini_batch_size
-
-        def enc(texts: list[str], role: str, max_length: int | None = None) -> torch.Tensor:
-            n = size or len(texts)
-            parts = [g.encode_batch(texts[i:i + n], max_length, role=role) for i in range(0, len(texts), n)]
-            return (torch.cat(parts) if len(parts) > 1 else parts[0]).float()
-
-        g.eval()
-        out = {"q": enc(batch["query"], "query", self.query_max_length), "p": enc(batch["positive"], "document")}
+        """The guide's embeddings of this worker's queries, positives and hard negatives."""
+        out = {"q": self._frozen_encode(self.guide, batch["query"], "query", self.query_max_length),
+               "p": self._frozen_encode(self.guide, batch["positive"], "document")}
         if batch.get("negatives"):
-            out["n"] = enc(batch["negatives"], "document")
-        return out
+            out["n"] = self._frozen_encode(self.guide, batch["negatives"], "document")
+        return {k: v.float() for k, v in out.items()}
 
-    @torch.no_grad()
     def _keys(self, texts: list[str]) -> torch.Tensor:
-        was = self.key_encoder.training
-        self.key_encoder.eval()
-        size = self.mini_batch_size or len(texts)  # a cached step bounds the key encoder's batch too
-        parts = [self.key_encoder.encode_batch(texts[i:i + size], role="document") for i in range(0, len(texts), size)]
-        k = torch.cat(parts) if len(parts) > 1 else parts[0]  # B×D
-        self.key_encoder.train(was)
-        return k
+        return self._frozen_encode(self.key_encoder, texts, "document")  # B×D
 
     @torch.no_grad()
     def after_step(self, state: dict, step: int) -> None:
