@@ -4,8 +4,10 @@ model, batch and sequence length, measured in one run. Prints JSON.
 
     .venv/bin/python bench/train_throughput.py [--model default|tiny] [--steps 12] [--batch 32] [--seq 64]
 
-Samples/s exclude start-up: the first steps are warm-up and are not timed. All single-process
-variants use one torch thread, like one Ray Train worker (Ray sets OMP_NUM_THREADS=1).
+Samples/s exclude start-up: the first steps are warm-up and are not timed. Every variant trains on
+the same rows: the global batches of Negatron's own seeded data order, so all are timed on texts of
+the same lengths. All single-process variants use one torch thread, like one Ray Train worker (Ray
+sets OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -42,11 +44,19 @@ def _model_path(name: str, tmp: Path) -> str:
     return str(out)
 
 
-def _texts(train: Path, n: int):
+def _batches(train: Path, batch: int, steps: int) -> list[tuple[list[str], list[str]]]:
+    """The (queries, positives) of global steps 0..steps-1 in Negatron's own data order (seed 0):
+    every variant trains on the same rows, so none is timed on shorter texts than another (the
+    file's first rows, which the plain loop took before, pad to 4% fewer tokens than random
+    batches of the stdlib pairs)."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(train).slice(0, n)
-    return t.column("query").to_pylist(), t.column("positive").to_pylist()
+    from negatron.trainers.data import RowSchedule
+
+    t = pq.read_table(train, columns=["query", "positive"])
+    q, p = t.column("query").to_pylist(), t.column("positive").to_pylist()
+    sched = RowSchedule(t.num_rows, batch, seed=0)
+    return [([q[i] for i in r], [p[i] for i in r]) for r in (sched.global_rows(s) for s in range(steps))]
 
 
 def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int) -> float:
@@ -61,7 +71,7 @@ def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, w
     model = AutoModel.from_pretrained(path)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    qs, ps = _texts(train, batch * (steps + warmup))
+    batches = _batches(train, batch, steps + warmup)
 
     def emb(texts):
         b = tok(texts, padding=True, truncation=True, max_length=seq, return_tensors="pt")
@@ -73,7 +83,7 @@ def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, w
     for s in range(steps + warmup):
         if s == warmup:
             t0 = time.perf_counter()
-        q, p = emb(qs[s * batch:(s + 1) * batch]), emb(ps[s * batch:(s + 1) * batch])
+        q, p = emb(batches[s][0]), emb(batches[s][1])
         loss = torch.nn.functional.cross_entropy(q @ p.T / 0.05, torch.arange(len(q)))
         opt.zero_grad()
         loss.backward()
@@ -95,12 +105,12 @@ def st_mnrl(model_path: str, train: Path, batch: int, seq: int, steps: int, warm
     model.train()
     loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    qs, ps = _texts(train, batch * (steps + warmup))
+    batches = _batches(train, batch, steps + warmup)
     t0 = None
     for s in range(steps + warmup):
         if s == warmup:
             t0 = time.perf_counter()
-        feats = [model.tokenize(qs[s * batch:(s + 1) * batch]), model.tokenize(ps[s * batch:(s + 1) * batch])]
+        feats = [model.tokenize(batches[s][0]), model.tokenize(batches[s][1])]
         loss = loss_fn(feats, None)
         opt.zero_grad()
         loss.backward()
@@ -138,7 +148,7 @@ def negatron_inprocess(model_path: str, train: Path, batch: int, seq: int, steps
     return steps * batch / (marks["t1"] - marks["t0"])
 
 
-def negatron_ray(model_path: str, train: Path, batch: int, seq: int, steps: int, workers: int,
+def negatron_ray(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int, workers: int,
                  tmp: Path, bank: int = 0) -> float:
     """Real Ray Train run; samples/s from Negatron's own per-interval log (start-up excluded)."""
     from negatron.cluster.config import load_config
@@ -146,13 +156,14 @@ def negatron_ray(model_path: str, train: Path, batch: int, seq: int, steps: int,
 
     cfg = load_config(None, [f"model.path={model_path}", f"data.train={train}", f"trainer.batch_size={batch // workers}",
                              f"trainer.num_workers={workers}", f"model.max_length={seq}",
-                             f"trainer.max_steps={steps}", f"trainer.checkpoint_every={10**6}",
+                             f"trainer.max_steps={steps + warmup}", f"trainer.checkpoint_every={10**6}",
                              f"bank.size={bank}", "trainer.log_every_s=0.001", "optim.lr=2e-5",
                              f"run.storage_path={tmp / 'runs'}", f"run.name=w{workers}b{bank}",
                              "trainer.cpus_per_worker=0.5"])
     res = run_training(cfg)
     hist = json.loads((res.run_dir / "history.json").read_text())
-    rates = [h["samples_per_s"] for h in hist if "samples_per_s" in h][2:]  # drop warm-up steps
+    # one entry per step; the timed steps are the other variants' (the same rows): after warm-up
+    rates = [h["samples_per_s"] for h in hist if "samples_per_s" in h and h["step"] > warmup]
     # harmonic mean: total samples / total time
     return len(rates) / sum(1.0 / r for r in rates)
 
@@ -180,10 +191,11 @@ def main() -> None:
         # dashboard on, as in the product: Ray Train's placement-group cleaner needs the state API
         ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         try:
-            steps = args.steps + args.warmup + 2
-            out["negatron_ray_1w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, steps, 1, tmp)
-            out["negatron_ray_1w_bank4096_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, steps, 1, tmp, 4096)
-            out["negatron_ray_2w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, steps, 2, tmp)
+            rk = dict(steps=args.steps, warmup=args.warmup, tmp=tmp)
+            out["negatron_ray_1w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, workers=1, **rk)
+            out["negatron_ray_1w_bank4096_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, workers=1,
+                                                                        bank=4096, **rk)
+            out["negatron_ray_2w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, workers=2, **rk)
         finally:
             ray.shutdown()
     p = out["plain_loop_samples_per_s"]

@@ -149,10 +149,8 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
     if resume_dir:
         meta = load_training_state(resume_dir, model, opt, sched, scaler)
         start, history, last_metrics = meta["step"], meta.get("history", []), meta.get("metrics", {})
-        history.append({"resumed_from": start, "bank_checksum": model.bank.checksum() if model.bank else None,
-                        "optimizer_checksum": optimizer_checksum(opt, sched),
-                        **({"guide_bank_checksum": model.guide_bank.checksum()}
-                           if getattr(model, "guide_bank", None) is not None else {})})
+        history.append({"resumed_from": start, "bank_checksum": None, **model.queue_checksums(),
+                        "optimizer_checksum": optimizer_checksum(opt, sched)})
         if warm_start:
             _apply_hparams(cfg, model, opt, sched)
         if rank == 0:
@@ -248,12 +246,10 @@ def train_worker(cfg: Config, rank: int, world: int, report: ReportFn, resume_di
                 metrics = {"step": done, "epoch": stream.epoch_of(done), "loss": float(loss),
                            "temperature": model.temperature.value(), "wall_s": time.perf_counter() - t0,
                            "optimizer_checksum": optimizer_checksum(opt, sched), "data_digest": data_digest}
+                metrics.update(model.queue_checksums())  # the bank's and a GISTEmbed guide's queue
                 if model.bank is not None:
-                    metrics["bank_checksum"] = model.bank.checksum()
                     # every rank's checksum: the bank must be identical everywhere (reported by rank 0)
                     metrics["bank_checksums"] = D.all_gather_object(metrics["bank_checksum"])
-                if getattr(model, "guide_bank", None) is not None:  # GISTEmbed's queue, restored with the bank
-                    metrics["guide_bank_checksum"] = model.guide_bank.checksum()
                 if worker_nodes:
                     metrics["worker_nodes"] = worker_nodes
                 m = task.evaluate(dev, model.encoder, cfg) if dev is not None else None

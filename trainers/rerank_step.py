@@ -67,6 +67,10 @@ class CrossEncoderModel(nn.Module):
 
     bank = None
 
+    def queue_checksums(self) -> dict[str, str]:
+        """No queues: nothing to checksum."""
+        return {}
+
     def __init__(self, encoder: CrossEncoder, temperature: float = 1.0, learnable_temperature: bool = False,
                  min_temperature: float = 0.01, in_batch_negatives: int = 0, hard_negatives_after: int = 0,
                  mini_batch_size: int = 0):

@@ -97,6 +97,12 @@ class ContrastiveModel(nn.Module):
             parts["guide_bank"] = dict(self.guide_bank.state_dict())
         return parts
 
+    def queue_checksums(self) -> dict[str, str]:
+        """The checksum of every queue this model trains with, by metrics key: ``bank_checksum``
+        (the bank) and ``guide_bank_checksum`` (a GISTEmbed guide's queue, slot for slot with it)."""
+        queues = {"bank_checksum": self.bank, "guide_bank_checksum": self.guide_bank}
+        return {k: q.checksum() for k, q in queues.items() if q is not None}
+
     def load_state_parts(self, read, where) -> None:
         """Restore what ``state_parts`` saved; ``read(name)`` returns a part (CheckpointError if
         missing or corrupt)."""

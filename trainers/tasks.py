@@ -58,6 +58,9 @@ class TrainingModel(Protocol):
     def load_state_parts(self, read: Callable[[str], dict], where: Path) -> None:
         """Restore what ``state_parts`` saved; ``read(name)`` returns one part."""
 
+    def queue_checksums(self) -> dict[str, str]:
+        """Checksums of the queues it trains with (the bank, a guide's queue), by metrics key."""
+
 
 def _check_guide(path: str) -> None:
     """loss.guide_model names a bi-encoder folder (a cross-encoder cannot score the bank's entries,
