@@ -36,6 +36,42 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None) -> Non
     cpus = num_cpus if num_cpus is not None else max(4, 2 * (os.cpu_count() or 2))
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls: without
     # it, a trial stopped by ASHA leaks its workers' placement group until the driver exits.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
-             logging_level="INFO")  # the terminal shows errors only unless verbose (console.before_ray_init)
+    init_local(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
+               logging_level="INFO")  # the terminal shows errors only unless verbose (console.before_ray_init)
     console.after_ray_init()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_local(runtime_env: dict | None = None, **kwargs) -> str:
+    """``ray.init(address="local", ...)`` whose workers know their own cluster's address.
+
+    Ray's state API, which Ray Train's placement-group cleaner calls from inside the cluster, finds
+    "the" cluster by RAY_ADDRESS or, without it, by looking for running GCS processes, and fails
+    with "Found multiple active Ray instances" when two embedded Rays run on one machine (a
+    ``negatron serve`` beside a ``negatron train``): the cleaner's thread dies and a stopped
+    trial's placement group is never freed, so later trials wait for CPUs forever. So the GCS port
+    is chosen here and every worker gets RAY_ADDRESS pointing at it. Returns that address.
+    """
+    import ray
+
+    port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"  # the IP the head node will bind its GCS to
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), "RAY_ADDRESS": address}
+    before = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node when it picks its GCS port
+    try:
+        ray.init(address="local", runtime_env=env, **kwargs)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = before
+    return address

@@ -38,7 +38,9 @@ def ray_local():
     ``pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]``."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    from negatron.cluster.local import init_local
+
+    init_local(num_cpus=4, include_dashboard=False)  # workers get RAY_ADDRESS: another Ray here cannot confuse them
     yield
     ray.shutdown()
 

@@ -72,7 +72,8 @@ def server(assets):
     os.environ[KEY_ENV] = KEY  # replicas inherit the environment Ray starts with
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    from negatron.cluster.local import init_local
+    init_local(num_cpus=4, include_dashboard=False)
     port = _free_port()
     section = _section(assets, port)
     url = start(section, blocking_wait_s=300)

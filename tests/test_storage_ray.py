@@ -26,7 +26,8 @@ def ray_s3(s3):
     import ray
 
     # the dashboard serves the state API Ray Train's placement-group cleaner needs under Tune
-    ray.init(address="local", num_cpus=4, include_dashboard=True)
+    from negatron.cluster.local import init_local
+    init_local(num_cpus=4, include_dashboard=True)
     yield s3
     ray.shutdown()
 

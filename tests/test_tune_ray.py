@@ -23,7 +23,8 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
     # the dashboard serves the state API Ray Train's placement-group cleaner needs (see cluster/local.py)
-    ray.init(address="local", num_cpus=4, include_dashboard=True)
+    from negatron.cluster.local import init_local
+    init_local(num_cpus=4, include_dashboard=True)
     yield
     ray.shutdown()
 
@@ -176,3 +177,24 @@ def test_pbt_exploits_and_mutated_values_survive_the_restore(tmp_path, tiny_mode
         assert row["temperature"] == pytest.approx(row["config"]["loss.temperature"], rel=1e-5)
         assert row["config"]["optim.lr"] == 3e-3
         assert row["step"] > 8  # continued from the donor's checkpoint, not from step 0
+
+
+
+def test_workers_know_their_own_cluster_address():
+    """Ray's state API, which Ray Train's placement-group cleaner polls from inside the cluster,
+    finds "the" cluster by RAY_ADDRESS or else by the GCS processes running on the machine. With
+    a second local Ray beside this one (a `negatron serve` next to a `negatron tune`, or a bench
+    beside the tests) the search failed with "Found multiple active Ray instances": the cleaner
+    died, a stopped trial's placement group was never freed and the next trials waited for CPUs
+    until they timed out. ``init_local`` hands every worker RAY_ADDRESS, so the search never runs."""
+
+    @ray.remote(num_cpus=0.1)
+    def resolve():
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+        from ray.util.state import list_nodes
+
+        return os.environ.get("RAY_ADDRESS"), canonicalize_bootstrap_address_or_die(None), len(list_nodes())
+
+    env_address, address, nodes = ray.get(resolve.remote(), timeout=120)
+    assert env_address == address == ray.get_runtime_context().gcs_address
+    assert nodes == 1  # the state API answered through that address
