@@ -41,12 +41,22 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None) -> Non
     console.after_ray_init()
 
 
-def _free_port() -> int:
+def free_port(lo: int = 20000, hi: int = 30000) -> int:
+    """A free TCP port in [lo, hi), by default outside Ray's worker-port range 10002–19999."""
+    import secrets
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from .errors import NegatronError
+
+    for _ in range(200):
+        port = secrets.randbelow(hi - lo) + lo
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise NegatronError(f"no free port found between {lo} and {hi}")
 
 
 def init_local(runtime_env: dict | None = None, **kwargs) -> str:
@@ -61,7 +71,7 @@ def init_local(runtime_env: dict | None = None, **kwargs) -> str:
     """
     import ray
 
-    port = _free_port()
+    port = free_port()
     address = f"{ray.util.get_node_ip_address()}:{port}"  # the IP the head node will bind its GCS to
     env = dict(runtime_env or {})
     env["env_vars"] = {**env.get("env_vars", {}), "RAY_ADDRESS": address}

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .errors import NegatronError
+from .local import free_port
 
 
 class ClusterError(NegatronError, RuntimeError):
@@ -31,19 +31,6 @@ class ClusterError(NegatronError, RuntimeError):
 
 def state_dir() -> Path:
     return Path(os.environ.get("NEGATRON_CLUSTER_DIR", "~/.negatron/cluster")).expanduser()
-
-
-def _free_port(lo: int = 20000, hi: int = 30000) -> int:
-    """A free TCP port outside Ray's default worker-port range 10002–19999."""
-    for _ in range(200):
-        port = secrets.randbelow(hi - lo) + lo
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise ClusterError("no free port found between 20000 and 30000")
 
 
 def _ray_bin() -> str:
@@ -55,8 +42,8 @@ def _agent_ports() -> list[str]:
     """Free ports for a node's agents. Ray's defaults (dashboard agent HTTP 52365, metrics 8080)
     are fixed: a second node on this machine, or any other Ray running here, would collide, and a
     head whose job agent cannot start answers every job submission "No available agent"."""
-    return [f"--dashboard-agent-listen-port={_free_port(32001, 33000)}",
-            f"--metrics-export-port={_free_port(33001, 34000)}"]
+    return [f"--dashboard-agent-listen-port={free_port(32001, 33000)}",
+            f"--metrics-export-port={free_port(33001, 34000)}"]
 
 
 def token_env(token_path: str | Path) -> dict[str, str]:
@@ -127,7 +114,7 @@ def up(workers: int = 1, cpus_per_node: float = 2, log=print) -> dict:
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     env = _env(token)
-    port, dash = _free_port(), _free_port(30001, 32000)
+    port, dash = free_port(), free_port(30001, 32000)
     state = {"root": str(root), "address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}",
              "token_path": str(token), "workers": workers, "cpus_per_node": cpus_per_node, "started": time.time()}
     (sd / "cluster.json").write_text(json.dumps(state, indent=2))  # before starting: `down` can always clean up

@@ -179,7 +179,6 @@ def test_pbt_exploits_and_mutated_values_survive_the_restore(tmp_path, tiny_mode
         assert row["step"] > 8  # continued from the donor's checkpoint, not from step 0
 
 
-
 def test_workers_know_their_own_cluster_address():
     """Ray's state API, which Ray Train's placement-group cleaner polls from inside the cluster,
     finds "the" cluster by RAY_ADDRESS or else by the GCS processes running on the machine. With
