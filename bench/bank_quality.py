@@ -69,7 +69,8 @@ def main() -> None:
         if not args.data:
             (build_pycode_dataset if args.dataset == "pycode" else build_stdlib_dataset)(data)
         # dashboard on, as in the product: Ray Train's placement-group cleaner needs the state API
-        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+        from negatron.cluster.local import init_local  # workers know their own cluster's address
+        init_local(num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         bank_run, big_run = f"b16_bank{args.bank_size}", f"b{args.big}"
         arms = [("b16", 16, 0, 0), (bank_run, 16, args.bank_size, 0), (big_run, args.big, 0, 0),
                 (f"{big_run}_cached", args.big, 0, 16)]

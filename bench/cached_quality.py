@@ -64,7 +64,8 @@ def main() -> None:
         data = Path(args.data) if args.data else tmp / "data"
         if not args.data:
             build_stdlib_dataset(data)
-        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+        from negatron.cluster.local import init_local  # workers know their own cluster's address
+        init_local(num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         try:
             zero = evaluate_encoder(Encoder.from_pretrained("default"), str(data / "test"), query_max_length=48,
                                     progress=False)

@@ -67,7 +67,8 @@ def bench_training(args, tmp: Path) -> dict:
 
     data = tmp / "data"
     build_stdlib_dataset(data)
-    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=True)
+    from negatron.cluster.local import init_local  # workers know their own cluster's address
+    init_local(num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=True)
     watcher = StepWatcher(sys.stderr)
     real_stdout, sys.stdout = sys.stdout, watcher
     out: dict = {"model": args.model, "steps": args.steps, "checkpoint_every": args.every}

@@ -51,7 +51,8 @@ def main() -> None:
                "overrides": args.overrides, "runs": {}}
         out["runs"]["random_init"] = {k: round(v, 4) for k, v in
                                       ev.evaluate(build_encoder(cfg), shots=cfg.eval.probe_shots).items()}
-        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+        from negatron.cluster.local import init_local  # workers know their own cluster's address
+        init_local(num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         try:
             for name, bank in (("simclr_no_bank", 0), ("simclr_bank", args.bank)):
                 res = run_training(cfg.replace([f"bank.size={bank}", f"run.name={name}"]))

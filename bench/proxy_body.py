@@ -120,7 +120,8 @@ def main() -> None:
     from negatron.cluster.config import load_config
     from negatron.serve.app import resolve_section, start
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from negatron.cluster.local import init_local  # workers know their own cluster's address
+    init_local(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         section = resolve_section(load_config(None, ["serve.encoder.path=default", f"serve.port={port}"]))

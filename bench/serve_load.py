@@ -204,7 +204,8 @@ def main() -> dict:
             proc.terminate()
             proc.wait(timeout=30)
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    from negatron.cluster.local import init_local  # workers know their own cluster's address
+    init_local(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         for name, batch, colo in [("negatron_batched", 32, False), ("negatron_unbatched", 1, False),
                                   ("negatron_colocated_batched", 32, True), ("negatron_colocated_unbatched", 1, True)]:

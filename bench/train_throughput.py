@@ -44,7 +44,7 @@ def _model_path(name: str, tmp: Path) -> str:
     return str(out)
 
 
-def _batches(train: Path, batch: int, steps: int) -> list[tuple[list[str], list[str]]]:
+def _batches(train: Path, batch: int, steps: int, rank: int = 0, world: int = 1) -> list[tuple[list[str], list[str]]]:
     """The (queries, positives) of global steps 0..steps-1 in Negatron's own data order (seed 0):
     every variant trains on the same rows, so none is timed on shorter texts than another (the
     file's first rows, which the plain loop took before, pad to 4% fewer tokens than random
@@ -55,12 +55,15 @@ def _batches(train: Path, batch: int, steps: int) -> list[tuple[list[str], list[
 
     t = pq.read_table(train, columns=["query", "positive"])
     q, p = t.column("query").to_pylist(), t.column("positive").to_pylist()
-    sched = RowSchedule(t.num_rows, batch, seed=0)
-    return [([q[i] for i in r], [p[i] for i in r]) for r in (sched.global_rows(s) for s in range(steps))]
+    # rank's share of each global batch of ``batch`` rows, as a Ray Train worker of ``world`` gets it
+    sched = RowSchedule(t.num_rows, batch // world, rank=rank, world=world, seed=0)
+    return [([q[i] for i in r], [p[i] for i in r]) for r in (sched.local_rows(s) for s in range(steps))]
 
 
-def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int) -> float:
-    """The simplest correct loop: HF model, mean pooling, in-batch InfoNCE, AdamW."""
+def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int, rank: int = 0,
+               world: int = 1) -> float:
+    """The simplest correct loop: HF model, mean pooling, in-batch InfoNCE, AdamW. With ``world`` > 1
+    it trains only on ``rank``'s share of each global batch and returns that share's samples/s."""
     from transformers import AutoModel, AutoTokenizer
 
     from negatron.trainers.encoder import resolve_model_path
@@ -71,7 +74,7 @@ def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, w
     model = AutoModel.from_pretrained(path)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    batches = _batches(train, batch, steps + warmup)
+    batches = _batches(train, batch, steps + warmup, rank, world)
 
     def emb(texts):
         b = tok(texts, padding=True, truncation=True, max_length=seq, return_tensors="pt")
@@ -89,7 +92,25 @@ def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, w
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return steps * batch / (time.perf_counter() - t0)
+    return steps * (batch // world) / (time.perf_counter() - t0)
+
+
+def _plain_share(args) -> float:
+    return plain_loop(*args)
+
+
+def plain_side_by_side(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int,
+                       world: int = 2) -> float:
+    """The ceiling of any data-parallel run on this machine: ``world`` copies of the plain loop, each
+    on its share of every global batch, side by side in separate processes and never talking to each
+    other (no gradient exchange, no Ray). Their summed samples/s over the plain loop is the most
+    that ``world`` workers can reach here, whatever the communication costs; on a machine with as
+    many cores as processes it shows how much the cores share (memory bandwidth, caches, turbo)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(world) as pool:
+        rates = pool.map(_plain_share, [(model_path, train, batch, seq, steps, warmup, r, world) for r in range(world)])
+    return sum(rates)
 
 
 def st_mnrl(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int) -> float:
@@ -175,7 +196,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32, help="global batch")
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--skip", default="", help="variants to leave out, comma-separated: st, inprocess, bank, side")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     import ray
 
     with tempfile.TemporaryDirectory() as d:
@@ -185,28 +208,44 @@ def main() -> None:
         kw = dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup)
         out = {"model": args.model, "global_batch": args.batch, "seq_len": args.seq, "steps_timed": args.steps}
         out["plain_loop_samples_per_s"] = plain_loop(mp, train, **kw)
-        out["st_mnrl_samples_per_s"] = st_mnrl(mp, train, **kw)
-        out["negatron_inprocess_samples_per_s"] = negatron_inprocess(mp, train, bank=0, **kw)
-        out["negatron_inprocess_bank4096_samples_per_s"] = negatron_inprocess(mp, train, bank=4096, **kw)
+        if "side" not in skip:
+            out["plain_loop_2proc_side_by_side_samples_per_s"] = plain_side_by_side(mp, train, **kw)
+        if "st" not in skip:
+            out["st_mnrl_samples_per_s"] = st_mnrl(mp, train, **kw)
+        if "inprocess" not in skip:
+            out["negatron_inprocess_samples_per_s"] = negatron_inprocess(mp, train, bank=0, **kw)
+            if "bank" not in skip:
+                out["negatron_inprocess_bank4096_samples_per_s"] = negatron_inprocess(mp, train, bank=4096, **kw)
         # dashboard on, as in the product: Ray Train's placement-group cleaner needs the state API
-        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+        from negatron.cluster.local import init_local  # workers know their own cluster's address
+        init_local(num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
         try:
             rk = dict(steps=args.steps, warmup=args.warmup, tmp=tmp)
             out["negatron_ray_1w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, workers=1, **rk)
-            out["negatron_ray_1w_bank4096_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, workers=1,
-                                                                        bank=4096, **rk)
+            if "bank" not in skip:
+                out["negatron_ray_1w_bank4096_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq,
+                                                                            workers=1, bank=4096, **rk)
             out["negatron_ray_2w_samples_per_s"] = negatron_ray(mp, train, args.batch, args.seq, workers=2, **rk)
         finally:
             ray.shutdown()
     p = out["plain_loop_samples_per_s"]
-    out["ratio_negatron_1w_vs_plain"] = out["negatron_ray_1w_samples_per_s"] / p
-    out["ratio_negatron_2w_vs_plain"] = out["negatron_ray_2w_samples_per_s"] / p
-    out["ratio_negatron_1w_vs_st_mnrl"] = out["negatron_ray_1w_samples_per_s"] / out["st_mnrl_samples_per_s"]
-    out["ratio_st_mnrl_vs_plain"] = out["st_mnrl_samples_per_s"] / p
-    out["bank4096_step_time_overhead_inprocess"] = (out["negatron_inprocess_samples_per_s"]
-                                                   / out["negatron_inprocess_bank4096_samples_per_s"] - 1)
-    out["bank4096_step_time_overhead_ray"] = (out["negatron_ray_1w_samples_per_s"]
-                                             / out["negatron_ray_1w_bank4096_samples_per_s"] - 1)
+
+    def ratio(name: str, a: str, b: str, minus_one: bool = False) -> None:
+        if a in out and b in out:
+            out[name] = out[a] / out[b] - (1 if minus_one else 0)
+
+    ratio("ratio_negatron_1w_vs_plain", "negatron_ray_1w_samples_per_s", "plain_loop_samples_per_s")
+    ratio("ratio_negatron_2w_vs_plain", "negatron_ray_2w_samples_per_s", "plain_loop_samples_per_s")
+    # the machine's own ceiling for two workers, and how much of it Negatron's 2 workers reach
+    ratio("ratio_2proc_side_by_side_vs_plain", "plain_loop_2proc_side_by_side_samples_per_s", "plain_loop_samples_per_s")
+    ratio("ratio_negatron_2w_vs_side_by_side", "negatron_ray_2w_samples_per_s",
+          "plain_loop_2proc_side_by_side_samples_per_s")
+    ratio("ratio_negatron_1w_vs_st_mnrl", "negatron_ray_1w_samples_per_s", "st_mnrl_samples_per_s")
+    ratio("ratio_st_mnrl_vs_plain", "st_mnrl_samples_per_s", "plain_loop_samples_per_s")
+    ratio("bank4096_step_time_overhead_inprocess", "negatron_inprocess_samples_per_s",
+          "negatron_inprocess_bank4096_samples_per_s", minus_one=True)
+    ratio("bank4096_step_time_overhead_ray", "negatron_ray_1w_samples_per_s", "negatron_ray_1w_bank4096_samples_per_s",
+          minus_one=True)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}, indent=2))
 
 

@@ -183,7 +183,8 @@ def main() -> None:
         return text
 
     if any(r.startswith("negatron") for r in runs):
-        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+        from negatron.cluster.local import init_local  # workers know their own cluster's address
+        init_local(num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     try:
         for ds in args.datasets.split(","):
             data = dataset(ds, Path(args.data_root))

@@ -123,10 +123,16 @@ def test_cluster_up_submit_train_and_errors(tmp_path, tiny_model_dir, stdlib_dat
             assert len(resumes) == 1 and resumes[0] % 6 == 0 and resumes[0] > 0, resumes
             return r, run_uri
 
-        # the driver on this machine, attached to the cluster (token from the cluster's file)
-        run_killing_node1_worker("direct", "train", "--address", state["address"],
-                                 extra_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]})
-        # the same as a job through the Jobs API (the driver runs in the cluster too)
+        # the driver on this machine, attached to the cluster (token from the cluster's file); a
+        # short run: the kill and the resume from the store are checked on the job below
+        direct = _cli("train", "--address", state["address"], "--config", str(cfg), "run.name=direct",
+                      "trainer.max_steps=6", env={**env, "RAY_AUTH_MODE": "token",
+                                                  "RAY_AUTH_TOKEN_PATH": state["token_path"]}, timeout=900)
+        assert direct.returncode == 0, (direct.stdout + direct.stderr)[-4000:]
+        assert storage.read_json(s3.uri("cluster/runs/direct/metrics.json"))["steps"] == 6
+        assert storage.exists(s3.uri("cluster/runs/direct/final/model.safetensors"))
+        # a job through the Jobs API (the driver runs in the cluster too); a worker on the second
+        # node is killed and the run resumes from the checkpoints in the store
         sub, run_uri = run_killing_node1_worker("job", "submit", "train", "--address", state["dashboard"])
         out = sub.stdout + sub.stderr
         job_id = next(line.split()[2].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("submitted job"))

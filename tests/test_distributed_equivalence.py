@@ -87,17 +87,6 @@ def _run(model, batches, lo, hi, prefill=False):
     return losses, grads, sums
 
 
-def _worker(rank, world, init_file, state, kwargs, with_negatives, out_dir, prefill):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = _model(state, kwargs)
-        losses, grads, sums = _run(model, _batches(with_negatives), rank * B, (rank + 1) * B, prefill)
-        torch.save({"losses": losses, "grads": grads, "sums": sums}, os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 CASES = {
     "in-batch": dict(temperature=0.1),
     "bank-wrap-maxage-joint": dict(temperature=0.1, bank_size=10, bank_max_age=1, bank_mode="joint"),
@@ -122,42 +111,64 @@ def _spawn_two(target, tmp_path, *args):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(240)
+        p.join(600)
         assert p.exitcode == 0
     return [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
 
 
-def _local_worker(rank, world, init_file, state, kwargs, out_dir):
+def _jobs() -> list[tuple[str, dict, bool]]:
+    """(name, model kwargs, with hard negatives) of every two-rank run the tests below check."""
+    jobs = [(f"{case}-{wn}", CASES[case], wn) for case in CASES for wn in (False, True)]
+    jobs += [(f"local-{m}", dict(temperature=0.1, bank_size=12, bank_momentum=m, cross_worker=False,
+                                 bank_mode="joint"), False) for m in (0.0, 0.9)]
+    return jobs
+
+
+def _all_worker(rank, world, init_file, state, out_dir):
+    """Every job in one process group, one after the other in the same order on both ranks (spawning
+    two processes that import torch and transformers costs ~10 s here; the jobs take ~1 s)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = _model(state, kwargs)
-        _, _, sums = _run(model, _batches(False), rank * B, (rank + 1) * B)
-        torch.save({"sums": sums, "qids": model.bank.qids.clone()}, os.path.join(out_dir, f"r{rank}.pt"))
+        out = {}
+        for name, kwargs, with_negatives in _jobs():
+            kwargs = dict(kwargs)
+            prefill = kwargs.pop("prefill", False)
+            model = _model(state, kwargs)
+            losses, grads, sums = _run(model, _batches(with_negatives), rank * B, (rank + 1) * B, prefill)
+            out[name] = {"losses": losses, "grads": grads, "sums": sums}
+            if model.bank is not None:
+                out[name]["qids"] = model.bank.qids.clone()
+        torch.save(out, os.path.join(out_dir, f"r{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The results of every job on rank 0 and rank 1 (one spawn for the module)."""
+    tmp = tmp_path_factory.mktemp("gloo")
+    return _spawn_two(_all_worker, tmp, make_tiny_encoder(seed=0).state_dict(), str(tmp))
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_bank_stays_shared_without_cross_worker_negatives(momentum, tmp_path):
+def test_bank_stays_shared_without_cross_worker_negatives(momentum, two_ranks):
     """loss.cross_worker_negatives=false scores local candidates only, but every rank still
     enqueues every rank's keys: the bank is identical on both ranks after every step."""
-    kwargs = dict(temperature=0.1, bank_size=12, bank_momentum=momentum, cross_worker=False, bank_mode="joint")
-    state = make_tiny_encoder(seed=0).state_dict()
-    r0, r1 = _spawn_two(_local_worker, tmp_path, state, kwargs, str(tmp_path))
+    r0, r1 = (r[f"local-{momentum}"] for r in two_ranks)
     assert r0["sums"] == r1["sums"] and len(set(r0["sums"])) == STEPS
     assert (r0["qids"] >= 0).sum() == 12  # both ranks' rows were enqueued, with their query groups
 
 
 @pytest.mark.parametrize("with_negatives", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_workers_equal_one_big_batch(case, with_negatives, tmp_path):
+def test_two_workers_equal_one_big_batch(case, with_negatives, two_ranks):
     kwargs = dict(CASES[case])
     prefill = kwargs.pop("prefill", False)
     state = make_tiny_encoder(seed=0).state_dict()
     plain = {k: v for k, v in kwargs.items() if k != "mini_batch_size"}  # the reference: one pass
     ref_losses, ref_grads, ref_sums = _run(_model(state, plain), _batches(with_negatives), 0, 2 * B, prefill)
-    r0, r1 = _spawn_two(_worker, tmp_path, state, kwargs, with_negatives, str(tmp_path), prefill)
+    r0, r1 = (r[f"{case}-{with_negatives}"] for r in two_ranks)
     for s in range(STEPS):
         assert r0["losses"][s] == pytest.approx(ref_losses[s], abs=1e-5)
         torch.testing.assert_close(r0["grads"][s], ref_grads[s], atol=1e-5, rtol=1e-4)
