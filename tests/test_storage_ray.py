@@ -1,17 +1,13 @@
 """Ray Train with data, model and storage on a real S3-compatible server (no shared folder needed):
-outputs written through the store, a SIGKILLed worker resumed from checkpoints there, and the
-exported model loaded back from the store by transformers."""
+outputs and checkpoints written through the store, and the exported model loaded back from the store
+by transformers."""
 
 import json
 import os
-import signal
-import threading
-import time
 
 import numpy as np
 import pytest
 
-from bench.loadgen import tagged_pids
 from negatron.cluster import storage
 from negatron.cluster.config import load_config
 from negatron.trainers.encoder import Encoder
@@ -48,29 +44,17 @@ def _cfg(s3, inputs, name, *extra):
         f"run.storage_path={s3.uri('runs')}", f"run.name={name}", *extra])
 
 
-def test_train_with_data_model_and_storage_on_s3_then_sigkill_resume(ray_s3, remote_inputs, tmp_path, monkeypatch):
+def test_train_with_data_model_and_storage_on_s3(ray_s3, remote_inputs, tmp_path, monkeypatch):
+    """(A worker killed mid-run and the resume from the checkpoints in the store are checked on two
+    real nodes in tests/test_cluster_ray.py.)"""
     s3 = ray_s3
     monkeypatch.setenv("NEGATRON_CACHE", str(tmp_path / "cache"))
-    cfg = _cfg(s3, remote_inputs, "s3run", "trainer.max_steps=60", "trainer.checkpoint_every=15",
-               "trainer.max_failures=1", "bank.size=32", "trainer.keep_checkpoints=10")
+    cfg = _cfg(s3, remote_inputs, "s3run", "trainer.max_steps=30", "trainer.checkpoint_every=15",
+               "bank.size=32", "trainer.keep_checkpoints=10")
     run_dir = s3.uri("runs/s3run")
-    killed: list[int] = []
-
-    def killer():
-        deadline = time.time() + 300
-        while not killed and time.time() < deadline:
-            pids = tagged_pids("RayTrainWorker", os.getpid())
-            if len(pids) == 2 and registered_steps(run_dir):  # a checkpoint is registered in the store
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.1)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
     res = run_training(cfg)
-    t.join(5)
-    assert killed, "no worker was killed"
     assert res.run_dir == run_dir and res.final_dir == storage.join(run_dir, "final")
+    assert registered_steps(run_dir) == [15, 30]  # Ray Train registered both checkpoints in the store
 
     # every output is in the store, nothing in a local folder named after the URI
     files = {f for f, _, _ in storage.list_files(run_dir)}
@@ -79,15 +63,14 @@ def test_train_with_data_model_and_storage_on_s3_then_sigkill_resume(ray_s3, rem
         assert name in files, (name, sorted(files)[:40])
     assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
     history = storage.read_json(storage.join(run_dir, "history.json"))
-    resumes = [h["resumed_from"] for h in history if "resumed_from" in h]
-    assert len(resumes) == 1 and resumes[0] % 15 == 0 and resumes[0] > 0
+    assert [h["step"] for h in history if "loss" in h][-1] == 30
     metrics = storage.read_json(storage.join(run_dir, "metrics.json"))
-    assert metrics["steps"] == 60 and "mrr@10" in metrics
+    assert metrics["steps"] == 30 and "mrr@10" in metrics
 
     # the exported model, fetched from the store, loads in transformers and in Negatron alike
     local = storage.local_folder(res.final_dir)
     meta = json.loads((local / "negatron.json").read_text())
-    assert meta["step"] == 60
+    assert meta["step"] == 30
     texts = ["return the sorted list of keys", "def f(x):\n    return x + 1"]
     ours = Encoder.from_pretrained(res.final_dir).encode(texts)  # a URI, fetched into the cache
     import torch
