@@ -8,6 +8,12 @@ Samples/s exclude start-up: the first steps are warm-up and are not timed. Every
 the same rows: the global batches of Negatron's own seeded data order, so all are timed on texts of
 the same lengths. All single-process variants use one torch thread, like one Ray Train worker (Ray
 sets OMP_NUM_THREADS=1).
+
+Two-worker decomposition (plain loops in two processes, each on its half of every global batch):
+side by side without talking (the machine's ceiling), then waiting for each other after every
+backward pass (what synchronous steps cost when the halves differ in length), then averaging their
+gradients in one flat gloo all-reduce (the plainest DDP). Negatron's 2 workers are measured against
+each; `--skip side,sync` leaves them out.
 """
 
 from __future__ import annotations
@@ -61,14 +67,23 @@ def _batches(train: Path, batch: int, steps: int, rank: int = 0, world: int = 1)
 
 
 def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int, rank: int = 0,
-               world: int = 1) -> float:
+               world: int = 1, sync: str = "none", init: str | None = None) -> float:
     """The simplest correct loop: HF model, mean pooling, in-batch InfoNCE, AdamW. With ``world`` > 1
-    it trains only on ``rank``'s share of each global batch and returns that share's samples/s."""
+    it trains only on ``rank``'s share of each global batch and returns that share's samples/s.
+
+    ``sync`` (with ``world`` > 1, a gloo group at ``init``): "none" — the ranks never talk; "barrier"
+    — they wait for each other after every backward pass (what synchronous data parallelism costs
+    when ranks' batches differ in length, without sending anything); "allreduce" — they average
+    their gradients in one flat all-reduce after backward (the plainest DDP, no overlap)."""
     from transformers import AutoModel, AutoTokenizer
 
     from negatron.trainers.encoder import resolve_model_path
 
     torch.set_num_threads(1)
+    if sync != "none":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     path = resolve_model_path(model_path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path)
@@ -90,9 +105,23 @@ def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, w
         loss = torch.nn.functional.cross_entropy(q @ p.T / 0.05, torch.arange(len(q)))
         opt.zero_grad()
         loss.backward()
+        if sync == "barrier":
+            dist.barrier()
+        elif sync == "allreduce":
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return steps * (batch // world) / (time.perf_counter() - t0)
+    rate = steps * (batch // world) / (time.perf_counter() - t0)
+    if sync != "none":
+        dist.destroy_process_group()
+    return rate
 
 
 def _plain_share(args) -> float:
@@ -100,7 +129,7 @@ def _plain_share(args) -> float:
 
 
 def plain_side_by_side(model_path: str, train: Path, batch: int, seq: int, steps: int, warmup: int,
-                       world: int = 2) -> float:
+                       world: int = 2, sync: str = "none") -> float:
     """The ceiling of any data-parallel run on this machine: ``world`` copies of the plain loop, each
     on its share of every global batch, side by side in separate processes and never talking to each
     other (no gradient exchange, no Ray). Their summed samples/s over the plain loop is the most
@@ -108,8 +137,14 @@ def plain_side_by_side(model_path: str, train: Path, batch: int, seq: int, steps
     many cores as processes it shows how much the cores share (memory bandwidth, caches, turbo)."""
     import multiprocessing as mp
 
+    init = None
+    if sync != "none":
+        from negatron.cluster.local import free_port
+
+        init = f"tcp://127.0.0.1:{free_port()}"
     with mp.get_context("spawn").Pool(world) as pool:
-        rates = pool.map(_plain_share, [(model_path, train, batch, seq, steps, warmup, r, world) for r in range(world)])
+        rates = pool.map(_plain_share, [(model_path, train, batch, seq, steps, warmup, r, world, sync, init)
+                                        for r in range(world)])
     return sum(rates)
 
 
@@ -196,7 +231,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32, help="global batch")
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--skip", default="", help="variants to leave out, comma-separated: st, inprocess, bank, side")
+    ap.add_argument("--skip", default="", help="variants to leave out, comma-separated: st, inprocess, bank, side, sync")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     import ray
@@ -210,6 +245,9 @@ def main() -> None:
         out["plain_loop_samples_per_s"] = plain_loop(mp, train, **kw)
         if "side" not in skip:
             out["plain_loop_2proc_side_by_side_samples_per_s"] = plain_side_by_side(mp, train, **kw)
+        if "sync" not in skip:  # what synchronous steps cost, then what a plain gradient all-reduce adds
+            out["plain_loop_2proc_barrier_samples_per_s"] = plain_side_by_side(mp, train, sync="barrier", **kw)
+            out["plain_loop_2proc_allreduce_samples_per_s"] = plain_side_by_side(mp, train, sync="allreduce", **kw)
         if "st" not in skip:
             out["st_mnrl_samples_per_s"] = st_mnrl(mp, train, **kw)
         if "inprocess" not in skip:
@@ -240,6 +278,10 @@ def main() -> None:
     ratio("ratio_2proc_side_by_side_vs_plain", "plain_loop_2proc_side_by_side_samples_per_s", "plain_loop_samples_per_s")
     ratio("ratio_negatron_2w_vs_side_by_side", "negatron_ray_2w_samples_per_s",
           "plain_loop_2proc_side_by_side_samples_per_s")
+    ratio("ratio_2proc_barrier_vs_plain", "plain_loop_2proc_barrier_samples_per_s", "plain_loop_samples_per_s")
+    ratio("ratio_2proc_allreduce_vs_plain", "plain_loop_2proc_allreduce_samples_per_s", "plain_loop_samples_per_s")
+    ratio("ratio_negatron_2w_vs_2proc_allreduce", "negatron_ray_2w_samples_per_s",
+          "plain_loop_2proc_allreduce_samples_per_s")
     ratio("ratio_negatron_1w_vs_st_mnrl", "negatron_ray_1w_samples_per_s", "st_mnrl_samples_per_s")
     ratio("ratio_st_mnrl_vs_plain", "st_mnrl_samples_per_s", "plain_loop_samples_per_s")
     ratio("bank4096_step_time_overhead_inprocess", "negatron_inprocess_samples_per_s",

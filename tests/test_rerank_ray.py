@@ -53,50 +53,48 @@ def test_cross_encoder_config_rejects_a_bank(tmp_path):
         load_config(None, ["model.kind=cross-encoder", "bank.size=128"])
 
 
-def test_quickstart_reranker_stage_saves_a_dev_chosen_weight_that_eval_uses(tmp_path, tiny_model_dir, capsys):
-    from negatron.cluster.cli import main
-    from negatron.trainers.recipes import reranker_stage
-    from negatron.trainers.cross_encoder import RERANK_FILE, saved_rerank_weight
-
-    task = write_synthetic_task(tmp_path / "task", n_train=64)
-    cfg = load_config(None, [f"data.train={task / 'train.parquet'}", f"data.dev={task / 'dev'}",
-                             f"data.test={task / 'dev'}", "trainer.num_workers=2", "trainer.cpus_per_worker=0.5",
-                             "trainer.log_every_s=60", f"run.storage_path={tmp_path / 'runs'}", "run.name=qs"])
-    rr = reranker_stage(cfg, tiny_model_dir, task, tmp_path, steps=10, depth=10)
-    w = rr["rerank_weight"]
-    assert saved_rerank_weight(rr["reranker"]) == w and set(rr["dev_mrr@10_by_weight"]) == {i / 10 for i in range(11)}
-    assert rr["dev_mrr@10_by_weight"][w] == max(rr["dev_mrr@10_by_weight"].values())
-    # the test set is the dev set here, so the fused test MRR@10 is the chosen dev value
-    assert rr[f"reranked@w={w:g}"]["mrr@10"] == pytest.approx(rr["dev_mrr@10_by_weight"][w])
-    saved = json.loads((tmp_path / "runs" / "qs-reranker" / "final" / RERANK_FILE).read_text())
-    assert saved["rerank_depth"] == 10 and saved["first_stage"] == str(tiny_model_dir)
-    capsys.readouterr()
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(task / "dev"), "--reranker", rr["reranker"],
-                 "--rerank-depth", "10", "--out", str(tmp_path / "two.json")]) == 0
-    assert json.loads((tmp_path / "two.json").read_text())["reranked"]["mrr@10"] == pytest.approx(
-        rr[f"reranked@w={w:g}"]["mrr@10"])
-
-
-def test_quickstart_runs_the_main_job_and_reports_the_time_of_each_stage(tmp_path, tiny_model_dir, capsys):
-    """`negatron quickstart` end to end on a tiny model: zero-shot and fine-tuned test metrics,
-    quickstart.json, and the closing time-by-stage table."""
+def test_quickstart_with_reranker_runs_every_stage_and_saves_a_dev_chosen_weight_that_eval_uses(
+        tmp_path, tiny_model_dir, capsys):
+    """`negatron quickstart --with-reranker` end to end on a tiny model: zero-shot and fine-tuned
+    test metrics, quickstart.json and the time-by-stage table; then mining with the fine-tuned
+    model, a cross-encoder trained on Ray, the fusion weight chosen on dev, saved beside it and used
+    by `negatron eval --reranker`."""
     import shutil
 
     from negatron.cluster.cli import main
+    from negatron.trainers.cross_encoder import RERANK_FILE, saved_rerank_weight
 
     task = write_synthetic_task(tmp_path / "task", n_train=64)
     shutil.copytree(task / "dev", task / "test")
-    assert main(["quickstart", f"model.path={tiny_model_dir}", f"data.train={task / 'train.parquet'}",
+    assert main(["quickstart", "--with-reranker", "--reranker-steps", "10", "--rerank-depth", "10",
+                 f"model.path={tiny_model_dir}", f"data.train={task / 'train.parquet'}",
                  "trainer.max_steps=4", "trainer.checkpoint_every=4", "trainer.batch_size=4", "bank.size=0",
-                 "bank.momentum=0", "model.max_length=32", "trainer.log_every_s=60",
+                 "bank.momentum=0", "model.max_length=32", "trainer.log_every_s=60", "trainer.cpus_per_worker=0.5",
                  f"run.storage_path={tmp_path / 'runs'}", "run.name=qs"]) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "runs" / "quickstart.json").read_text())
     assert summary["train"]["steps"] == 4 and 0 <= summary["fine_tuned"]["mrr@10"] <= 1
     stages = summary["stage_s"]
-    assert list(stages) == ["data", "zero-shot evaluation", "training", "evaluation", "total"]
+    assert list(stages) == ["data", "zero-shot evaluation", "training", "evaluation", "mining", "reranker training",
+                            "two-stage evaluation", "total"]
     assert all(v >= 0 for v in stages.values()) and stages["total"] >= stages["training"] > 0
-    assert "time by stage:" in out and "zero-shot evaluation" in out.split("time by stage:")[1]
+    assert "time by stage:" in out and "two-stage evaluation" in out.split("time by stage:")[1]
     assert f"MRR@10 {summary['zero_shot']['mrr@10']:.4f} -> {summary['fine_tuned']['mrr@10']:.4f}" in out
     # the plot starts at the zero-shot dev score, measured on the dev subset the run checks
     assert 0 <= summary["zero_shot_dev"]["mrr@10"] <= 1 and (tmp_path / "runs" / "qs" / "training.png").stat().st_size > 0
+
+    rr = summary["reranker"]
+    w = rr["rerank_weight"]
+    assert saved_rerank_weight(rr["reranker"]) == w
+    curve = {float(k): v for k, v in rr["dev_mrr@10_by_weight"].items()}  # JSON keys are strings
+    assert set(curve) == {i / 10 for i in range(11)} and curve[w] == max(curve.values())
+    # the test set is a copy of the dev set here, so the fused test MRR@10 is the chosen dev value
+    assert rr[f"reranked@w={w:g}"]["mrr@10"] == pytest.approx(curve[w])
+    saved = json.loads((tmp_path / "runs" / "qs-reranker" / "final" / RERANK_FILE).read_text())
+    bi_encoder = summary["final_model"]
+    assert saved["rerank_depth"] == 10 and saved["first_stage"] == bi_encoder
+    capsys.readouterr()
+    assert main(["eval", "--model", bi_encoder, "--data", str(task / "dev"), "--reranker", rr["reranker"],
+                 "--rerank-depth", "10", "--out", str(tmp_path / "two.json")]) == 0
+    assert json.loads((tmp_path / "two.json").read_text())["reranked"]["mrr@10"] == pytest.approx(
+        rr[f"reranked@w={w:g}"]["mrr@10"])
