@@ -355,17 +355,20 @@ def serve_config_yaml(section: ServeSection) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def http_options(section: ServeSection) -> dict:
-    opts: dict = {"host": section.host, "port": section.port}
+def http_options(section: ServeSection, proxy_port: int | None = None) -> dict:
+    opts: dict = {"host": section.host, "port": proxy_port or section.port}
     if section.request_timeout_s:
         opts["request_timeout_s"] = section.request_timeout_s
     return opts
 
 
-def start(section: ServeSection, blocking_wait_s: float | None = None) -> str:
-    """Deploy on the connected Ray; returns the base URL once every deployment is healthy."""
+def start(section: ServeSection, blocking_wait_s: float | None = None, proxy_port: int | None = None) -> str:
+    """Deploy on the connected Ray; returns the base URL once every deployment is healthy.
+
+    ``proxy_port``: where Serve's proxy listens instead of ``serve.port`` (with direct ingress the
+    ingress replica takes ``serve.port``; Serve 2.60 still starts a proxy, which then goes unused)."""
     blocking_wait_s = section.startup_timeout_s if blocking_wait_s is None else blocking_wait_s
-    serve.start(http_options=http_options(section))
+    serve.start(http_options=http_options(section, proxy_port))
     from .deployments import mark_ready
 
     mark_ready(section.app_name, False)  # a fresh deploy: not ready until every deployment answers
@@ -411,6 +414,36 @@ def _check_port_free(host: str, port: int) -> None:
                               "pick another port with --port") from None
 
 
+def direct_ingress_env(section: ServeSection, embedded: bool) -> dict[str, str]:
+    """The environment that makes Ray Serve 2.60 run ``section`` with direct ingress: the one ingress
+    replica serving HTTP itself on ``serve.port`` (Serve allocates replica ports from a range, here
+    exactly that port), no proxy hop (Serve still starts a proxy; `run_until_signal` moves it to
+    another port, where nothing calls it). Serve reads these settings when its processes start, so
+    they must be in the environment before the embedded Ray starts.
+
+    Raises:
+        ConfigError: not the embedded Ray, or an ingress that may have more than one replica.
+    """
+    if not embedded:
+        raise ConfigError("serve.direct_ingress: only on the embedded Ray `negatron serve` starts (on a running "
+                          "cluster it is a cluster-wide Ray Serve setting, RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on "
+                          "every node, with a load balancer in front of the replicas' ports)")
+    scale = section.encoder.scale if section.encoder.colocate else section.ingress
+    if scale.max_replicas != 1:
+        key = "serve.encoder.scale.max_replicas" if section.encoder.colocate else "serve.ingress.max_replicas"
+        raise ConfigError(f"serve.direct_ingress: the ingress must be one replica (it listens on serve.port "
+                          f"itself), but {key} is {scale.max_replicas}")
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(section.port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(section.port + 1),  # Serve's range excludes the maximum
+        # a replacement replica (after a crash) takes the same port at once, and a stop does not
+        # wait 30 s for an external load balancer that is not there
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
+
+
 def run_until_signal(section: ServeSection, address: Optional[str] = None, log=print) -> None:
     """`negatron serve`: start Ray (embedded by default), deploy, print the URL, stop on Ctrl-C/SIGTERM."""
     from negatron.cluster.local import ensure_ray
@@ -420,6 +453,12 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
     embedded = not (address or os.environ.get("NEGATRON_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"))
     if embedded:
         _check_port_free(section.host, section.port)
+    proxy_port = None
+    if section.direct_ingress:
+        from negatron.cluster.local import free_port
+
+        os.environ.update(direct_ingress_env(section, embedded))  # before Ray starts: its processes inherit it
+        proxy_port = free_port()  # Serve's (unused) proxy must not take serve.port from the ingress replica
     ensure_ray(address)
     import ray
 
@@ -434,7 +473,7 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
         if uses_pipeline(section):  # a corpus alone: indexed by the pipeline, here, before any replica
             build_artifact(section, address, log)
         log("negatron serve: starting deployments (the first start loads models and may build the index)...")
-        url = start(section)
+        url = start(section, proxy_port=proxy_port)
         log(f"negatron serve: ready at {url}  (docs: {url}/docs; Ctrl-C to stop)")
         watch_model(section, stop, address, log)
         log("negatron serve: shutting down...")
