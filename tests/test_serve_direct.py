@@ -4,6 +4,8 @@ proxy (Ray Serve 2.60's direct ingress, on the embedded Ray `negatron serve` sta
 No module-level Ray here: the child process runs the only Ray instance on the machine.
 """
 
+import os
+import signal
 import time
 
 import httpx
@@ -11,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from bench.loadgen import ServeProcess, free_port
+from bench.loadgen import ServeProcess, free_port, replica_pids
 from negatron.cluster.config import ConfigError, load_config
 from negatron.serve.app import direct_ingress_env, resolve_section
 from tests.helpers import make_tiny_encoder
@@ -54,6 +56,18 @@ def test_the_ingress_replica_itself_serves_the_port(tmp_path):
                      if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN}
         owners = [" ".join(psutil.Process(pid).cmdline()) for pid in listeners if pid]
         assert owners and all("Ingress" in o for o in owners), owners
+        # a killed ingress replica is replaced on the same port (Serve's port quarantine is off)
+        killed = list(listeners)
+        os.kill(killed[0], signal.SIGKILL)
+        deadline, back = time.time() + 120, False
+        while time.time() < deadline and not back:
+            time.sleep(0.5)
+            try:
+                back = httpx.post(sp.url + "/v1/embeddings", json={"input": texts}, timeout=10).status_code == 200
+            except httpx.HTTPError:
+                pass
+        assert back, sp.tail()
+        assert killed[0] not in replica_pids("negatron", "Ingress")
         t0 = time.time()
         assert sp.stop() == 0, sp.tail()
         assert time.time() - t0 < 60
