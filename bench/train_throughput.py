@@ -108,14 +108,9 @@ def plain_loop(model_path: str, train: Path, batch: int, seq: int, steps: int, w
         if sync == "barrier":
             dist.barrier()
         elif sync == "allreduce":
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            from negatron.trainers.distributed import all_reduce_gradients
+
+            all_reduce_gradients(list(model.parameters()))  # one flat buffer, averaged (no overlap)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     rate = steps * (batch // world) / (time.perf_counter() - t0)

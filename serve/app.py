@@ -342,6 +342,8 @@ def resolve_section(cfg: Config) -> ServeSection:
 
 def serve_config_yaml(section: ServeSection) -> str:
     """A Ray Serve config file (``serve run`` / ``serve deploy`` / KubeRay ``serveConfigV2``)."""
+    if section.direct_ingress:  # a cluster-wide Serve setting the file cannot carry
+        direct_ingress_env(section, embedded=False)  # raises, naming what to do instead
     doc = {
         "proxy_location": "EveryNode",
         "http_options": http_options(section),

@@ -30,6 +30,10 @@ def test_direct_ingress_settings_and_refusals():
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8124")
     with pytest.raises(ConfigError, match="only on the embedded Ray"):
         direct_ingress_env(_section(), embedded=False)
+    from negatron.serve.app import serve_config_yaml
+
+    with pytest.raises(ConfigError, match="only on the embedded Ray"):  # `negatron serve build` cannot carry it
+        serve_config_yaml(_section("serve.direct_ingress=true"))
     with pytest.raises(ConfigError, match=r"serve.ingress.max_replicas is 2"):
         direct_ingress_env(_section("serve.ingress.max_replicas=2"), embedded=True)
     with pytest.raises(ConfigError, match=r"serve.encoder.scale.max_replicas is 3"):
