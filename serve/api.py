@@ -293,6 +293,13 @@ class Ingress:
         return await per_model(items, lambda name, flat: self._call(
             "the encoder", self.encoder.options(multiplexed_model_id=name).embed.remote(flat)))
 
+    def begin_stop(self) -> None:
+        """Called by `negatron serve` before it deletes the app: from now on this replica refuses
+        new requests (JSON 503, health checks included) and finishes the ones in flight. With direct
+        ingress no proxy stops routing to it, so without this a steady stream of clients keeps the
+        replica's drain from ever reaching zero requests in flight."""
+        Guard.stopping = True
+
     # -- routes --
 
     @app.get("/healthz")

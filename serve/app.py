@@ -66,6 +66,8 @@ def deployment_options(scale: ScaleConfig, access_log: bool = True, drain_s: flo
         "ray_actor_options": {"num_cpus": scale.num_cpus},
         "health_check_period_s": scale.health_check_period_s,
         "graceful_shutdown_timeout_s": max(20.0, drain_s),
+        # how often a stopping replica looks for zero requests in flight (Serve's default: 2 s)
+        "graceful_shutdown_wait_loop_s": 0.25,
     }
 
 
@@ -342,7 +344,7 @@ def resolve_section(cfg: Config) -> ServeSection:
 
 def serve_config_yaml(section: ServeSection) -> str:
     """A Ray Serve config file (``serve run`` / ``serve deploy`` / KubeRay ``serveConfigV2``)."""
-    if section.direct_ingress:  # a cluster-wide Serve setting the file cannot carry
+    if section.direct_ingress is True:  # a cluster-wide Serve setting the file cannot carry ("auto" is off here)
         direct_ingress_env(section, embedded=False)  # raises, naming what to do instead
     doc = {
         "proxy_location": "EveryNode",
@@ -416,6 +418,24 @@ def _check_port_free(host: str, port: int) -> None:
                               "pick another port with --port") from None
 
 
+def _begin_stop(app_name: str) -> None:
+    """Tell the ingress to refuse new requests before its app is deleted (see ``Ingress.begin_stop``).
+    Best effort: an app that never started, or an ingress that does not answer, is deleted anyway."""
+    try:
+        serve.get_app_handle(app_name).begin_stop.remote().result(timeout_s=10)
+    except Exception:  # noqa: BLE001 - the delete below stops it either way
+        pass
+
+
+def uses_direct_ingress(section: ServeSection, embedded: bool) -> bool:
+    """``serve.direct_ingress``: true and false as set; auto is on exactly where it can be (the
+    embedded Ray, one ingress replica)."""
+    if section.direct_ingress != "auto":
+        return bool(section.direct_ingress)
+    scale = section.encoder.scale if section.encoder.colocate else section.ingress
+    return embedded and scale.max_replicas == 1
+
+
 def direct_ingress_env(section: ServeSection, embedded: bool) -> dict[str, str]:
     """The environment that makes Ray Serve 2.60 run ``section`` with direct ingress: the one ingress
     replica serving HTTP itself on ``serve.port`` (Serve allocates replica ports from a range, here
@@ -456,7 +476,7 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
     if embedded:
         _check_port_free(section.host, section.port)
     proxy_port = None
-    if section.direct_ingress:
+    if uses_direct_ingress(section, embedded):
         from negatron.cluster.local import free_port
 
         os.environ.update(direct_ingress_env(section, embedded))  # before Ray starts: its processes inherit it
@@ -476,11 +496,13 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
             build_artifact(section, address, log)
         log("negatron serve: starting deployments (the first start loads models and may build the index)...")
         url = start(section, proxy_port=proxy_port)
-        log(f"negatron serve: ready at {url}  (docs: {url}/docs; Ctrl-C to stop)")
+        via = "the ingress replica answers directly" if proxy_port else "through Serve's proxy"
+        log(f"negatron serve: ready at {url}  ({via}; docs: {url}/docs; Ctrl-C to stop)")
         watch_model(section, stop, address, log)
         log("negatron serve: shutting down...")
     finally:
         try:
+            _begin_stop(section.app_name)
             serve.delete(section.app_name)  # on a shared cluster, only our application goes
             if embedded:
                 serve.shutdown()

@@ -18,6 +18,7 @@ class Guard:
       exactly ``/healthz`` and ``/readyz`` (the OpenAPI schema and ``/docs`` included);
     - readiness: until every deployment the app needs has answered once (``ready``), a request to
       a model route gets a JSON 503 with ``Retry-After`` at once instead of waiting in a queue;
+    - shutting down (``stopping``): every request but ``/metrics`` gets a JSON 503 at once;
     - the body size limit (``serve.limits.max_body_bytes``), from Content-Length when sent;
       a chunked body is read up to the limit first and then handed on;
     - a deadline (``deadline_s``, a little under ``serve.request_timeout_s``): a request not
@@ -30,6 +31,7 @@ class Guard:
     max_body_bytes: int = 8_000_000
     ready = None  # async () -> None when ready, else the seconds a client should wait
     deadline_s: Optional[float] = None
+    stopping = False  # set when `negatron serve` stops: new requests are refused while in-flight ones finish
 
     def __init__(self, inner):
         self.inner = inner
@@ -67,6 +69,11 @@ class Guard:
         if self.api_key is not None and route not in OPEN_PATHS and not self._key_ok(headers):
             return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                       "invalid_api_key")
+        if self.stopping and route != "/metrics":
+            # health checks fail too, so a load balancer stops sending; answered at once, so the
+            # replica's drain (which waits for zero requests in flight) ends although clients keep sending
+            return await self._refuse(send, 503, "the server is shutting down; retry against another replica "
+                                      "or after it restarts", "shutting_down")
         if self.ready is not None and route not in UNGATED_PATHS:
             wait = await type(self).ready()  # a plain callable, not a method
             if wait is not None:

@@ -15,12 +15,27 @@ import pytest
 
 from bench.loadgen import ServeProcess, free_port, replica_pids
 from negatron.cluster.config import ConfigError, load_config
-from negatron.serve.app import direct_ingress_env, resolve_section
+from negatron.serve.app import direct_ingress_env, resolve_section, uses_direct_ingress
 from tests.helpers import make_tiny_encoder
 
 
 def _section(*overrides):
     return resolve_section(load_config(None, ["serve.encoder.path=default", *overrides]))
+
+
+def test_auto_is_on_exactly_where_direct_ingress_can_run():
+    assert _section().direct_ingress == "auto"
+    assert uses_direct_ingress(_section(), embedded=True)
+    assert not uses_direct_ingress(_section(), embedded=False)  # a running cluster: through the proxy
+    assert not uses_direct_ingress(_section("serve.ingress.max_replicas=2"), embedded=True)
+    assert not uses_direct_ingress(_section("serve.encoder.colocate=true", "serve.encoder.scale.max_replicas=2"),
+                                   embedded=True)
+    assert uses_direct_ingress(_section("serve.encoder.colocate=true", "serve.encoder.scale.max_replicas=1"),
+                               embedded=True)
+    assert not uses_direct_ingress(_section("serve.direct_ingress=false"), embedded=True)
+    from negatron.serve.app import serve_config_yaml
+
+    assert "negatron" in serve_config_yaml(_section())  # auto is simply off in a Serve config file
 
 
 def test_direct_ingress_settings_and_refusals():

@@ -51,6 +51,7 @@ def call(path="/v1/embeddings", headers=(), chunks=(b"{}",), key=None, limit=100
 def _reset():
     yield
     Guard.api_key, Guard.max_body_bytes, Guard.ready, Guard.deadline_s = None, 8_000_000, None, None
+    Guard.stopping = False
 
 
 def test_key_required_everywhere_but_healthz():
@@ -111,6 +112,14 @@ def test_not_ready_answers_503_json_with_retry_after_at_once():
         assert call(path="/healthz")[0] == 200  # the health route itself always reaches the app
     finally:
         Guard.ready = None
+
+
+def test_a_stopping_replica_refuses_new_requests_and_health_checks_at_once():
+    Guard.stopping = True
+    for path in ("/v1/embeddings", "/healthz", "/readyz"):
+        status, body, calls = call(path=path)
+        assert status == 503 and body["error"]["code"] == "shutting_down" and calls == 0, path
+    assert call(path="/metrics")[0] == 200  # still scraped while it drains
 
 
 def test_a_request_past_the_deadline_gets_a_json_504():

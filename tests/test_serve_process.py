@@ -1,5 +1,6 @@
-"""The `negatron serve` process on its own embedded Ray: a replica killed under load is replaced,
-SIGTERM drains in-flight requests and exits 0.
+"""The `negatron serve` process on its own embedded Ray, with its defaults (direct ingress: the
+ingress replica itself listens on the port): a replica killed under load is replaced, SIGTERM drains
+in-flight requests and exits 0.
 
 No module-level Ray here: the child process runs the only Ray instance on the machine.
 """
@@ -34,6 +35,8 @@ def server(tmp_path_factory):
     with sp:
         url = sp.wait_ready(300)
         assert url == f"http://127.0.0.1:{port}"
+        # the default on the embedded Ray (serve.direct_ingress: auto): no proxy hop
+        assert "the ingress replica answers directly" in "".join(sp.lines)
         yield sp
 
 
