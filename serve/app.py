@@ -502,7 +502,8 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
         log("negatron serve: shutting down...")
     finally:
         try:
-            _begin_stop(section.app_name)
+            if proxy_port:  # direct ingress: no proxy stops routing to the ingress when its app goes
+                _begin_stop(section.app_name)
             serve.delete(section.app_name)  # on a shared cluster, only our application goes
             if embedded:
                 serve.shutdown()
