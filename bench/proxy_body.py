@@ -6,7 +6,10 @@ Starts `negatron serve` in-process on an embedded Ray (the packaged model, the d
 allows, once chunked (no Content-Length) and once with a declared Content-Length, while sampling
 the RSS of Serve's proxy actor and of the Ingress replica every 20 ms. Prints JSON.
 
-    .venv/bin/python bench/proxy_body.py [--mb 200]
+    .venv/bin/python bench/proxy_body.py [--mb 200] [--direct-ingress]
+
+``--direct-ingress``: the way `negatron serve` runs on its embedded Ray by default
+(``serve.direct_ingress: auto``): the ingress replica itself listens on the port, the proxy elsewhere.
 """
 
 from __future__ import annotations
@@ -113,24 +116,30 @@ def upload(port: int, mb: int, chunked: bool, procs: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--direct-ingress", action="store_true", help="as `negatron serve` runs by default")
     args = ap.parse_args()
     import ray
     from ray import serve
 
     from negatron.cluster.config import load_config
-    from negatron.serve.app import resolve_section, start
+    from negatron.serve.app import direct_ingress_env, resolve_section, start
 
     from negatron.cluster.local import init_local  # workers know their own cluster's address
+    port = _free_port()
+    section = resolve_section(load_config(None, ["serve.encoder.path=default", f"serve.port={port}"]))
+    proxy_port = None
+    if args.direct_ingress:  # before Ray starts, as `negatron serve` does
+        os.environ.update(direct_ingress_env(section, embedded=True))
+        proxy_port = _free_port()
     init_local(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        port = _free_port()
-        section = resolve_section(load_config(None, ["serve.encoder.path=default", f"serve.port={port}"]))
-        url = start(section, blocking_wait_s=300)
+        url = start(section, blocking_wait_s=300, proxy_port=proxy_port)
         procs = _procs()
         results = [upload(port, args.mb, True, procs), upload(port, args.mb, False, procs)]
         import ray as _r
 
-        print(json.dumps({"ray": _r.__version__, "url": url, "max_body_bytes": section.limits.max_body_bytes,
+        print(json.dumps({"ray": _r.__version__, "url": url, "direct_ingress": args.direct_ingress,
+                          "max_body_bytes": section.limits.max_body_bytes,
                           "results": results}, indent=2))
     finally:
         serve.shutdown()
