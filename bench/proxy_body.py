@@ -122,15 +122,13 @@ def main() -> None:
     from ray import serve
 
     from negatron.cluster.config import load_config
-    from negatron.serve.app import direct_ingress_env, resolve_section, start
+    from negatron.serve.app import prepare_direct_ingress, resolve_section, start
 
     from negatron.cluster.local import init_local  # workers know their own cluster's address
     port = _free_port()
-    section = resolve_section(load_config(None, ["serve.encoder.path=default", f"serve.port={port}"]))
-    proxy_port = None
-    if args.direct_ingress:  # before Ray starts, as `negatron serve` does
-        os.environ.update(direct_ingress_env(section, embedded=True))
-        proxy_port = _free_port()
+    section = resolve_section(load_config(None, ["serve.encoder.path=default", f"serve.port={port}",
+                                                 f"serve.direct_ingress={str(args.direct_ingress).lower()}"]))
+    proxy_port = prepare_direct_ingress(section, embedded=True)  # before Ray starts, as `negatron serve` does
     init_local(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         url = start(section, blocking_wait_s=300, proxy_port=proxy_port)

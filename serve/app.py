@@ -427,13 +427,30 @@ def _begin_stop(app_name: str) -> None:
         pass
 
 
+def _ingress_scale(section: ServeSection):
+    """The scale of the deployment that takes HTTP requests (the encoders' when colocated)."""
+    return section.encoder.scale if section.encoder.colocate else section.ingress
+
+
 def uses_direct_ingress(section: ServeSection, embedded: bool) -> bool:
     """``serve.direct_ingress``: true and false as set; auto is on exactly where it can be (the
     embedded Ray, one ingress replica)."""
     if section.direct_ingress != "auto":
         return bool(section.direct_ingress)
-    scale = section.encoder.scale if section.encoder.colocate else section.ingress
-    return embedded and scale.max_replicas == 1
+    return embedded and _ingress_scale(section).max_replicas == 1
+
+
+def prepare_direct_ingress(section: ServeSection, embedded: bool) -> Optional[int]:
+    """Before the embedded Ray starts: put the direct-ingress settings in this process's
+    environment (Ray's processes inherit them) when ``section`` uses it, and return the free port
+    for Serve's unused proxy (which must not take serve.port from the ingress replica); None when
+    requests go through the proxy."""
+    if not uses_direct_ingress(section, embedded):
+        return None
+    from negatron.cluster.local import free_port
+
+    os.environ.update(direct_ingress_env(section, embedded))
+    return free_port()
 
 
 def direct_ingress_env(section: ServeSection, embedded: bool) -> dict[str, str]:
@@ -450,7 +467,7 @@ def direct_ingress_env(section: ServeSection, embedded: bool) -> dict[str, str]:
         raise ConfigError("serve.direct_ingress: only on the embedded Ray `negatron serve` starts (on a running "
                           "cluster it is a cluster-wide Ray Serve setting, RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on "
                           "every node, with a load balancer in front of the replicas' ports)")
-    scale = section.encoder.scale if section.encoder.colocate else section.ingress
+    scale = _ingress_scale(section)
     if scale.max_replicas != 1:
         key = "serve.encoder.scale.max_replicas" if section.encoder.colocate else "serve.ingress.max_replicas"
         raise ConfigError(f"serve.direct_ingress: the ingress must be one replica (it listens on serve.port "
@@ -475,12 +492,7 @@ def run_until_signal(section: ServeSection, address: Optional[str] = None, log=p
     embedded = not (address or os.environ.get("NEGATRON_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"))
     if embedded:
         _check_port_free(section.host, section.port)
-    proxy_port = None
-    if uses_direct_ingress(section, embedded):
-        from negatron.cluster.local import free_port
-
-        os.environ.update(direct_ingress_env(section, embedded))  # before Ray starts: its processes inherit it
-        proxy_port = free_port()  # Serve's (unused) proxy must not take serve.port from the ingress replica
+    proxy_port = prepare_direct_ingress(section, embedded)  # before Ray starts
     ensure_ray(address)
     import ray
 
