@@ -84,6 +84,22 @@ def parent(path: str | os.PathLike) -> str:
     return f"{up}?{query}" if query else up
 
 
+def uri_on(like: str | os.PathLike, path: str) -> str:
+    """The URI of ``path``, a path on the store of the URI ``like`` as pyarrow (and so Ray) names it
+    (``bucket/key`` on S3 or GCS), with ``like``'s scheme, host and query; a local ``like`` or a
+    ``path`` that is already a URI gives ``path`` unchanged. Ray's ``Checkpoint.path`` on an object
+    store has no scheme: this makes it a URI that every process can open."""
+    if not is_remote(like) or is_uri(path):
+        return str(path)
+    root, query = _split(str(like))
+    scheme, rest = root.split("://", 1)
+    authority, inner = rest.split("/", 1)[0], str(path).lstrip("/")
+    # S3 and GCS paths start with the bucket (the URI's authority); HDFS paths do not carry the host
+    has_authority = inner == authority or inner.startswith(authority + "/")
+    out = f"{scheme}://{inner}" if has_authority else f"{scheme}://{authority}/{inner}"
+    return f"{out}?{query}" if query else out
+
+
 def redact(uri: str | os.PathLike) -> str:
     """The URI as it may be printed: secret query values replaced by ``***``."""
     root, query = _split(str(uri))

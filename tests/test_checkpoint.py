@@ -68,6 +68,17 @@ def test_corrupt_and_truncated_files_are_named(tmp_path, tiny_model_dir):
         read_meta(ck)
 
 
+def test_a_warm_start_from_a_missing_checkpoint_is_named_before_ray_starts(tmp_path, tiny_model_dir):
+    import ray
+
+    from negatron.trainers.train import run_training
+
+    cfg = _cfg(tmp_path, tiny_model_dir, f"run.storage_path={tmp_path / 'runs'}")
+    with pytest.raises(CheckpointError, match="nowhere/negatron.json: missing"):
+        run_training(cfg, init_checkpoint=str(tmp_path / "nowhere"))
+    assert not ray.is_initialized()
+
+
 def test_bank_size_mismatch_is_explained(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, tiny_model_dir)
     model, opt, sched = _model_and_opt(tiny_model_dir, cfg)

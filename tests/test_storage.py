@@ -34,6 +34,16 @@ def test_credentials_in_a_uri_are_refused_and_never_printed():
     assert storage.redact("s3://b/x?endpoint_override=h%3A1") == "s3://b/x?endpoint_override=h%3A1"
 
 
+def test_a_path_on_a_store_becomes_its_uri():
+    """Ray names a checkpoint on S3 ``bucket/key``: ``uri_on`` gives it back its scheme and query."""
+    base = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.uri_on(base, "bucket/runs/x/checkpoint_1") == \
+        "s3://bucket/runs/x/checkpoint_1?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.uri_on("s3://bucket/runs", "bucket/y") == "s3://bucket/y"
+    assert storage.uri_on(base, "s3://other/z") == "s3://other/z"  # already a URI
+    assert storage.uri_on("/local/runs", "/local/runs/x") == "/local/runs/x"
+
+
 def test_round_trip_files_folders_and_atomic_outputs(s3, tmp_path):
     base = s3.uri("unit/roundtrip")
     storage.write_json(storage.join(base, "m.json"), {"a": 1})

@@ -97,24 +97,53 @@ def test_missing_data_on_s3_is_named_before_ray_work(ray_s3, remote_inputs):
         run_training(cfg)
 
 
-def test_tune_experiment_on_s3_writes_results_there_and_its_best_config_loads(ray_s3, remote_inputs):
+def _temp_checkpoints() -> set[str]:
+    import glob
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "checkpoint_tmp_*")))
+
+
+def test_pbt_on_s3_exploits_restores_mutations_and_writes_everything_there(ray_s3, remote_inputs):
+    """A PBT experiment with its storage on the store (nodes that share no folder): the weak trial
+    (lr 1e-8) takes the strong one's checkpoint (lr 3e-3) and trains on with the *mutated*
+    temperature; results, plot, best.yaml and the best checkpoint are on the store, and no fetched
+    checkpoint is left in the temp folder. Before, the warm start handed the workers Ray's
+    scheme-less ``bucket/key`` path and the trial failed, and every exploit left a model copy in /tmp."""
     from negatron.tune.search import run_tune
 
     s3 = ray_s3
-    cfg = _cfg(s3, remote_inputs, "tune-s3", "trainer.num_workers=1", "trainer.max_steps=8",
-               "trainer.checkpoint_every=4", "tune.scheduler=fifo", "tune.max_concurrent_trials=2", "tune.num_samples=1",
-               "tune.space={optim.lr: {grid: [1e-3, 1e-8]}}")
+    before = _temp_checkpoints()
+    cfg = _cfg(s3, remote_inputs, "pbt-s3", "trainer.num_workers=1", "trainer.max_steps=12",
+               "trainer.checkpoint_every=4", "tune.scheduler=pbt", "tune.perturbation_interval=1",
+               "tune.max_concurrent_trials=2", "tune.num_samples=1",
+               "tune.space={optim.lr: {grid: [3e-3, 1e-8]}, loss.temperature: {loguniform: [0.03, 0.3]}}")
     out = run_tune(cfg)
-    exp = s3.uri("runs/tune-s3")
+    exp = s3.uri("runs/pbt-s3")
     assert out.experiment_dir == exp and out.best_config_path == storage.join(exp, "best.yaml")
-    assert len(out.rows) == 2 and all(r["status"] == "TERMINATED" for r in out.rows)
+    assert len(out.rows) == 2 and all(r["status"] == "TERMINATED" for r in out.rows), out.rows
     import pyarrow.parquet as pq
 
     assert pq.read_table(storage.join(exp, "results.parquet")).num_rows == 2
     assert storage.is_file(storage.join(exp, "tune.png"))
     best = load_config(out.best_config_path)  # a config file read from the store
-    assert best.optim.lr == 1e-3 and best.run.name == "tune-s3-best"
+    assert best.optim.lr == 3e-3 and best.run.name == "pbt-s3-best"
     assert out.best_checkpoint.startswith("s3://") and Encoder.from_pretrained(out.best_checkpoint)
+    exploited = []
+    for rel, _, _ in storage.list_files(exp):
+        if rel.startswith("pbt_trial_fn_") and rel.endswith("/result.json"):
+            rows = [json.loads(line) for line in storage.read_bytes(storage.join(exp, rel)).decode().splitlines()
+                    if line.strip()]
+            exploited += [cur for prev, cur in zip(rows, rows[1:])
+                          if cur["config"]["optim.lr"] != prev["config"]["optim.lr"]]  # took the donor's config
+    assert exploited, "PBT never exploited the strong trial"
+    for row in exploited:
+        # the value in effect after the restore is the mutated one, not the checkpoint's
+        assert row["temperature"] == pytest.approx(row["config"]["loss.temperature"], rel=1e-5)
+        assert row["config"]["optim.lr"] == 3e-3
+        assert row["step"] > 4  # continued from the donor's checkpoint, not from step 0
+        assert row["checkpoint_path"].startswith("s3://")
+    assert _temp_checkpoints() == before
 
 
 def test_serve_a_model_and_corpus_from_s3_with_the_index_cached_there(ray_s3, remote_inputs, tmp_path, monkeypatch):

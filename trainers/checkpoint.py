@@ -34,17 +34,21 @@ class CheckpointError(NegatronError, ValueError):
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "negatron.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a Negatron checkpoint)")
+    """``negatron.json`` of a checkpoint folder (a local path or a URI), checked."""
+    from negatron.cluster import storage
+
+    path = storage.sub(folder if storage.is_uri(folder) else Path(folder), "negatron.json")
+    shown = storage.redact(path)
+    if not storage.is_file(path):
+        raise CheckpointError(f"{shown}: missing (not a Negatron checkpoint)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(storage.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+        raise CheckpointError(f"{shown}: corrupt JSON ({e})") from None
     if not isinstance(meta, dict) or "step" not in meta or "config" not in meta:
-        raise CheckpointError(f"{path}: not a Negatron checkpoint description (no step/config)")
+        raise CheckpointError(f"{shown}: not a Negatron checkpoint description (no step/config)")
     if meta.get("format", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {meta['format']} is newer than this Negatron ({FORMAT_VERSION})")
+        raise CheckpointError(f"{shown}: format {meta['format']} is newer than this Negatron ({FORMAT_VERSION})")
     return meta
 
 

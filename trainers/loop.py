@@ -337,8 +337,13 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             run_worker(cfg, rank, world, report, resume_dir=d, device=device, stop_at=stop_at, node_id=node)
     elif config.get("init_checkpoint"):  # a warm start from another run's checkpoint
-        run_worker(cfg, rank, world, report, resume_dir=config["init_checkpoint"], device=device,
-                   warm_start=True, stop_at=stop_at, node_id=node)
+        from negatron.cluster import storage
+
+        # a URI is fetched once per node into a temporary folder, removed when the last worker is done
+        fs, inner = storage.filesystem(config["init_checkpoint"])
+        with Checkpoint(inner, filesystem=fs).as_directory() as d:
+            run_worker(cfg, rank, world, report, resume_dir=d, device=device,
+                       warm_start=True, stop_at=stop_at, node_id=node)
     else:
         run_worker(cfg, rank, world, report, device=device, stop_at=stop_at, node_id=node)
 

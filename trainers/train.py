@@ -33,7 +33,7 @@ class TrainResult:
     final_dir: Path | str
     best_dir: Path | str | None
     metrics: dict
-    checkpoint_dir: str = ""       # Ray's last checkpoint (model + train_state), for warm starts
+    checkpoint_dir: str = ""       # Ray's last checkpoint (model + train_state), a path or URI, for warm starts
     reported: dict | None = None   # the last metrics the workers reported (dev_* keys)
 
 
@@ -117,8 +117,9 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     """Train ``cfg`` on Ray Train and export final/, best/, metrics.json, training.png.
 
     Re-running with the same run.name and run.storage_path resumes from the latest checkpoint.
-    ``init_checkpoint`` warm-starts a new run from another run's checkpoint (τ and LR from
-    ``cfg``); ``stop_at`` ends the run early at that step (the LR schedule spans max_steps).
+    ``init_checkpoint`` warm-starts a new run from another run's checkpoint (a local path or a URI,
+    fetched by each worker; τ and LR from ``cfg``); ``stop_at`` ends the run early at that step (the
+    LR schedule spans max_steps).
     Raises:
         ConfigError / SchemaError / ModelLoadError: bad input, before anything starts.
         TrainingError: the run failed (after ``trainer.max_failures`` restarts).
@@ -133,6 +134,11 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
 
     validate_inputs(cfg, address)
     cfg = absolute_paths(cfg)
+    if init_checkpoint:
+        from negatron.cluster import storage
+
+        init_checkpoint = storage.resolve(init_checkpoint)
+        read_meta(init_checkpoint)  # a missing or foreign checkpoint, named before Ray starts
     run_dir = run_folder(cfg)
     console.log_to(local_log(run_dir))  # Ray's chatter goes here unless --verbose
     ensure_ray(address)
@@ -193,7 +199,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
                        lambda tmp: plot_history(history, tmp, title=cfg.run.name, metric=primary_metric(cfg)))
     write_cards(cfg, final_dir, best_dir, metrics, best_metrics, meta["step"], history)
     return TrainResult(run_dir, final_dir, best_dir, metrics,
-                       checkpoint_dir=result.checkpoint.path, reported=dict(meta["metrics"]))
+                       checkpoint_dir=storage.uri_on(cfg.run.storage_path, result.checkpoint.path),
+                       reported=dict(meta["metrics"]))
 
 
 

@@ -156,6 +156,9 @@ def summarize(grid, cfg: Config, exp_dir: Path | str) -> TuneOutcome:
     from negatron.cluster import storage
 
     rows = collect_rows(grid, cfg)
+    for row in rows:  # Ray names a checkpoint on an object store without its scheme: make it a URI
+        if row["checkpoint_path"]:
+            row["checkpoint_path"] = storage.uri_on(exp_dir, row["checkpoint_path"])
     write_parquet(rows, storage.sub(exp_dir, "results.parquet"))
     plot = storage.sub(exp_dir, "tune.png")
     storage.write_with(plot, lambda tmp: plot_rows(rows, cfg, tmp))

@@ -12,6 +12,7 @@ trial's training run), ``results.parquet``, ``tune.png`` and ``best.yaml``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from negatron.cluster.config import Config, ConfigError
 
@@ -148,17 +149,26 @@ def memory_warning(cfg: Config, at_once: int, memory_bytes: float) -> str | None
             f"tune.max_concurrent_trials={fit}")
 
 
+POINTER = "negatron_pointer.json"
+
+
 def pbt_trial_fn(params: dict, base: dict, trials_dir: str) -> None:
     """PBT trainable: train in chunks of ``tune.perturbation_interval`` dev reports; after each
     chunk report with a Tune checkpoint. After an exploit, Tune restarts this function with the
     donor's checkpoint and mutated values: the run warm-starts from it with τ and the learning
     rate taken from the new config (so the mutation survives the restore, cf. ray#36660).
+
+    The Tune checkpoint is a pointer (``negatron_pointer.json``: the chunk's own checkpoint, as a
+    path or URI, and its step), not a copy of the model: each chunk's run keeps its checkpoint
+    in ``trials_dir``, so an exploit copies a few bytes, and the workers of the next chunk fetch
+    the weights from the store themselves, on whichever node they run.
     """
+    import json
+    import tempfile
     import uuid
 
     from ray import tune
 
-    from negatron.trainers.checkpoint import read_meta
     from negatron.trainers.train import run_training
 
     cfg = Config.from_dict(base).replace(dict(params))
@@ -167,8 +177,9 @@ def pbt_trial_fn(params: dict, base: dict, trials_dir: str) -> None:
     init, step = None, 0
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
-        init = ckpt.to_directory()
-        step = read_meta(init)["step"]
+        with ckpt.as_directory() as d:
+            pointer = json.loads((Path(d) / POINTER).read_text())
+        init, step = pointer["checkpoint"], pointer["step"]
     while step < cfg.trainer.max_steps:
         stop = min(cfg.trainer.max_steps, step + chunk)
         c = cfg.replace({"run.name": f"train-{trial_id}-{step:06d}-{uuid.uuid4().hex[:6]}",
@@ -176,7 +187,9 @@ def pbt_trial_fn(params: dict, base: dict, trials_dir: str) -> None:
         res = run_training(c, init_checkpoint=init, stop_at=stop)
         init, step = res.checkpoint_dir, stop
         scalars = {k: v for k, v in res.reported.items() if not isinstance(v, list)}
-        tune.report({**scalars, "checkpoint_path": init}, checkpoint=tune.Checkpoint.from_directory(init))
+        with tempfile.TemporaryDirectory(prefix="negatron-pbt-") as t:  # Tune copies it into its storage
+            (Path(t) / POINTER).write_text(json.dumps({"checkpoint": init, "step": step}))
+            tune.report({**scalars, "checkpoint_path": init}, checkpoint=tune.Checkpoint.from_directory(t))
 
 
 def _scheduler(cfg: Config):
