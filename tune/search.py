@@ -178,8 +178,15 @@ def pbt_trial_fn(params: dict, base: dict, trials_dir: str) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            pointer = json.loads((Path(d) / POINTER).read_text())
-        init, step = pointer["checkpoint"], pointer["step"]
+            pointer = Path(d) / POINTER
+            pointer = json.loads(pointer.read_text()) if pointer.is_file() else None
+        if pointer is not None:
+            init, step = pointer["checkpoint"], pointer["step"]
+        else:  # an experiment started before pointers: its Tune checkpoint is the model itself
+            from negatron.trainers.checkpoint import read_meta
+
+            init = ckpt.to_directory()
+            step = read_meta(init)["step"]
     while step < cfg.trainer.max_steps:
         stop = min(cfg.trainer.max_steps, step + chunk)
         c = cfg.replace({"run.name": f"train-{trial_id}-{step:06d}-{uuid.uuid4().hex[:6]}",
