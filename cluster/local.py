@@ -26,10 +26,12 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None) -> Non
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         console.after_ray_init()
+        stop_on_sigterm()
         return
     if os.environ.get("RAY_ADDRESS"):  # inside a Ray job: the job's cluster and runtime env
         ray.init(log_to_driver=True)
         console.after_ray_init()
+        stop_on_sigterm()
         return
     # Ray CPUs are logical: twice the cores (at least 4) lets trial drivers, fractional workers
     # and Ray Data share a small machine without starving each other.
@@ -39,6 +41,26 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None) -> Non
     init_local(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
                logging_level="INFO")  # the terminal shows errors only unless verbose (console.before_ray_init)
     console.after_ray_init()
+    stop_on_sigterm()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a batch scheduler's stop, ``negatron jobs stop``) ends this driver the way
+    Ctrl-C does: ``KeyboardInterrupt`` on the main thread, so the command says in one line that it
+    was interrupted and whether the same command resumes, and the embedded Ray is shut down on
+    the way out. ``ray.init`` installs its own handler, under which the process printed a native
+    "*** SIGTERM received ... PC: @ 0x7f…" dump and nothing of Negatron's. Call after ``ray.init``;
+    a no-op off the main thread (``negatron serve`` installs its own stop handler on top)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def free_port(lo: int = 20000, hi: int = 30000) -> int:

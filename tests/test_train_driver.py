@@ -1,4 +1,6 @@
-"""The training driver interrupted with Ctrl-C (SIGINT), then the same command run again.
+"""The training driver interrupted with SIGTERM (a batch scheduler's or `kill`'s stop), then the same
+command run again. SIGTERM goes the way of Ctrl-C (``cluster.local.stop_on_sigterm``); Ctrl-C itself
+is what the Tune resume test sends (`tests/test_tune_ray.py`).
 
 This module starts no Ray of its own: each `negatron train` process runs the embedded local Ray,
 so only one Ray instance is alive at a time.
@@ -21,7 +23,7 @@ from tests.test_train_ray import check_resumes, expected_data_digest
 pytestmark = pytest.mark.ray
 
 
-def test_sigint_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir, stdlib_data):
+def test_sigterm_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir, stdlib_data):
     overrides = [f"model.path={tiny_model_dir}", f"data.train={stdlib_data / 'train.parquet'}",
                  f"data.dev={stdlib_data / 'dev'}", "data.max_dev_queries=20", "model.max_length=48",
                  "trainer.num_workers=2", "trainer.batch_size=8", "trainer.cpus_per_worker=0.5",
@@ -43,7 +45,7 @@ def test_sigint_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir,
             time.sleep(0.1)
         assert first.poll() is None, "the run ended before it could be interrupted:\n" + "".join(lines[-30:])
         assert len(registered_steps(run_dir)) >= 2, "no checkpoint in time:\n" + "".join(lines[-30:])
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGTERM)
         rc = first.wait(120)
     finally:
         if first.poll() is None:
@@ -53,6 +55,11 @@ def test_sigint_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir,
     out = "".join(lines)
     assert rc == 130, out[-3000:]
     assert "interrupted" in out and "run the same command again to resume" in out, out[-2000:]
+    assert "SIGTERM received" not in out, out[-2000:]  # Ray's native handler dumped a stack here
+    deadline = time.time() + 30  # ray.shutdown() stops its processes on the way out; give them a moment
+    while _ray_processes_of(first.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes_of(first.pid), "the embedded Ray outlived its driver"
     assert not (run_dir / "final").exists()
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -64,3 +71,19 @@ def test_sigint_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir,
     assert final["step"] == 80
     cfg = load_config(None, overrides)
     assert final["metrics"]["data_digest"] == expected_data_digest(cfg, 80)
+
+
+def _ray_processes_of(driver_pid: int) -> list[str]:
+    """Command lines of Ray's processes started by ``driver_pid`` (their session folder ends in it)."""
+    import re
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if re.search(rf"session_[0-9_-]+_{driver_pid}\b", cmdline):
+            found.append(cmdline[:200])
+    return found
