@@ -25,21 +25,16 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None) -> Non
                            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-        console.after_ray_init()
-        stop_on_sigterm()
-        return
-    if os.environ.get("RAY_ADDRESS"):  # inside a Ray job: the job's cluster and runtime env
+    elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job: the job's cluster and runtime env
         ray.init(log_to_driver=True)
-        console.after_ray_init()
-        stop_on_sigterm()
-        return
-    # Ray CPUs are logical: twice the cores (at least 4) lets trial drivers, fractional workers
-    # and Ray Data share a small machine without starving each other.
-    cpus = num_cpus if num_cpus is not None else max(4, 2 * (os.cpu_count() or 2))
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls: without
-    # it, a trial stopped by ASHA leaks its workers' placement group until the driver exits.
-    init_local(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
-               logging_level="INFO")  # the terminal shows errors only unless verbose (console.before_ray_init)
+    else:
+        # Ray CPUs are logical: twice the cores (at least 4) lets trial drivers, fractional workers
+        # and Ray Data share a small machine without starving each other.
+        cpus = num_cpus if num_cpus is not None else max(4, 2 * (os.cpu_count() or 2))
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls: without
+        # it, a trial stopped by ASHA leaks its workers' placement group until the driver exits.
+        init_local(num_cpus=cpus, include_dashboard=True, runtime_env=env, log_to_driver=True,
+                   logging_level="INFO")  # the terminal shows errors only unless verbose (console.before_ray_init)
     console.after_ray_init()
     stop_on_sigterm()
 

@@ -74,16 +74,12 @@ def test_sigterm_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir
 
 
 def _ray_processes_of(driver_pid: int) -> list[str]:
-    """Command lines of Ray's processes started by ``driver_pid`` (their session folder ends in it)."""
-    import re
+    """Command lines of the processes of the Ray session ``driver_pid`` started (its folder,
+    ``<temp>/ray/session_<time>_<pid>``, is named after the driver)."""
+    import tempfile
     from pathlib import Path
 
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if re.search(rf"session_[0-9_-]+_{driver_pid}\b", cmdline):
-            found.append(cmdline[:200])
-    return found
+    from negatron.cluster.multinode import our_processes
+
+    sessions = [p.name for p in Path(tempfile.gettempdir(), "ray").glob(f"session_*_{driver_pid}")]
+    return [" ".join(p.info["cmdline"] or [])[:200] for s in sessions for p in our_processes(s)]
