@@ -105,8 +105,8 @@ def _temp_checkpoints() -> set[str]:
 
 
 def test_pbt_on_s3_exploits_restores_mutations_and_writes_everything_there(ray_s3, remote_inputs):
-    """A PBT experiment with its storage on the store (nodes that share no folder): the weak trial
-    (lr 1e-8) takes the strong one's checkpoint (lr 3e-3) and trains on with the *mutated*
+    """A PBT experiment with its storage on the store (nodes that share no folder): the weaker trial
+    takes the stronger one's checkpoint and config (lr 3e-3 or 1e-8) and trains on with the *mutated*
     temperature; results, plot, best.yaml and the best checkpoint are on the store, and no fetched
     checkpoint is left in the temp folder. Before, the warm start handed the workers Ray's
     scheme-less ``bucket/key`` path and the trial failed, and every exploit left a model copy in /tmp."""
@@ -126,8 +126,12 @@ def test_pbt_on_s3_exploits_restores_mutations_and_writes_everything_there(ray_s
 
     assert pq.read_table(storage.join(exp, "results.parquet")).num_rows == 2
     assert storage.is_file(storage.join(exp, "tune.png"))
+    # which trial wins is up to 4 steps of a random tiny model on 20 dev queries (a 1e-8 trial has won
+    # it in CI), so the test checks the mechanics, not the winner: best.yaml is the best row's config
+    top = max(out.rows, key=lambda r: r["dev_mrr@10"])
     best = load_config(out.best_config_path)  # a config file read from the store
-    assert best.optim.lr == 3e-3 and best.run.name == "pbt-s3-best"
+    assert best.run.name == "pbt-s3-best" and best.optim.lr == top["optim.lr"]
+    assert best.loss.temperature == pytest.approx(top["loss.temperature"])
     assert out.best_checkpoint.startswith("s3://") and Encoder.from_pretrained(out.best_checkpoint)
     exploited = []
     for rel, _, _ in storage.list_files(exp):
@@ -140,7 +144,7 @@ def test_pbt_on_s3_exploits_restores_mutations_and_writes_everything_there(ray_s
     for row in exploited:
         # the value in effect after the restore is the mutated one, not the checkpoint's
         assert row["temperature"] == pytest.approx(row["config"]["loss.temperature"], rel=1e-5)
-        assert row["config"]["optim.lr"] == 3e-3
+        assert row["config"]["optim.lr"] in (3e-3, 1e-8)  # the donor's, copied, not mutated
         assert row["step"] > 4  # continued from the donor's checkpoint, not from step 0
         assert row["checkpoint_path"].startswith("s3://")
     assert not _temp_checkpoints() - before, "a fetched checkpoint was left in the temp folder"
