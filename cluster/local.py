@@ -85,6 +85,9 @@ def init_local(runtime_env: dict | None = None, **kwargs) -> str:
     ``negatron serve`` beside a ``negatron train``): the cleaner's thread dies and a stopped
     trial's placement group is never freed, so later trials wait for CPUs forever. So the GCS port
     is chosen here and every worker gets RAY_ADDRESS pointing at it. Returns that address.
+
+    SIGTERM then ends the caller like Ctrl-C (``stop_on_sigterm``), so the Ray it started goes down
+    with it: under Ray's own handler a killed bench script left its GCS, raylet and workers running.
     """
     import ray
 
@@ -101,4 +104,5 @@ def init_local(runtime_env: dict | None = None, **kwargs) -> str:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = before
+    stop_on_sigterm()  # a bench or notebook that starts Ray here also shuts it down on `kill`
     return address

@@ -55,3 +55,25 @@ def test_verbose_changes_nothing(monkeypatch):
         assert stream.level == logging.NOTSET and console.after_ray_init() is False
     finally:
         logging.getLogger("ray").removeHandler(stream)
+
+
+def test_sigterm_after_our_ray_start_is_a_keyboard_interrupt():
+    """``ensure_ray`` and ``init_local`` install it after ``ray.init`` (whose handler printed a native
+    stack dump and skipped the caller's cleanup): ``kill`` then unwinds like Ctrl-C, so ``finally``
+    blocks and ``ray.shutdown`` run. The handler itself, without starting Ray."""
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    from negatron.cluster.local import stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; the sleep is never reached in full
+    finally:
+        signal.signal(signal.SIGTERM, before)
