@@ -76,6 +76,35 @@ def free_port(lo: int = 20000, hi: int = 30000) -> int:
     raise NegatronError(f"no free port found between {lo} and {hi}")
 
 
+def start_failure(err: Exception, temp_dir: str | None = None) -> Exception:
+    """Ray's "The current node timed out during startup" names no cause; its raylet's log does. On a
+    machine loaded by other work the raylet aborts when its dashboard agent has not written its
+    port file within 15 s (``Timed out waiting for file .../metrics_agent_port_…``, not configurable
+    in Ray 2.60). Returns a NegatronError with that line and the log's path."""
+    import tempfile
+    from pathlib import Path
+
+    from .errors import NegatronError
+
+    root = Path(temp_dir or tempfile.gettempdir(), "ray")
+    sessions = sorted(root.glob(f"session_*_{os.getpid()}"), key=lambda p: p.stat().st_mtime)
+    cause, where = "", ""
+    if sessions:
+        log = sessions[-1] / "logs" / "raylet.out"
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        fatal = [ln for ln in lines if "Check failed" in ln or " C " in ln[:40]]
+        if fatal:
+            cause = fatal[0].split("Check failed:", 1)[-1].strip()
+            cause = cause.split(")", 1)[-1].strip() if cause.startswith("status") else cause
+        where = f" (its log: {log})"
+    hint = ("the machine may be too busy for Ray to start its processes in time; run it again, or "
+            "when less else is running")
+    return NegatronError(f"the embedded Ray did not start: {cause or str(err).strip()}{where}; {hint}")
+
+
 def init_local(runtime_env: dict | None = None, **kwargs) -> str:
     """``ray.init(address="local", ...)`` whose workers know their own cluster's address.
 
@@ -99,6 +128,10 @@ def init_local(runtime_env: dict | None = None, **kwargs) -> str:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node when it picks its GCS port
     try:
         ray.init(address="local", runtime_env=env, **kwargs)
+    except Exception as e:  # noqa: BLE001 - only Ray's start-up timeout is translated
+        if "timed out during startup" not in str(e):
+            raise
+        raise start_failure(e, kwargs.get("_temp_dir")) from None
     finally:
         if before is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

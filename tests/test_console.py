@@ -77,3 +77,28 @@ def test_sigterm_after_our_ray_start_is_a_keyboard_interrupt():
             time.sleep(5)  # the handler runs at the next bytecode; the sleep is never reached in full
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_ray_that_does_not_start_is_named_with_the_raylets_own_reason(tmp_path):
+    """Seen on this 2-core machine beside a bench: the raylet aborted because its dashboard agent took
+    over 15 s to start, and ``ray.init`` said only "The current node timed out during startup"."""
+    import os
+
+    from negatron.cluster.errors import NegatronError
+    from negatron.cluster.local import start_failure
+
+    err = Exception("The current node timed out during startup. This could happen because some of the "
+                    "raylet failed to startup or the GCS has become overloaded.")
+    bare = start_failure(err, str(tmp_path))  # no session folder: Ray's own words, and the hint
+    assert isinstance(bare, NegatronError) and "timed out during startup" in str(bare) and "busy" in str(bare)
+    logs = tmp_path / "ray" / f"session_2026-12-03_17-45-49_188636_{os.getpid()}" / "logs"
+    logs.mkdir(parents=True)
+    port_file = "/tmp/ray/session_x/metrics_agent_port_1213650f"
+    (logs / "raylet.out").write_text(
+        "[2026-12-03 17:46:15,375 I 22953 22980] (raylet) agent_manager.cc:81: Monitor agent process\n"
+        "[2026-12-03 17:46:30,668 C 22953 22953] (raylet) node_manager.cc:3576:  An unexpected system state "
+        "has occurred. Check failed: statussetor3576.has_value() Timed out waiting for file " + port_file + "\n"
+        "*** StackTrace Information ***\n")
+    msg = str(start_failure(err, str(tmp_path)))
+    assert msg.startswith(f"the embedded Ray did not start: Timed out waiting for file {port_file}")
+    assert str(logs / "raylet.out") in msg and "\n" not in msg
