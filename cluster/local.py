@@ -115,8 +115,9 @@ def init_local(runtime_env: dict | None = None, **kwargs) -> str:
     trial's placement group is never freed, so later trials wait for CPUs forever. So the GCS port
     is chosen here and every worker gets RAY_ADDRESS pointing at it. Returns that address.
 
-    SIGTERM then ends the caller like Ctrl-C (``stop_on_sigterm``), so the Ray it started goes down
-    with it: under Ray's own handler a killed bench script left its GCS, raylet and workers running.
+    SIGTERM then ends the caller like Ctrl-C (``stop_on_sigterm``): a ``KeyboardInterrupt`` that runs
+    its ``finally`` blocks (``ray.shutdown``), where Ray's own handler printed a native stack dump
+    and exited 1.
     """
     import ray
 

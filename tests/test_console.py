@@ -59,8 +59,8 @@ def test_verbose_changes_nothing(monkeypatch):
 
 def test_sigterm_after_our_ray_start_is_a_keyboard_interrupt():
     """``ensure_ray`` and ``init_local`` install it after ``ray.init`` (whose handler printed a native
-    stack dump and skipped the caller's cleanup): ``kill`` then unwinds like Ctrl-C, so ``finally``
-    blocks and ``ray.shutdown`` run. The handler itself, without starting Ray."""
+    stack dump and exited 1): ``kill`` then unwinds like Ctrl-C, so ``finally`` blocks and
+    ``ray.shutdown`` run. The handler itself, without starting Ray."""
     import os
     import signal
     import time
